@@ -1,0 +1,1 @@
+"""Speech synthesis engines. Nothing in this package knows about gRPC or HTTP."""
