@@ -1,0 +1,184 @@
+"""Token-to-mel model of CosyVoice 2 (the reference's ``CausalMaskedDiffWithXvec``).
+
+speech tokens -> embedding -> upsampling conformer encoder -> Linear to 80 bins (``mu``) ->
+conditional flow matching, conditioned on the projected speaker embedding and on the prompt's
+mel frames placed at the start of ``cond``. The prompt tokens are prepended to the new tokens,
+and the frames they produce are cut from the output.
+
+``CausalFlow.state_dict()`` has exactly the keys of the official ``flow.pt``. The model keeps no
+state between calls, so one instance can serve concurrent requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tts_core.cosyvoice2.flow_decoder import FlowDecoderConfig
+from tts_core.cosyvoice2.flow_encoder import FlowEncoderConfig, UpsampleConformerEncoder
+from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig
+from tts_core.cosyvoice2.hyperyaml import Tagged
+
+_FLOW_DEFAULTS: dict[str, Any] = {  # defaults of the reference constructor
+    "input_size": 512, "output_size": 80, "spk_embed_dim": 192, "vocab_size": 4096,
+    "token_mel_ratio": 2, "pre_lookahead_len": 3,
+}
+_EXPECTED_TARGETS = {
+    "flow": "CausalMaskedDiffWithXvec",
+    "encoder": "UpsampleConformerEncoder",
+    "decoder": "CausalConditionalCFM",
+    "estimator": "CausalConditionalDecoder",
+}
+
+
+def _node_args(node: Any, role: str) -> dict[str, Any]:
+    """Arguments of a ``!new:`` node, checking it names the class this module implements."""
+    if not isinstance(node, Tagged) or not isinstance(node.args, dict):
+        raise ValueError(f"flow yaml: `{role}` must be a !new: node with keyword arguments")
+    wanted = _EXPECTED_TARGETS[role]
+    if node.target.rsplit(".", 1)[-1] != wanted:
+        raise ValueError(f"flow yaml: `{role}` is {node.target}; only {wanted} is supported")
+    return node.args
+
+
+@dataclass
+class FlowConfig:
+    input_size: int = 512  # token embedding width
+    output_size: int = 80  # mel bins
+    spk_embed_dim: int = 192
+    vocab_size: int = 6561
+    token_mel_ratio: int = 2
+    pre_lookahead_len: int = 3
+    spk_proj_dim: int = 80  # width of the projected speaker embedding fed to the estimator
+    encoder: FlowEncoderConfig = field(default_factory=FlowEncoderConfig)
+    estimator: FlowDecoderConfig = field(default_factory=FlowDecoderConfig)
+    cfm: CFMConfig = field(default_factory=CFMConfig)
+
+    def __post_init__(self) -> None:
+        if self.encoder.input_size != self.input_size:
+            raise ValueError(f"flow: input_size {self.input_size} differs from the encoder's "
+                             f"input_size {self.encoder.input_size}")
+        if self.spk_proj_dim != self.output_size:
+            raise ValueError("flow: the speaker projection width (decoder spk_emb_dim "
+                             f"{self.spk_proj_dim}) must equal output_size {self.output_size}")
+        wanted_in = 3 * self.output_size + self.spk_proj_dim  # x, mu, cond + speaker
+        est = self.estimator
+        if est.in_channels != wanted_in or est.out_channels != self.output_size:
+            raise ValueError(f"flow: estimator in/out channels {self.estimator.in_channels}/"
+                             f"{self.estimator.out_channels} do not fit output_size "
+                             f"{self.output_size} (expected {wanted_in}/{self.output_size})")
+        if self.cfm.n_feats != self.output_size:
+            raise ValueError("flow: flow-matching feature count must equal output_size")
+
+    @classmethod
+    def from_yaml(cls, node: Tagged) -> FlowConfig:
+        """Build from the ``flow`` node of ``cosyvoice2.yaml`` as read by ``hyperyaml.load``."""
+        args = {**_FLOW_DEFAULTS, **_node_args(node, "flow")}
+        encoder_args = _node_args(args.get("encoder"), "encoder")
+        decoder_args = _node_args(args.get("decoder"), "decoder")
+        estimator_args = _node_args(decoder_args.get("estimator"), "estimator")
+        cfm_node = decoder_args.get("cfm_params")
+        cfm_params = cfm_node.get("content", cfm_node.args) if isinstance(cfm_node, Tagged) \
+            else cfm_node
+        if not isinstance(cfm_params, dict):
+            raise ValueError("flow yaml: decoder.cfm_params must be a mapping")
+        output_size = int(args["output_size"])
+        return cls(
+            input_size=int(args["input_size"]),
+            output_size=output_size,
+            spk_embed_dim=int(args["spk_embed_dim"]),
+            vocab_size=int(args["vocab_size"]),
+            token_mel_ratio=int(args["token_mel_ratio"]),
+            pre_lookahead_len=int(args["pre_lookahead_len"]),
+            spk_proj_dim=int(decoder_args.get("spk_emb_dim", output_size)),
+            encoder=FlowEncoderConfig.from_yaml(encoder_args, int(args["pre_lookahead_len"]),
+                                                int(args["token_mel_ratio"])),
+            estimator=FlowDecoderConfig.from_yaml(estimator_args),
+            cfm=CFMConfig.from_yaml(cfm_params, output_size),
+        )
+
+
+class CausalFlow(nn.Module):
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.input_size)
+        self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.output_size)
+        self.encoder = UpsampleConformerEncoder(config.encoder)
+        self.encoder_proj = nn.Linear(config.encoder.output_size, config.output_size)
+        self.decoder = CausalConditionalCFM(config.cfm, config.estimator)
+
+    def project_speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, spk_embed_dim] speaker embedding -> L2-normalised, projected [B, output_size]."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def encode(self, tokens: torch.Tensor, streaming: bool, finalize: bool) -> torch.Tensor:
+        """[B, L] token ids (prompt + new) -> encoder output [B, frames, E].
+
+        finalize=False: the last ``pre_lookahead_len`` tokens are look-ahead context only, so
+        frames = token_mel_ratio * (L - pre_lookahead_len).
+        """
+        self._check_tokens(tokens)
+        x = self.input_embedding(tokens.long())
+        if finalize:
+            return self.encoder(x, None, streaming)
+        lookahead = self.config.pre_lookahead_len
+        if tokens.shape[1] <= lookahead:
+            raise ValueError(f"flow: a non-final call needs more than {lookahead} tokens "
+                             f"(the last {lookahead} are look-ahead), got {tokens.shape[1]}")
+        return self.encoder(x[:, :-lookahead], x[:, -lookahead:], streaming)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.dim() != 2 or tokens.dtype.is_floating_point:
+            raise ValueError(f"flow: tokens must be an integer tensor [batch, length], got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        vocab = self.config.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"flow: speech token ids must lie in [0, {vocab}), "
+                             f"got {int(tokens.min())}..{int(tokens.max())}")
+
+    @torch.inference_mode()
+    def inference(self, token: torch.Tensor, prompt_token: torch.Tensor,
+                  prompt_feat: torch.Tensor, embedding: torch.Tensor, streaming: bool = False,
+                  finalize: bool = True) -> torch.Tensor:
+        """Mel frames for ``token`` in the prompt's voice.
+
+        token [1, N] and prompt_token [1, P] ids; prompt_feat [1, F, output_size] (frame-major,
+        normally F = token_mel_ratio * P); embedding [1, spk_embed_dim].
+        streaming: chunk-masked attention (encoder and estimator) instead of full attention.
+        finalize: False when more tokens follow; the last ``pre_lookahead_len`` tokens are then
+        look-ahead context only.
+        Returns float32 [1, output_size, frames], the prompt's frames excluded:
+        frames = ratio * (P + N) - F, minus ratio * pre_lookahead_len when not finalize.
+        """
+        weight = self.input_embedding.weight
+        device, dtype = weight.device, weight.dtype
+        if token.dim() != 2 or prompt_token.dim() != 2 or token.shape[0] != 1 \
+                or prompt_token.shape[0] != 1:
+            raise ValueError("flow: token and prompt_token must be [1, length] tensors")
+        if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 \
+                or prompt_feat.shape[2] != self.config.output_size:
+            raise ValueError(f"flow: prompt_feat must be [1, frames, {self.config.output_size}], "
+                             f"got {tuple(prompt_feat.shape)}")
+        if embedding.shape != (1, self.config.spk_embed_dim):
+            raise ValueError(f"flow: embedding must be [1, {self.config.spk_embed_dim}], "
+                             f"got {tuple(embedding.shape)}")
+
+        spks = self.project_speaker(embedding.to(device, dtype))
+        tokens = torch.cat([prompt_token, token], dim=1).to(device)
+        h = self.encode(tokens, streaming, finalize)
+        frames, prompt_frames = h.shape[1], prompt_feat.shape[1]
+        if prompt_frames > frames:
+            raise ValueError(f"flow: prompt_feat has {prompt_frames} frames but the tokens give "
+                             f"only {frames}")
+        mu = self.encoder_proj(h).transpose(1, 2).contiguous()  # [1, 80, frames]
+
+        cond = torch.zeros(1, self.config.output_size, frames, device=device, dtype=dtype)
+        cond[:, :, :prompt_frames] = prompt_feat.to(device, dtype).transpose(1, 2)
+        mask = torch.ones(1, 1, frames, device=device, dtype=dtype)
+        mel = self.decoder(mu, mask, spks, cond, streaming)
+        return mel[:, :, prompt_frames:].float()

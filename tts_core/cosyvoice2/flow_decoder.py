@@ -1,0 +1,307 @@
+"""Velocity estimator of the CosyVoice 2 flow: a causal, conditional 1-D U-Net.
+
+Input channels are concat(x, mu, speaker repeated over time, cond) (4 x 80 = 320 for the
+official model). Every level is a causal ResNet block (conditioned on the time embedding),
+``n_blocks`` transformer blocks and a causal conv (or a down/up-sampling conv when there is more
+than one level). Module names follow the official ``flow.pt`` keys under ``decoder.estimator.``.
+
+Attention is full when not streaming, otherwise chunked: a frame sees its own chunk of
+``static_chunk_size`` frames and ``num_decoding_left_chunks`` earlier ones (< 0: all of them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tts_core.cosyvoice2.flow_encoder import chunk_attention_mask
+
+_ACTIVATIONS = {"gelu": "none", "gelu-approximate": "tanh"}  # feed-forward GELU flavours
+# Defaults of the reference constructor for keys a yaml may leave out.
+_REFERENCE_DEFAULTS: dict[str, Any] = {
+    "channels": [256, 256], "attention_head_dim": 64, "n_blocks": 1, "num_mid_blocks": 2,
+    "num_heads": 4, "act_fn": "snake", "static_chunk_size": 50, "num_decoding_left_chunks": 2,
+}
+MASKED_BIAS = -1.0e10  # additive attention bias on hidden keys (as the reference uses)
+
+
+@dataclass
+class FlowDecoderConfig:
+    in_channels: int = 320  # x + mu + speaker + cond
+    out_channels: int = 80
+    channels: tuple[int, ...] = field(default=(256,))
+    attention_head_dim: int = 64
+    n_blocks: int = 4  # transformer blocks per level
+    num_mid_blocks: int = 12
+    num_heads: int = 8
+    act_fn: str = "gelu"
+    ff_mult: int = 4
+    static_chunk_size: int = 50  # frames
+    num_decoding_left_chunks: int = -1
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if not self.channels:
+            raise ValueError("flow decoder: channels must list at least one width")
+        if self.act_fn not in _ACTIVATIONS:
+            raise ValueError(f"flow decoder: act_fn {self.act_fn!r} is not supported "
+                             f"(only {sorted(_ACTIVATIONS)})")
+        if self.in_channels % 2:
+            raise ValueError("flow decoder: in_channels must be even (sinusoidal time embedding)")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.channels[0]
+
+    @classmethod
+    def from_yaml(cls, args: dict[str, Any]) -> FlowDecoderConfig:
+        """Build from the ``estimator`` node's arguments of ``cosyvoice2.yaml``."""
+        merged = {**_REFERENCE_DEFAULTS, **args}
+        for key in ("in_channels", "out_channels"):
+            if key not in merged:
+                raise ValueError(f"flow decoder: the yaml gives no {key}")
+        return cls(
+            in_channels=int(merged["in_channels"]),
+            out_channels=int(merged["out_channels"]),
+            channels=tuple(merged["channels"]),
+            attention_head_dim=int(merged["attention_head_dim"]),
+            n_blocks=int(merged["n_blocks"]),
+            num_mid_blocks=int(merged["num_mid_blocks"]),
+            num_heads=int(merged["num_heads"]),
+            act_fn=str(merged["act_fn"]),
+            static_chunk_size=int(merged["static_chunk_size"]),
+            num_decoding_left_chunks=int(merged["num_decoding_left_chunks"]),
+        )
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """[B] flow times in [0, 1] -> [B, dim] (sin half, then cos half)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=t.device).float() * -(math.log(10000) / (half - 1)))
+    angle = scale * t.unsqueeze(1) * freq.unsqueeze(0)
+    return torch.cat((angle.sin(), angle.cos()), dim=-1).to(t.dtype)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d that pads ``kernel_size - 1`` zeros on the left only (stride 1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.left_pad = kernel_size - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.left_pad, 0)))
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of a [B, C, T] tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class CausalBlock(nn.Module):
+    """causal conv k3 -> channel LayerNorm -> Mish, masked before and after."""
+
+    def __init__(self, dim: int, dim_out: int, eps: float):
+        super().__init__()
+        # indices 0 and 2 carry weights (1 and 3 were transposes in the reference layout)
+        self.block = nn.Sequential(CausalConv1d(dim, dim_out, 3), nn.Identity(),
+                                   ChannelLayerNorm(dim_out, eps=eps), nn.Identity(), nn.Mish())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.block(x * mask) * mask
+
+
+class CausalResnetBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_dim: int, eps: float):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_dim, dim_out))
+        self.block1 = CausalBlock(dim, dim_out, eps)
+        self.block2 = CausalBlock(dim_out, dim_out, eps)
+        self.res_conv = nn.Conv1d(dim, dim_out, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        h = self.block1(x, mask) + self.mlp(time).unsqueeze(-1)
+        h = self.block2(h, mask)
+        return h + self.res_conv(x * mask)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with bias-free q/k/v and a biased output projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+
+        def split(h: torch.Tensor) -> torch.Tensor:
+            return h.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)),
+                                             split(self.to_v(x)), attn_mask=bias)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class GELUProjection(nn.Module):
+    def __init__(self, dim: int, dim_out: int, approximate: str):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int, act_fn: str):
+        super().__init__()
+        inner = dim * mult
+        # index 1 was a dropout in the reference layout; keep the numbering of net.2
+        self.net = nn.ModuleList([GELUProjection(dim, inner, _ACTIVATIONS[act_fn]),
+                                  nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.net:
+            x = module(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention and GELU feed-forward, each with a residual."""
+
+    def __init__(self, dim: int, config: FlowDecoderConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn1 = SelfAttention(dim, config.num_heads, config.attention_head_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.ff = FeedForward(dim, config.ff_mult, config.act_fn)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), bias)
+        return x + self.ff(self.norm3(x))
+
+
+class Downsample(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class UpsampleTransposed(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(dim, dim, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class CausalConditionalDecoder(nn.Module):
+    def __init__(self, config: FlowDecoderConfig):
+        super().__init__()
+        self.config = config
+        eps, time_dim, channels = config.layer_norm_eps, config.time_embed_dim, config.channels
+        self.time_mlp = TimestepMLP(config.in_channels, time_dim)
+
+        def transformers(dim: int) -> nn.ModuleList:
+            return nn.ModuleList(TransformerBlock(dim, config) for _ in range(config.n_blocks))
+
+        self.down_blocks = nn.ModuleList()
+        width = config.in_channels
+        for i, out in enumerate(channels):
+            last = i == len(channels) - 1
+            self.down_blocks.append(nn.ModuleList([
+                CausalResnetBlock(width, out, time_dim, eps), transformers(out),
+                CausalConv1d(out, out, 3) if last else Downsample(out)]))
+            width = out
+        self.mid_blocks = nn.ModuleList(
+            nn.ModuleList([CausalResnetBlock(width, width, time_dim, eps), transformers(width)])
+            for _ in range(config.num_mid_blocks))
+        up_widths = channels[::-1] + (channels[0],)
+        self.up_blocks = nn.ModuleList()
+        for i in range(len(channels)):
+            out, last = up_widths[i + 1], i == len(channels) - 1
+            self.up_blocks.append(nn.ModuleList([
+                CausalResnetBlock(2 * up_widths[i], out, time_dim, eps), transformers(out),
+                CausalConv1d(out, out, 3) if last else UpsampleTransposed(out)]))
+        self.final_block = CausalBlock(up_widths[-1], up_widths[-1], eps)
+        self.final_proj = nn.Conv1d(up_widths[-1], config.out_channels, 1)
+
+    def _attention_bias(self, mask: torch.Tensor, streaming: bool) -> torch.Tensor:
+        """[B, 1, T] frame mask -> additive bias [B, 1, T, T] (0 visible, -1e10 hidden)."""
+        visible = mask.bool().expand(-1, mask.shape[-1], -1)  # query x key
+        if streaming and self.config.static_chunk_size > 0:
+            visible = visible & chunk_attention_mask(
+                mask.shape[-1], self.config.static_chunk_size,
+                self.config.num_decoding_left_chunks, device=mask.device)
+        # -1e10 as in the reference; in float16 that would be -inf, so clamp to the dtype's range
+        hidden_value = max(MASKED_BIAS, torch.finfo(mask.dtype).min)
+        bias = torch.zeros(visible.shape, device=mask.device, dtype=mask.dtype)
+        return bias.masked_fill(~visible, hidden_value).unsqueeze(1)
+
+    @staticmethod
+    def _transformers(blocks: nn.ModuleList, x: torch.Tensor, bias: torch.Tensor
+                      ) -> torch.Tensor:
+        h = x.transpose(1, 2).contiguous()
+        for block in blocks:
+            h = block(h, bias)
+        return h.transpose(1, 2).contiguous()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False) -> torch.Tensor:
+        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T]."""
+        time = self.time_mlp(sinusoidal_time_embedding(t, self.config.in_channels))
+        h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
+
+        skips, masks = [], [mask]
+        for resnet, blocks, resample in self.down_blocks:
+            level_mask = masks[-1]
+            h = resnet(h, level_mask, time)
+            h = self._transformers(blocks, h, self._attention_bias(level_mask, streaming))
+            skips.append(h)
+            h = resample(h * level_mask)
+            masks.append(level_mask[:, :, ::2])
+        masks.pop()
+
+        mid_mask = masks[-1]
+        mid_bias = self._attention_bias(mid_mask, streaming)
+        for resnet, blocks in self.mid_blocks:
+            h = resnet(h, mid_mask, time)
+            h = self._transformers(blocks, h, mid_bias)
+
+        for resnet, blocks, resample in self.up_blocks:
+            level_mask, skip = masks.pop(), skips.pop()
+            h = torch.cat([h[:, :, :skip.shape[-1]], skip], dim=1)
+            h = resnet(h, level_mask, time)
+            h = self._transformers(blocks, h, self._attention_bias(level_mask, streaming))
+            h = resample(h * level_mask)
+        h = self.final_block(h, level_mask)
+        return self.final_proj(h * level_mask) * mask

@@ -1,0 +1,126 @@
+"""Conditional flow matching sampler of CosyVoice 2 (inference only).
+
+Integrates dx/dt = v(x, t | mu, speaker, cond) from fixed noise at t = 0 to the mel at t = 1
+with Euler steps on a cosine time grid, using classifier-free guidance: each step evaluates the
+estimator on a batch of [conditional, unconditional] rows and mixes
+v = (1 + rate) * v_cond - rate * v_uncond.
+
+The starting noise is the reference's fixed tensor: torch.manual_seed(0) then
+torch.randn(1, 80, 15000), of which each call takes the first T frames. We draw it from a local
+generator so the global RNG is never re-seeded; it is made once per module and only read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tts_core.cosyvoice2.flow_decoder import CausalConditionalDecoder, FlowDecoderConfig
+
+NOISE_SEED = 0
+NOISE_FRAMES = 15000
+
+
+@dataclass
+class CFMConfig:
+    n_feats: int = 80  # mel bins
+    inference_cfg_rate: float = 0.7
+    t_scheduler: str = "cosine"
+    n_timesteps: int = 10  # fixed by the reference's flow inference
+    temperature: float = 1.0
+    noise_frames: int = NOISE_FRAMES
+
+    def __post_init__(self) -> None:
+        if self.t_scheduler not in ("cosine", "linear"):
+            raise ValueError(f"flow matching: t_scheduler {self.t_scheduler!r} is not supported")
+        if self.n_timesteps < 1:
+            raise ValueError("flow matching: n_timesteps must be at least 1")
+
+    @classmethod
+    def from_yaml(cls, cfm_params: dict[str, Any], n_feats: int) -> CFMConfig:
+        """``cfm_params``: the dict inside the decoder's ``cfm_params`` node."""
+        solver = cfm_params.get("solver", "euler")
+        if solver != "euler":
+            raise ValueError(f"flow matching: solver {solver!r} is not supported (only 'euler')")
+        return cls(n_feats=n_feats,
+                   inference_cfg_rate=float(cfm_params.get("inference_cfg_rate", 0.7)),
+                   t_scheduler=str(cfm_params.get("t_scheduler", "cosine")))
+
+
+def fixed_noise(n_feats: int = 80, frames: int = NOISE_FRAMES, seed: int = NOISE_SEED
+                ) -> torch.Tensor:
+    """The reference's start noise, [1, n_feats, frames] float32 on the CPU.
+
+    Same numbers as torch.manual_seed(seed); torch.randn(1, n_feats, frames), but drawn from a
+    private generator, so the global RNG state is left untouched.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(1, n_feats, frames, generator=generator, dtype=torch.float32,
+                       device="cpu")
+
+
+def time_grid(n_timesteps: int, scheduler: str, device: torch.device, dtype: torch.dtype
+              ) -> torch.Tensor:
+    """n_timesteps + 1 times from 0 to 1 (cosine: t = 1 - cos(pi/2 * s))."""
+    t = torch.linspace(0, 1, n_timesteps + 1, device=device, dtype=dtype)
+    if scheduler == "cosine":
+        t = 1 - torch.cos(t * 0.5 * math.pi)
+    return t
+
+
+class CausalConditionalCFM(nn.Module):
+    def __init__(self, config: CFMConfig, estimator_config: FlowDecoderConfig):
+        super().__init__()
+        self.config = config
+        self.estimator = CausalConditionalDecoder(estimator_config)
+        # Not learned and not in the checkpoint; follows the module across .to(device/dtype).
+        self.register_buffer("noise", fixed_noise(config.n_feats, config.noise_frames),
+                             persistent=False)
+
+    def initial_noise(self, frames: int) -> torch.Tensor:
+        if frames > self.noise.shape[-1]:
+            raise ValueError(f"flow matching: {frames} mel frames requested, the fixed noise "
+                             f"covers {self.noise.shape[-1]} (about "
+                             f"{self.noise.shape[-1] // 50} s); synthesise shorter segments")
+        return self.noise[:, :, :frames] * self.config.temperature
+
+    def forward(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                cond: torch.Tensor, streaming: bool = False) -> torch.Tensor:
+        """mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T]."""
+        x = self.initial_noise(mu.shape[-1]).to(mu).expand(mu.shape[0], -1, -1)
+        t_span = time_grid(self.config.n_timesteps, self.config.t_scheduler, mu.device, mu.dtype)
+        return self.solve_euler(x, t_span, mu, mask, spks, cond, streaming)
+
+    def solve_euler(self, x: torch.Tensor, t_span: torch.Tensor, mu: torch.Tensor,
+                    mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                    streaming: bool) -> torch.Tensor:
+        rate = self.config.inference_cfg_rate
+        batch = x.shape[0]
+        if rate > 0:  # second half of the batch: no mu, speaker or prompt (unconditional)
+            mu_in = torch.cat([mu, torch.zeros_like(mu)])
+            spks_in = torch.cat([spks, torch.zeros_like(spks)])
+            cond_in = torch.cat([cond, torch.zeros_like(cond)])
+            mask_in = torch.cat([mask, mask])
+        else:
+            mu_in, spks_in, cond_in, mask_in = mu, spks, cond, mask
+        # Keep the reference's bookkeeping: t advances by dt and the next dt is measured from
+        # that running t, so the rounding matches step for step.
+        t = t_span[0].unsqueeze(0)
+        dt = t_span[1] - t_span[0]
+        steps = len(t_span) - 1
+        for step in range(1, steps + 1):
+            x_in = torch.cat([x, x]) if rate > 0 else x
+            t_in = t.expand(x_in.shape[0])
+            velocity = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
+            if rate > 0:
+                v_cond, v_uncond = velocity[:batch], velocity[batch:]
+                velocity = (1.0 + rate) * v_cond - rate * v_uncond
+            x = x + dt * velocity
+            t = t + dt
+            if step < steps:
+                dt = t_span[step + 1] - t
+        return x

@@ -1,0 +1,340 @@
+"""The CosyVoice 2 text-to-speech-token language model (a Qwen2 backbone with speech tables).
+
+Input layout of one request: ``[sos] + text embeddings + [task id] + prompt speech embeddings``,
+then one speech-token embedding per generated token. The text table is Qwen2's own token
+embedding; the speech side has its own input table (``speech_embedding``) and output layer
+(``llm_decoder``), both ``speech_token_size + 3`` wide: speech ids, end of speech, an unused id and
+the "fill" marker of bidirectional streaming. Every id from ``speech_token_size`` on stops decoding.
+
+Attribute names reproduce the official ``llm.pt`` keys (``llm_embedding.weight``,
+``llm.model.model.layers.N...``, ``llm.model.lm_head.weight``, ``llm_decoder.*``,
+``speech_embedding.weight``), so the checkpoint loads with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hyperyaml import Tagged
+from .qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from .sampling import Sampler, SamplingConfig
+
+SOS_ROW = 0  # rows of llm_embedding
+TASK_ID_ROW = 1
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    qwen: Qwen2Config
+    speech_token_size: int = 6561
+    llm_input_size: int = 896
+    llm_output_size: int = 896
+    mix_ratio: tuple[int, int] = (5, 15)  # bistream: text rows, speech tokens per segment
+    sampling: SamplingConfig = SamplingConfig()
+    min_token_text_ratio: float = 2.0
+    max_token_text_ratio: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.llm_input_size != self.qwen.hidden_size:
+            raise ValueError(f"llm_input_size ({self.llm_input_size}) must equal the Qwen2 "
+                             f"hidden_size ({self.qwen.hidden_size})")
+        if self.llm_output_size != self.qwen.hidden_size:
+            raise ValueError(f"llm_output_size ({self.llm_output_size}) must equal the Qwen2 "
+                             f"hidden_size ({self.qwen.hidden_size})")
+        if len(self.mix_ratio) != 2 or min(self.mix_ratio) < 1:
+            raise ValueError(f"mix_ratio must be two positive integers, got {self.mix_ratio}")
+
+    @property
+    def eos_token(self) -> int:
+        return self.speech_token_size
+
+    @property
+    def fill_token(self) -> int:
+        return self.speech_token_size + 2
+
+    @property
+    def num_speech_rows(self) -> int:
+        return self.speech_token_size + 3
+
+    @classmethod
+    def from_yaml(cls, node: Tagged, qwen: Qwen2Config) -> LMConfig:
+        """Read the ``llm: !new:cosyvoice.llm.llm.Qwen2LM`` node of cosyvoice2.yaml."""
+        if not isinstance(node, Tagged) or not node.target.endswith(".Qwen2LM"):
+            target = node.target if isinstance(node, Tagged) else type(node).__name__
+            raise ValueError(f"the yaml's llm must be a CosyVoice 2 Qwen2LM, got {target!r}")
+        args = node.args if isinstance(node.args, dict) else {}
+        for key in ("llm_input_size", "llm_output_size", "speech_token_size"):
+            if key not in args:
+                raise ValueError(f"the yaml's llm node lacks {key}")
+        mix = args.get("mix_ratio", [5, 15])
+        return cls(qwen=qwen,
+                   speech_token_size=int(args["speech_token_size"]),
+                   llm_input_size=int(args["llm_input_size"]),
+                   llm_output_size=int(args["llm_output_size"]),
+                   mix_ratio=(int(mix[0]), int(mix[1])),
+                   sampling=SamplingConfig.from_yaml(args.get("sampling")))
+
+
+@dataclass
+class DecodeStep:
+    """What one forward step saw and decided; handed to the optional ``on_step`` observer."""
+
+    index: int
+    inputs: torch.Tensor  # [1, L, D] rows fed at this step
+    cache_len: int  # positions cached before the step (position of its first row)
+    hidden: torch.Tensor  # [D] final hidden state of the last row (llm_decoder input)
+    logp: torch.Tensor  # [speech_token_size + 3] float32 log-probabilities
+    token: int
+    from_sampler: bool  # False when the bistream schedule forced a fill token
+    ignore_eos: bool  # whether the sampler was asked for a non-stop token
+
+
+StepObserver = Callable[[DecodeStep], None]
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+class _Backbone(nn.Module):
+    """Holder that reproduces the checkpoint nesting ``llm.model.<Qwen2ForCausalLM>``."""
+
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.model = Qwen2ForCausalLM(cfg)
+
+
+class CosyVoice2LM(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.llm_embedding = nn.Embedding(2, cfg.llm_input_size)
+        self.llm = _Backbone(cfg.qwen)
+        self.llm_decoder = nn.Linear(cfg.llm_output_size, cfg.num_speech_rows)
+        self.speech_embedding = nn.Embedding(cfg.num_speech_rows, cfg.llm_input_size)
+
+    # --- weights ----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """As :meth:`nn.Module.load_state_dict`, refusing tied tensors that differ.
+
+        With ``tie_word_embeddings`` the text embedding and the (unused) text head are one
+        tensor; a checkpoint holding two different ones would silently overwrite the embedding.
+        """
+        if self.config.qwen.tie_word_embeddings:
+            emb, head = "llm.model.model.embed_tokens.weight", "llm.model.lm_head.weight"
+            a, b = state_dict.get(emb), state_dict.get(head)
+            if (a is not None and b is not None and a.data_ptr() != b.data_ptr()
+                    and (a.shape != b.shape or not torch.equal(a, b))):
+                raise ValueError(f"{emb} and {head} differ, but the Qwen2 config ties them "
+                                 "(tie_word_embeddings=true)")
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign and self.config.qwen.tie_word_embeddings:  # assignment breaks the tie
+            self.llm.model.lm_head.weight = self.llm.model.model.embed_tokens.weight
+        return result
+
+    def set_backbone_dtype(self, dtype: torch.dtype) -> CosyVoice2LM:
+        """Run the Qwen2 stack in ``dtype`` (e.g. bfloat16 on CUDA), the speech tables in float32.
+
+        The speech input table and output layer stay float32 so log-probabilities keep full
+        precision; norms and softmax inside the stack are float32 anyway.
+        """
+        self.llm.to(dtype)
+        return self
+
+    # --- pieces -----------------------------------------------------------------------------
+
+    @property
+    def _device(self) -> torch.device:
+        return self.speech_embedding.weight.device
+
+    def embed_text(self, ids: Sequence[int]) -> torch.Tensor:
+        """Qwen2 token embeddings [1, n, D] of text ids."""
+        vocab = self.config.qwen.vocab_size
+        bad = [i for i in ids if not 0 <= int(i) < vocab]
+        if bad:
+            raise ValueError(f"text token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        index = torch.tensor([int(i) for i in ids], dtype=torch.long, device=self._device)
+        return self.llm.model.model.embed_tokens(index)[None]
+
+    def embed_speech(self, ids: Sequence[int]) -> torch.Tensor:
+        """Speech-token embeddings [1, n, D]; prompts may only hold real speech ids."""
+        size = self.config.speech_token_size
+        bad = [i for i in ids if not 0 <= int(i) < size]
+        if bad:
+            raise ValueError(f"speech token ids {bad[:5]} are outside [0, {size})")
+        index = torch.tensor([int(i) for i in ids], dtype=torch.long, device=self._device)
+        return self.speech_embedding(index)[None]
+
+    # Rows are detached views of the tables: no copy, and no autograd link to the parameters.
+    def _special_row(self, row: int) -> torch.Tensor:
+        return self.llm_embedding.weight.detach()[row].reshape(1, 1, -1)
+
+    def _token_row(self, token: int) -> torch.Tensor:
+        return self.speech_embedding.weight.detach()[token].reshape(1, 1, -1)
+
+    def step(self, inputs: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed rows [1, L, D] after the cache; return (last hidden [D], float32 logp [V])."""
+        backbone = self.llm.model.model
+        hidden = backbone(inputs.to(backbone.embed_tokens.weight.dtype), cache)[0, -1]
+        hidden = hidden.to(self.llm_decoder.weight.dtype)
+        return hidden, self.llm_decoder(hidden).float().log_softmax(dim=-1)
+
+    def _check_token(self, token: int) -> int:
+        token = int(token)
+        if not 0 <= token < self.config.num_speech_rows:
+            rows = self.config.num_speech_rows
+            raise ValueError(f"sampler returned {token}, outside [0, {rows})")
+        return token
+
+    # --- whole-text decoding ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def inference(self, text_ids: Sequence[int], prompt_text_ids: Sequence[int],
+                  prompt_speech_tokens: Sequence[int], sampler: Sampler,
+                  min_token_text_ratio: float | None = None,
+                  max_token_text_ratio: float | None = None,
+                  cancel: threading.Event | None = None,
+                  on_step: StepObserver | None = None) -> Iterator[int]:
+        """Yield speech token ids for ``text_ids`` in the voice of the prompt.
+
+        Generates at most ``int(len(text_ids) * max_ratio)`` tokens and refuses stop ids for the
+        first ``int(len(text_ids) * min_ratio)`` steps (the prompt text does not count). Stops at
+        any stop id (>= speech_token_size), which is not yielded, or when ``cancel`` is set.
+        """
+        cfg = self.config
+        if not text_ids:
+            raise ValueError("text_ids is empty: nothing to speak")
+        min_len = int(len(text_ids) * _or(min_token_text_ratio, cfg.min_token_text_ratio))
+        max_len = int(len(text_ids) * _or(max_token_text_ratio, cfg.max_token_text_ratio))
+        rows = [self._special_row(SOS_ROW), self.embed_text(list(prompt_text_ids) + list(text_ids)),
+                self._special_row(TASK_ID_ROW)]
+        if prompt_speech_tokens:
+            rows.append(self.embed_speech(prompt_speech_tokens))
+        inputs = torch.cat(rows, dim=1)
+        cache = self.llm.model.model.new_cache()
+        decoded: list[int] = []
+        for index in range(max_len):
+            if cancel is not None and cancel.is_set():
+                return
+            cache_len = len(cache)
+            hidden, logp = self.step(inputs, cache)
+            ignore_eos = index < min_len
+            token = self._check_token(sampler(logp, decoded, ignore_eos))
+            if on_step is not None:
+                on_step(DecodeStep(index, inputs, cache_len, hidden, logp, token, True, ignore_eos))
+            if token >= cfg.speech_token_size:
+                return
+            yield token
+            decoded.append(token)
+            inputs = self._token_row(token)
+
+    # --- bidirectional streaming ------------------------------------------------------------
+
+    @torch.inference_mode()
+    def inference_bistream(self, text_id_chunks: Iterable[Sequence[int]],
+                           prompt_text_ids: Sequence[int], prompt_speech_tokens: Sequence[int],
+                           sampler: Sampler, max_token_text_ratio: float | None = None,
+                           cancel: threading.Event | None = None,
+                           on_step: StepObserver | None = None) -> Iterator[int]:
+        """Yield speech token ids while text ids arrive in chunks (CosyVoice 2 bistream).
+
+        Text and speech are interleaved in segments of ``mix_ratio`` = (5 text rows, 15 speech
+        tokens); the model closes each speech segment with the fill token, which the schedule
+        inserts at fixed positions and which is never yielded. While text is still arriving the
+        sampler is asked for speech tokens only; after the last chunk the model decodes until end
+        of speech. As a guard the total number of tokens yielded is capped at
+        ``max_ratio * number of streamed text ids``.
+        """
+        cfg = self.config
+        n_text, n_speech = cfg.mix_ratio
+        max_ratio = _or(max_token_text_ratio, cfg.max_token_text_ratio)
+        fill = cfg.fill_token
+        cache = self.llm.model.model.new_cache()
+        decoded: list[int] = []  # every decided token, fill tokens included
+        yielded = 0
+        text_seen = 0
+        steps = 0
+
+        pending_text = self.embed_text(prompt_text_ids)  # X: text rows not yet fed
+        # S: prompt speech rows not yet placed
+        pending_speech = (self.embed_speech(prompt_speech_tokens) if prompt_speech_tokens
+                          else self.speech_embedding.weight.detach()[:0][None])
+        inputs = self._special_row(SOS_ROW)  # B: rows for the next forward step
+        # Position (in `decoded`) of the first fill: the prompt speech already filled part of
+        # its last 15-token segment.
+        prompt_len = len(prompt_speech_tokens)
+        next_fill = (prompt_len // n_speech + 1) * n_speech - prompt_len
+
+        for chunk in text_id_chunks:
+            if cancel is not None and cancel.is_set():
+                return
+            text_seen += len(chunk)
+            pending_text = torch.cat([pending_text, self.embed_text(chunk)], dim=1)
+            # Place the prompt speech after the text it belongs with, one segment at a time.
+            while pending_speech.shape[1] > 0 and pending_text.shape[1] >= n_text:
+                inputs = torch.cat([inputs, pending_text[:, :n_text],
+                                    pending_speech[:, :n_speech]], dim=1)
+                pending_text = pending_text[:, n_text:]
+                pending_speech = pending_speech[:, n_speech:]
+            if pending_speech.shape[1] > 0:
+                continue  # the prompt is not fully placed yet: wait for more text
+            after_fill = bool(decoded) and decoded[-1] == fill
+            if after_fill or (not decoded and inputs.shape[1] == 1):
+                # A new speech segment needs the next 5 text rows in front of it.
+                if pending_text.shape[1] < n_text:
+                    continue
+                segment_text = pending_text[:, :n_text]
+                pending_text = pending_text[:, n_text:]
+                # After a fill the fill step's rows are already cached; only the text is new.
+                inputs = segment_text if after_fill else torch.cat([inputs, segment_text], dim=1)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    return
+                index, cache_len = steps, len(cache)
+                hidden, logp = self.step(inputs, cache)
+                steps += 1
+                if len(decoded) == next_fill:
+                    token, from_sampler = fill, False
+                else:
+                    token = self._check_token(sampler(logp, decoded, True))
+                    from_sampler = True
+                    if token >= cfg.speech_token_size:
+                        raise ValueError(
+                            f"sampler returned stop id {token} although speech was required")
+                if on_step is not None:  # sampled steps are the ones that refused stop ids
+                    on_step(DecodeStep(index, inputs, cache_len, hidden, logp, token,
+                                       from_sampler=from_sampler, ignore_eos=from_sampler))
+                decoded.append(token)
+                if token == fill:
+                    next_fill = len(decoded) - 1 + n_speech + 1
+                    break  # `inputs` keeps the rows just fed (see the final phase)
+                yield token
+                yielded += 1
+                inputs = self._token_row(token)
+
+        # Text finished: the rest of the text, the task id, then free decoding to end of speech.
+        # When the text phase ended on a fill, `inputs` still holds the last speech row, which
+        # the reference feeds a second time here; we do the same to stay on its distribution.
+        limit = int(max_ratio * max(text_seen, 1))
+        inputs = torch.cat([inputs, pending_text, self._special_row(TASK_ID_ROW)], dim=1)
+        while yielded < limit:
+            if cancel is not None and cancel.is_set():
+                return
+            index, cache_len = steps, len(cache)
+            hidden, logp = self.step(inputs, cache)
+            steps += 1
+            token = self._check_token(sampler(logp, decoded, False))
+            if on_step is not None:
+                on_step(DecodeStep(index, inputs, cache_len, hidden, logp, token, True, False))
+            decoded.append(token)
+            if token >= cfg.speech_token_size:
+                return  # end of speech (any stop id ends the utterance)
+            yield token
+            yielded += 1
+            inputs = self._token_row(token)

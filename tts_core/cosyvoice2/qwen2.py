@@ -1,0 +1,277 @@
+"""A Qwen2 decoder-only transformer, the backbone of the CosyVoice 2 language model.
+
+Written from the architecture description (pre-norm RMSNorm blocks, rotary positions in the
+"rotate half" layout, grouped-query attention with q/k/v biases, SiLU-gated MLP). Parameter names
+follow the Hugging Face layout so that the official checkpoint loads unchanged:
+``model.layers.N.self_attn.q_proj.weight`` ... ``model.norm.weight``, ``lm_head.weight``.
+
+The key/value cache is a separate :class:`KVCache` object owned by one request; the modules hold
+no per-request state, so one model can serve several requests from several threads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> Qwen2Config:
+        """Read a Hugging Face ``config.json`` (as a dict) of a Qwen2 model."""
+        model_type = d.get("model_type", "qwen2")
+        if model_type != "qwen2":
+            raise ValueError(f"expected a Qwen2 config (model_type 'qwen2'), got {model_type!r}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"only hidden_act 'silu' is supported, got {act!r}")
+        if d.get("rope_scaling"):
+            raise ValueError(f"rope_scaling is not supported: {d['rope_scaling']!r}")
+        if d.get("use_sliding_window", False):
+            # Released CosyVoice 2 backbones leave it off; a window would change attention.
+            raise ValueError("use_sliding_window=true is not supported")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"Qwen2 config.json lacks {', '.join(missing)}")
+        heads = int(d["num_attention_heads"])
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [L, head_dim] for integer positions.
+
+    Computed in float32 on every call rather than kept as a buffer: ``module.to(bfloat16)`` would
+    otherwise round the frequencies, and positions of a few thousand need them exact.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64)
+    inv_freq = 1.0 / (theta ** (exponents.float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)  # both halves share the frequencies
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, L, head_dim]; cos/sin: [L, head_dim]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for one request, grown in place.
+
+    Storage is over-allocated (doubling) so a decode step writes into a slice instead of
+    concatenating the whole history again.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+
+    def __len__(self) -> int:
+        """Number of cached positions (the position index of the next input)."""
+        return self._lengths[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v [B, Hkv, L, hd] of one layer; return all cached k/v of that layer."""
+        start, added = self._lengths[layer], k.shape[2]
+        end = start + added
+        keys, values = self._keys[layer], self._values[layer]
+        if keys is None or end > keys.shape[2]:
+            capacity = max(end, 2 * (keys.shape[2] if keys is not None else 0), 64)
+            shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_keys, new_values = k.new_empty(shape), v.new_empty(shape)
+            if keys is not None and values is not None:
+                new_keys[:, :, :start] = keys[:, :, :start]
+                new_values[:, :, :start] = values[:, :, :start]
+            keys, values = new_keys, new_values
+            self._keys[layer], self._values[layer] = keys, values
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        self._lengths[layer] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        group = self.num_heads // self.num_kv_heads
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if length == 1 and group > 1:
+            # One new position: the `group` query heads sharing a key/value head become `group`
+            # query rows against that head, so the cache is read without being copied.
+            q = q.reshape(batch, self.num_kv_heads, group, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            out = out.reshape(batch, 1, self.num_heads * self.head_dim)
+            return self.o_proj(out)
+        if group > 1:  # every query head of a group reads the same key/value head
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        # No mask needed for one query (it sees everything cached) or for a causal block
+        # starting at position 0; otherwise the explicit mask offsets causality by the cache.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, scale=scale)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_index: int) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(cfg, layer_index)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Token embedding, decoder stack and final norm (HF ``Qwen2Model``)."""
+
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    def forward(self, inputs_embeds: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Run the stack on embeddings [B, L, D] placed after the cached positions.
+
+        Returns the final hidden states [B, L, D] (after the last RMSNorm). ``cache`` is extended
+        in place by the L new positions.
+        """
+        length = inputs_embeds.shape[1]
+        past = len(cache) if cache is not None else 0
+        if past + length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + length} positions exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings})")
+        device = inputs_embeds.device
+        positions = torch.arange(past, past + length, device=device)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                  inputs_embeds.dtype)
+        mask = None
+        if past > 0 and length > 1:  # query i (at position past+i) sees keys 0..past+i
+            keys = torch.arange(past + length, device=device)
+            mask = keys[None, :] <= positions[:, None]
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mask)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """:class:`Qwen2Model` plus the text LM head (tied to the embedding when configured).
+
+    CosyVoice 2 never uses the text head, but the checkpoint carries it, so it exists for the
+    key layout.
+    """
+
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, inputs_embeds: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Text logits [B, L, vocab] (not used by CosyVoice 2)."""
+        return self.lm_head(self.model(inputs_embeds, cache))

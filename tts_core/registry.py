@@ -1,0 +1,29 @@
+"""Builds the engine an operator asked for by name.
+
+Imports are lazy so that starting the embedded engine never pays for torch, and the CosyVoice 2
+engine never loads the Kokoro model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tts_core.engine import Engine
+
+ENGINE_NAMES = ("embedded", "cosyvoice2")
+
+
+def create_engine(name: str, *, model_dir: Path | None = None, threads: int | None = None,
+                  device: str = "auto") -> Engine:
+    """Return a ready engine. ``threads`` bounds the engine's compute threads (None: its default)."""
+    if name == "embedded":
+        from tts_core.embedded.engine import EmbeddedEngine
+
+        return EmbeddedEngine(threads=threads)
+    if name == "cosyvoice2":
+        if model_dir is None:
+            raise ValueError("the cosyvoice2 engine needs --model-dir pointing at a CosyVoice2 model directory")
+        from tts_core.cosyvoice2.engine import CosyVoice2Engine
+
+        return CosyVoice2Engine.from_model_dir(Path(model_dir), threads=threads, device=device)
+    raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")
