@@ -1,0 +1,385 @@
+"""End to end: the CosyVoice 2 engine on a generated (random-weight) model directory.
+
+The weights are random, so the audio is noise; what is checked is everything around it: every
+mode runs and produces audio whose length follows the LM's token-count rules exactly, streaming,
+cancellation, determinism, concurrency, speakers and their persistence, and the errors.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from tts_core.cosyvoice2.engine import NO_PRESETS, CosyVoice2Engine
+from tts_core.cosyvoice2.speakers import (
+    SpeakerError,
+    SpeakerProfile,
+    SpeakerRegistry,
+    validate_speaker_id,
+)
+from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir, synthetic_voice
+from tts_core.engine import (
+    Audio,
+    InvalidRequest,
+    Mode,
+    SynthesisRequest,
+    UnknownSpeaker,
+    UnsupportedMode,
+)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+SAMPLES_PER_TOKEN = 960  # 2 mel frames of 480 samples
+
+torch.set_num_threads(1)
+
+
+def _read(name: str) -> Audio:
+    samples, rate = soundfile.read(SHARED / "audio" / name, dtype="float32")
+    return Audio(samples, rate)
+
+
+@pytest.fixture(scope="session")
+def zh_prompt() -> Audio:
+    return _read("zero_shot_prompt.wav")  # 24 kHz float WAV, 3.5 s
+
+
+@pytest.fixture(scope="session")
+def en_prompt() -> Audio:
+    audio = _read("cross_lingual_prompt.wav")  # 22.05 kHz PCM, 13.75 s
+    return Audio(audio.samples[: 4 * audio.sample_rate], audio.sample_rate)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cv2-models")
+    return {"presets": make_model_dir(root / "presets", "tiny", seed=11, spk2info=True),
+            "bare": make_model_dir(root / "bare", "tiny", seed=12)}
+
+
+@pytest.fixture(scope="module")
+def engine(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> CosyVoice2Engine:
+    return CosyVoice2Engine.from_model_dir(model_dirs["presets"], threads=1, device="cpu",
+                                           state_dir=tmp_path_factory.mktemp("state"), seed=5)
+
+
+def collect(engine: CosyVoice2Engine, request: SynthesisRequest,
+            cancel: threading.Event | None = None) -> list[np.ndarray]:
+    return list(engine.synthesize(request, cancel or threading.Event()))
+
+
+def text_tokens(engine: CosyVoice2Engine, text: str, tagged: bool) -> list[int]:
+    """LM text-token count of each segment the engine will speak."""
+    segments = engine.text.segments(text)
+    if tagged:
+        segments = [engine.text.tag_language(s) for s in segments]
+    return [len(engine.tokenizer.encode(s)) for s in segments]
+
+
+def assert_plausible(chunks: list[np.ndarray], counts: list[int]) -> int:
+    """Speech tokens per segment lie in [2, 20] × its text tokens; each gives 960 samples."""
+    assert chunks, "no audio"
+    for chunk in chunks:
+        assert chunk.dtype == np.float32 and chunk.ndim == 1
+        assert np.isfinite(chunk).all() and np.abs(chunk).max() <= 0.99 + 1e-6
+    total = sum(len(c) for c in chunks)
+    assert total % SAMPLES_PER_TOKEN == 0
+    tokens = total // SAMPLES_PER_TOKEN
+    assert 2 * sum(counts) <= tokens <= 20 * sum(counts)
+    assert float(np.sqrt(np.mean(np.concatenate(chunks) ** 2))) > 1e-3  # not silence
+    return tokens
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def test_zero_shot(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    text = "今天天气很好，我们去公园散步吧！"
+    chunks = collect(engine, SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,
+                                              prompt_text=PROMPT_TEXT))
+    assert_plausible(chunks, text_tokens(engine, text, tagged=False))
+
+
+def test_cross_lingual(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    text = "Hello there, this is a test of 3 things."
+    chunks = collect(engine, SynthesisRequest(Mode.CROSS_LINGUAL, text=text, prompt=zh_prompt))
+    assert_plausible(chunks, text_tokens(engine, text, tagged=True))
+
+
+def test_instruct(engine: CosyVoice2Engine, en_prompt: Audio) -> None:
+    text = "今天天气很好。"
+    request = SynthesisRequest(Mode.INSTRUCT, text=text, prompt=en_prompt,
+                               instruct_text="用四川话说这句话<|endofprompt|>")
+    assert_plausible(collect(engine, request), text_tokens(engine, text, tagged=False))
+
+
+def test_sft_with_a_preset(engine: CosyVoice2Engine) -> None:
+    speakers = {s.id: s for s in engine.speakers()}
+    assert speakers["中文女"].language == "zh" and not speakers["中文女"].registered
+    assert speakers["英文男"].language == "en"
+    text = "你好，世界。"
+    chunks = collect(engine, SynthesisRequest(Mode.SFT, text=text, speaker_id="中文女"))
+    assert_plausible(chunks, text_tokens(engine, text, tagged=True))
+
+
+def test_voice_conversion_keeps_the_source_length(engine: CosyVoice2Engine, zh_prompt: Audio,
+                                                  en_prompt: Audio) -> None:
+    source = Audio(en_prompt.samples[: 2 * en_prompt.sample_rate], en_prompt.sample_rate)
+    expected = engine.prompts.source_tokens(source.samples, source.sample_rate).shape[1]
+    for stream in (True, False):
+        chunks = collect(engine, SynthesisRequest(Mode.VOICE_CONVERSION, source=source,
+                                                  prompt=zh_prompt, stream=stream))
+        assert sum(len(c) for c in chunks) == expected * SAMPLES_PER_TOKEN
+        assert all(np.isfinite(c).all() for c in chunks)
+
+
+def test_long_text_is_segmented_and_streamed(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    text = "我们今天学习了第3课，内容非常有趣。" * 6
+    counts = text_tokens(engine, text, tagged=False)
+    assert len(counts) > 1  # several LM segments
+    request = SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,
+                               prompt_text=PROMPT_TEXT, stream=True)
+    chunks = collect(engine, request)
+    assert len(chunks) > len(counts)  # streaming: several chunks per segment
+    streamed = assert_plausible(chunks, counts)
+    whole = collect(engine, SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,
+                                             prompt_text=PROMPT_TEXT, stream=False))
+    assert len(whole) == len(counts)  # one chunk per segment
+    # Same seed, same tokens: streaming changes the chunking, not the length.
+    assert assert_plausible(whole, counts) == streamed
+
+
+def test_streaming_first_chunk_comes_early(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    text = "我们今天学习了第3课，内容非常有趣。" * 2
+    request = SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,
+                               prompt_text=PROMPT_TEXT)
+    first = next(iter(engine.synthesize(request, threading.Event())))
+    # the first chunk holds ~25 tokens (plus prompt alignment), less the 8-frame overlap
+    assert len(first) < 55 * SAMPLES_PER_TOKEN
+    assert len(first) % 480 == 0
+
+
+def test_speed_changes_the_length(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    base = SynthesisRequest(Mode.ZERO_SHOT, text="你好，世界。", prompt=zh_prompt,
+                            prompt_text=PROMPT_TEXT, stream=False)
+    normal = sum(len(c) for c in collect(engine, base))
+    fast = sum(len(c) for c in collect(engine, SynthesisRequest(**{**base.__dict__,
+                                                                    "speed": 2.0})))
+    frames = normal // 480
+    assert fast == (frames // 2) * 480
+
+
+def test_same_seed_same_audio_and_concurrency(engine: CosyVoice2Engine, zh_prompt: Audio,
+                                              en_prompt: Audio) -> None:
+    requests = [SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", prompt=zh_prompt,
+                                 prompt_text=PROMPT_TEXT),
+                SynthesisRequest(Mode.CROSS_LINGUAL, text="Nice weather today.",
+                                 prompt=en_prompt, stream=False)]
+    sequential = [np.concatenate(collect(engine, r)) for r in requests]
+    again = np.concatenate(collect(engine, requests[0]))
+    np.testing.assert_array_equal(again, sequential[0])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        parallel = list(pool.map(lambda r: np.concatenate(collect(engine, r)), requests * 2))
+    for index, wav in enumerate(parallel):
+        np.testing.assert_allclose(wav, sequential[index % 2], atol=1e-5)
+
+
+def test_cancel_stops_between_chunks(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    text = "我们今天学习了第3课，内容非常有趣。" * 4
+    request = SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,
+                               prompt_text=PROMPT_TEXT)
+    full = collect(engine, request)
+    cancel = threading.Event()
+    got = []
+    for chunk in engine.synthesize(request, cancel):
+        got.append(chunk)
+        cancel.set()
+    assert len(got) == 1 < len(full)
+    cancel = threading.Event()
+    cancel.set()
+    assert collect(engine, request, cancel) == []
+
+
+def test_bidirectional_text_stream(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    pieces = ["Hello ", "there, ", "the ", "price ", "is ", "2", "5 ", "dollars. ",
+              "See ", "you ", "soon."]
+    request = SynthesisRequest(Mode.ZERO_SHOT, prompt=zh_prompt, prompt_text=PROMPT_TEXT)
+    chunks = list(engine.synthesize_text_stream(request, iter(pieces), threading.Event()))
+    assert chunks
+    total = sum(len(c) for c in chunks)
+    assert total % SAMPLES_PER_TOKEN == 0 and total > 10 * SAMPLES_PER_TOKEN
+    assert all(np.isfinite(c).all() for c in chunks)
+    # "2" + "5 " was normalised as one number, not digit by digit
+    ids = list(engine._text_id_chunks(iter(pieces), engine._voice(request), threading.Event()))
+    text = engine.tokenizer.decode([i for chunk in ids for i in chunk])
+    assert "twenty five" in text and "two" not in text
+    with pytest.raises(UnsupportedMode):
+        list(engine.synthesize_text_stream(SynthesisRequest(Mode.VOICE_CONVERSION), iter([]),
+                                           threading.Event()))
+
+
+# ----------------------------------------------------------------------------- speakers
+
+
+def test_no_presets_means_no_sft_until_a_speaker_is_registered(
+        model_dirs: dict[str, Path], tmp_path: Path, zh_prompt: Audio) -> None:
+    bare = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
+                                           state_dir=tmp_path, seed=1)
+    caps = bare.capabilities()
+    assert Mode.SFT not in caps.modes and caps.unsupported_reasons[Mode.SFT] == NO_PRESETS
+    assert caps.supports_speaker_registration and caps.sample_rate == 24000
+    assert Mode.ZERO_SHOT in caps.modes and Mode.VOICE_CONVERSION in caps.modes
+    with pytest.raises(UnsupportedMode, match="ships no preset speakers"):
+        bare.validate(SynthesisRequest(Mode.SFT, text="你好", speaker_id="x"))
+    speaker = bare.register_speaker("alice", zh_prompt, PROMPT_TEXT)
+    assert speaker.registered and speaker.language == "zh"
+    assert Mode.SFT in bare.capabilities().modes
+    text = "今天天气很好。"
+    chunks = collect(bare, SynthesisRequest(Mode.SFT, text=text, speaker_id="alice"))
+    assert_plausible(chunks, text_tokens(bare, text, tagged=False))
+
+
+def test_registered_speakers_persist_and_serve_every_prompt_mode(
+        model_dirs: dict[str, Path], tmp_path: Path, zh_prompt: Audio, en_prompt: Audio) -> None:
+    first = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
+                                            state_dir=tmp_path, seed=2)
+    first.register_speaker("bob", zh_prompt, PROMPT_TEXT, description="test voice")
+    first.register_speaker("carol-2", en_prompt)  # no transcript
+    files = sorted(p.name for p in (tmp_path / "speakers").iterdir())
+    assert files == ["bob.json", "bob.safetensors", "carol-2.json", "carol-2.safetensors"]
+
+    second = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
+                                             state_dir=tmp_path, seed=2)
+    speakers = {s.id: s for s in second.speakers()}
+    assert set(speakers) == {"bob", "carol-2"}
+    assert speakers["bob"].description == "test voice" and speakers["bob"].registered
+    assert speakers["carol-2"].language == "und"
+    stored, loaded = first.registry.get("bob"), second.registry.get("bob")
+    assert torch.equal(stored.speech_tokens, loaded.speech_tokens)
+    assert torch.equal(stored.embedding, loaded.embedding)
+    assert loaded.prompt_text == stored.prompt_text == PROMPT_TEXT
+
+    # A stored speaker is as good as the prompt it came from.
+    request = SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", prompt=zh_prompt,
+                               prompt_text=PROMPT_TEXT)
+    by_prompt = np.concatenate(collect(second, request))
+    by_id = np.concatenate(collect(second, SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。",
+                                                            speaker_id="bob")))
+    np.testing.assert_allclose(by_id, by_prompt, atol=1e-5)
+    for mode, extra in ((Mode.CROSS_LINGUAL, {}), (Mode.INSTRUCT, {"instruct_text": "慢一点说"}),
+                        (Mode.SFT, {})):
+        assert collect(second, SynthesisRequest(mode, text="Hi there.", speaker_id="carol-2",
+                                                **extra))
+    source = Audio(en_prompt.samples[: en_prompt.sample_rate], en_prompt.sample_rate)
+    assert collect(second, SynthesisRequest(Mode.VOICE_CONVERSION, source=source,
+                                            speaker_id="bob"))
+    with pytest.raises(InvalidRequest, match="registered without a transcript"):
+        second.validate(SynthesisRequest(Mode.ZERO_SHOT, text="hi", speaker_id="carol-2"))
+
+    second.delete_speaker("bob")
+    assert not (tmp_path / "speakers" / "bob.json").exists()
+    third = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
+                                            state_dir=tmp_path)
+    assert [s.id for s in third.speakers()] == ["carol-2"]
+    with pytest.raises(UnknownSpeaker):
+        third.delete_speaker("bob")
+
+
+def test_speaker_registration_errors(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    for bad in ("../etc/passwd", "a/b", "", ".hidden", "x" * 65, "a..b", "with space"):
+        with pytest.raises(InvalidRequest, match="not valid"):
+            engine.register_speaker(bad, zh_prompt, PROMPT_TEXT)
+    with pytest.raises(InvalidRequest, match="already taken"):
+        engine.register_speaker("中文女", zh_prompt, PROMPT_TEXT)
+    with pytest.raises(InvalidRequest, match="preset"):
+        engine.delete_speaker("中文女")
+    short = Audio(zh_prompt.samples[:2400], zh_prompt.sample_rate)
+    with pytest.raises(InvalidRequest, match="at least"):
+        engine.register_speaker("shorty", short, "")
+    engine.register_speaker("dave", zh_prompt, PROMPT_TEXT)
+    with pytest.raises(InvalidRequest, match="already taken"):
+        engine.register_speaker("dave", zh_prompt, PROMPT_TEXT)
+    engine.register_speaker("dave", zh_prompt, "", replace=True)
+    assert not engine.registry.get("dave").has_transcript
+    engine.delete_speaker("dave")
+
+
+def test_speaker_store_survives_damaged_files(tmp_path: Path) -> None:
+    registry = SpeakerRegistry(tmp_path)
+    profile = SpeakerProfile(id="erin", embedding=torch.randn(1, 192),
+                             speech_tokens=torch.arange(10, dtype=torch.int32)[None],
+                             speech_feat=torch.randn(1, 20, 80), prompt_text="hello",
+                             registered=True)
+    registry.add(profile)
+    (tmp_path / "speakers" / "broken.json").write_text("{not json")
+    (tmp_path / "speakers" / "mallory.json").write_text('{"format": 1, "id": "../mallory"}')
+    reloaded = SpeakerRegistry(tmp_path)
+    assert [p.id for p in reloaded.all()] == ["erin"]
+    assert not list((tmp_path / "speakers").glob("*.tmp"))
+    assert validate_speaker_id("Speaker_1.v2-x") == "Speaker_1.v2-x"
+    assert validate_speaker_id("中文男") == "中文男"
+    with pytest.raises(SpeakerError):
+        validate_speaker_id("bad\nid")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    ({"mode": Mode.ZERO_SHOT, "text": "  "}, InvalidRequest, "text is empty"),
+    ({"mode": Mode.ZERO_SHOT, "text": "x" * 10_001}, InvalidRequest, "at most 10000"),
+    ({"mode": Mode.ZERO_SHOT, "text": "hi"}, InvalidRequest, "needs prompt audio"),
+    ({"mode": Mode.ZERO_SHOT, "text": "hi", "prompt": "zh"}, InvalidRequest, "prompt_text"),
+    ({"mode": Mode.CROSS_LINGUAL, "text": "hi", "speaker_id": "nobody"}, UnknownSpeaker,
+     "unknown speaker 'nobody'"),
+    ({"mode": Mode.SFT, "text": "hi"}, InvalidRequest, "sft needs speaker_id"),
+    ({"mode": Mode.INSTRUCT, "text": "hi", "prompt": "zh"}, InvalidRequest, "instruct_text"),
+    ({"mode": Mode.VOICE_CONVERSION, "prompt": "zh"}, InvalidRequest, "source audio"),
+    ({"mode": Mode.CROSS_LINGUAL, "text": "hi", "prompt": "zh", "speed": 3.0}, InvalidRequest,
+     "speed 3.0"),
+    ({"mode": Mode.CROSS_LINGUAL, "text": "hi", "prompt": "long"}, InvalidRequest,
+     "at most 30 s"),
+    ({"mode": Mode.CROSS_LINGUAL, "text": "hi", "prompt": "stereo"}, InvalidRequest, "mono"),
+    ({"mode": Mode.CROSS_LINGUAL, "text": "hi", "prompt": "silent"}, InvalidRequest, "silent"),
+    ({"mode": Mode.VOICE_CONVERSION, "prompt": "zh", "source": "tiny"}, InvalidRequest,
+     "source audio is"),
+])
+def test_bad_requests_are_refused_up_front(engine: CosyVoice2Engine, zh_prompt: Audio,
+                                           fields: dict, error: type, message: str) -> None:
+    voice = synthetic_voice(1.0, 150.0, 16000, seed=0)
+    audio = {"zh": zh_prompt, "long": Audio(np.tile(voice, 31), 16000),
+             "stereo": Audio(np.stack([voice, voice], axis=1), 16000),
+             "silent": Audio(np.zeros(16000, np.float32), 16000),
+             "tiny": Audio(voice[:1600], 16000)}
+    for key in ("prompt", "source"):
+        if key in fields:
+            fields = {**fields, key: audio[fields[key]]}
+    request = SynthesisRequest(**fields)
+    with pytest.raises(error, match=message):
+        engine.validate(request)
+    with pytest.raises(error, match=message):  # synthesize validates before any work
+        next(iter(engine.synthesize(request, threading.Event())))
+
+
+def test_text_without_speakable_content(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    request = SynthesisRequest(Mode.CROSS_LINGUAL, text="。。！", prompt=zh_prompt)
+    with pytest.raises(InvalidRequest, match="nothing to speak"):
+        collect(engine, request)
+
+
+def test_device_choice(model_dirs: dict[str, Path]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: 'cuda' is a valid choice here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        CosyVoice2Engine.from_model_dir(model_dirs["bare"], device="cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        CosyVoice2Engine.from_model_dir(model_dirs["bare"], device="tpu")
+    auto = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="auto")
+    assert auto.models.device.type == "cpu" and auto.models.dtype == torch.float32

@@ -1,0 +1,269 @@
+"""Loads an official CosyVoice 2 model directory into our modules.
+
+Layout (ModelScope ``iic/CosyVoice2-0.5B``, Hugging Face ``FunAudioLLM/CosyVoice2-0.5B``)::
+
+    cosyvoice2.yaml              hyper-parameters (hyperpyyaml; read as data, never executed)
+    llm.pt  flow.pt  hift.pt     state dicts of the LM, the flow and the vocoder
+    campplus.onnx                speaker-embedding model
+    speech_tokenizer_v2.onnx     speech tokenizer
+    CosyVoice-BlankEN/           Qwen2 config.json + tokenizer files (vocab.json, merges.txt, ...)
+    spk2info.pt                  optional preset speakers
+
+Every size comes from the yaml, ``config.json`` and the tensors, so reduced or enlarged models in
+the same layout load too. Checkpoints are read with ``torch.load(weights_only=True)`` (no pickled
+code runs) and must fit the modules exactly: a mismatch names the missing, unexpected and
+mis-shaped keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import hyperyaml
+from .features import MelConfig
+from .flow import CausalFlow, FlowConfig
+from .hift import HiFTConfig, HiFTGenerator, normalize_state_dict
+from .llm import CosyVoice2LM, LMConfig
+from .onnx_frontend import OnnxFrontend
+from .qwen2 import Qwen2Config
+from .sampling import SamplingConfig
+from .tokenizer import CosyVoice2Tokenizer
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_SOURCES = ("the official directory is ModelScope iic/CosyVoice2-0.5B or Hugging Face "
+                    "FunAudioLLM/CosyVoice2-0.5B")
+YAML_NAMES = ("cosyvoice2.yaml", "cosyvoice.yaml")  # early CosyVoice 2 releases used the latter
+BLANK_EN = "CosyVoice-BlankEN"
+
+
+class ModelDirError(ValueError):
+    """The model directory is incomplete or does not fit the CosyVoice 2 architecture."""
+
+
+class MissingModelFile(ModelDirError, FileNotFoundError):
+    """A file the model directory must have is not there."""
+
+
+@dataclass
+class CosyVoice2Models:
+    """Everything a CosyVoice 2 engine needs, loaded and moved to ``device``.
+
+    The modules are in eval mode and hold no per-request state: share them between threads.
+    ``tokenizer`` and ``onnx`` are None when loaded with ``require_frontend=False``.
+    """
+
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    lm: CosyVoice2LM
+    flow: CausalFlow
+    hift: HiFTGenerator
+    tokenizer: CosyVoice2Tokenizer | None
+    onnx: OnnxFrontend | None
+    mel_config: MelConfig
+    sampling: SamplingConfig
+    sample_rate: int
+    token_frame_rate: int
+    token_mel_ratio: int
+    chunk_size: int  # streaming chunk, in speech tokens
+    spk2info: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict, repr=False)  # the parsed yaml
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise MissingModelFile(f"model directory {path.parent} lacks {path.name} ({what}); "
+                               f"{OFFICIAL_SOURCES}")
+    return path
+
+
+def _node(cfg: dict[str, Any], key: str, yaml_path: Path) -> Any:
+    if key not in cfg:
+        raise ModelDirError(f"{yaml_path.name} has no `{key}` entry; is this a CosyVoice 2 "
+                            f"model directory? ({OFFICIAL_SOURCES})")
+    return cfg[key]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types
+        raise ModelDirError(f"cannot read {path.name} as a torch state dict (weights only): "
+                            f"{error}") from error
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelDirError(f"{path.name} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _describe_mismatch(file: str, own: dict[str, torch.Tensor],
+                       state: dict[str, torch.Tensor]) -> str | None:
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("mis-shaped keys", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > 6 else ""
+            parts.append(f"{title}: {', '.join(items[:6])}{more}")
+    return (f"{file} does not fit the model described by the yaml and config.json — "
+            + "; ".join(parts))
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], file: str) -> None:
+    problem = _describe_mismatch(file, module.state_dict(), state)
+    if problem:
+        raise ModelDirError(problem)
+    module.load_state_dict(state, strict=True)
+
+
+def _read_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
+    for name in YAML_NAMES:
+        path = root / name
+        if path.is_file():
+            try:
+                return path, hyperyaml.load(path)
+            except hyperyaml.HyperYamlError as error:
+                raise ModelDirError(f"{name}: {error}") from error
+            except (OSError, UnicodeDecodeError) as error:
+                raise ModelDirError(f"cannot read {name}: {error}") from error
+    raise MissingModelFile(f"model directory {root} lacks cosyvoice2.yaml (the model "
+                           f"configuration); {OFFICIAL_SOURCES}")
+
+
+def _read_qwen_config(root: Path) -> Qwen2Config:
+    path = _need(root / BLANK_EN / "config.json", "the Qwen2 backbone configuration")
+    try:
+        return Qwen2Config.from_hf_config(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelDirError(f"{BLANK_EN}/config.json: {error}") from error
+
+
+def _read_spk2info(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelDirError(f"cannot read {path.name} (weights only): {error}") from error
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path.name} must map speaker ids to dicts of tensors")
+    presets: dict[str, dict[str, torch.Tensor]] = {}
+    for name, entry in data.items():
+        if not isinstance(name, str) or not isinstance(entry, dict):
+            raise ModelDirError(f"{path.name}: entry {name!r} is not a dict of tensors")
+        presets[name] = {k: v for k, v in entry.items() if isinstance(v, torch.Tensor)}
+    return presets
+
+
+def load_model_dir(path: Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, require_frontend: bool = True,
+                   onnx_threads: int = 1, fold_hift: bool = True) -> CosyVoice2Models:
+    """Load a CosyVoice 2 model directory.
+
+    ``dtype`` applies to the LM and the flow (float16/bfloat16 make sense on CUDA only); the
+    vocoder always runs in float32, its output is too sensitive to rounding. With
+    ``require_frontend=False`` the ONNX models and the tokenizer files may be absent (only the
+    neural parts are loaded; text and prompt audio then cannot be processed). ``fold_hift``
+    replaces the vocoder's weight-norm parametrisations by plain weights (same outputs, faster;
+    its ``state_dict()`` then has ``.weight`` keys instead of the checkpoint's).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise MissingModelFile(f"model directory {root} does not exist; {OFFICIAL_SOURCES}")
+    device = torch.device(device)
+    yaml_path, cfg = _read_yaml(root)
+    llm_path = _need(root / "llm.pt", "the language model weights")
+    flow_path = _need(root / "flow.pt", "the flow-matching model weights")
+    hift_path = _need(root / "hift.pt", "the vocoder weights")
+    qwen = _read_qwen_config(root)
+
+    tokenizer: CosyVoice2Tokenizer | None = None
+    onnx: OnnxFrontend | None = None
+    if require_frontend:
+        campplus = _need(root / "campplus.onnx", "the speaker-embedding model")
+        speech_tokenizer = _need(root / "speech_tokenizer_v2.onnx", "the speech tokenizer")
+        try:
+            tokenizer = CosyVoice2Tokenizer.from_dir(root / BLANK_EN)
+        except FileNotFoundError as error:
+            raise MissingModelFile(f"{error}; {OFFICIAL_SOURCES}") from error
+        except ValueError as error:
+            raise ModelDirError(str(error)) from error
+        if tokenizer.max_token_id >= qwen.vocab_size:
+            raise ModelDirError(f"the tokenizer has ids up to {tokenizer.max_token_id} but the "
+                                f"LM's vocabulary (config.json vocab_size) has {qwen.vocab_size}")
+        try:
+            onnx = OnnxFrontend(campplus, speech_tokenizer, threads=onnx_threads,
+                                device=str(device))
+        except ValueError as error:
+            raise ModelDirError(str(error)) from error
+
+    try:
+        lm_config = LMConfig.from_yaml(_node(cfg, "llm", yaml_path), qwen)
+        flow_config = FlowConfig.from_yaml(_node(cfg, "flow", yaml_path))
+        hift_config = HiFTConfig.from_yaml(_node(cfg, "hift", yaml_path))
+        mel_config = MelConfig.from_yaml(_node(cfg, "feat_extractor", yaml_path))
+    except ModelDirError:
+        raise
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelDirError(f"{yaml_path.name}: {error}") from error
+    ratio = int(cfg.get("token_mel_ratio", flow_config.token_mel_ratio))
+    sample_rate = int(cfg.get("sample_rate", hift_config.sampling_rate))
+    problems = []
+    if flow_config.vocab_size != lm_config.speech_token_size:
+        problems.append(f"flow vocab_size {flow_config.vocab_size} != llm speech_token_size "
+                        f"{lm_config.speech_token_size}")
+    if ratio != flow_config.token_mel_ratio:
+        problems.append(f"token_mel_ratio {ratio} != flow token_mel_ratio "
+                        f"{flow_config.token_mel_ratio}")
+    if sample_rate != hift_config.sampling_rate or sample_rate != mel_config.sampling_rate:
+        problems.append(f"sample_rate {sample_rate} differs from the vocoder's "
+                        f"({hift_config.sampling_rate}) or the feature extractor's "
+                        f"({mel_config.sampling_rate})")
+    if mel_config.num_mels != flow_config.output_size or hift_config.in_channels != \
+            flow_config.output_size:
+        problems.append("mel bins differ between feat_extractor, flow and hift")
+    if hift_config.upsample_factor != mel_config.hop_size:
+        problems.append(f"the vocoder makes {hift_config.upsample_factor} samples per frame but "
+                        f"the mel hop is {mel_config.hop_size}")
+    if problems:
+        raise ModelDirError(f"{yaml_path.name} is inconsistent: " + "; ".join(problems))
+
+    lm = CosyVoice2LM(lm_config)
+    _load_strict(lm, _read_state_dict(llm_path), llm_path.name)
+    flow = CausalFlow(flow_config)
+    _load_strict(flow, _read_state_dict(flow_path), flow_path.name)
+    hift = HiFTGenerator(hift_config)
+    hift_state = _read_state_dict(hift_path)
+    try:
+        hift_state = normalize_state_dict(hift_state)
+    except ValueError as error:
+        raise ModelDirError(f"hift.pt: {error}") from error
+    _load_strict(hift, hift_state, hift_path.name)
+    if fold_hift:
+        hift.fold_weight_norm()  # g·v/‖v‖ once, not at every call
+
+    lm.to(device=device, dtype=dtype).eval()
+    flow.to(device=device, dtype=dtype).eval()
+    hift.to(device=device, dtype=torch.float32).eval()
+
+    spk2info = {}
+    if (root / "spk2info.pt").is_file():
+        spk2info = _read_spk2info(root / "spk2info.pt")
+
+    return CosyVoice2Models(
+        path=root, device=device, dtype=dtype, lm=lm, flow=flow, hift=hift,
+        tokenizer=tokenizer, onnx=onnx, mel_config=mel_config, sampling=lm_config.sampling,
+        sample_rate=sample_rate, token_frame_rate=int(cfg.get("token_frame_rate", 25)),
+        token_mel_ratio=ratio, chunk_size=int(cfg.get("chunk_size", 25)), spk2info=spk2info,
+        config=cfg)

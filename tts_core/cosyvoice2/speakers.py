@@ -1,0 +1,234 @@
+"""Speakers of the CosyVoice 2 engine: presets from ``spk2info.pt`` and voices registered at run
+time from a prompt recording.
+
+A speaker is what the engine computed from a prompt once — the CAM++ embedding, the prompt's
+speech tokens and 24 kHz mel, and its transcript — so later requests skip the front end. A
+registered speaker is stored as two files under ``<state_dir>/speakers/``: ``<id>.safetensors``
+(the tensors) and ``<id>.json`` (the metadata, written last: a speaker exists once its JSON does).
+Both are written to a temporary name and renamed into place, so a crash never leaves a half
+written speaker. Ids are validated so an id can never name a path outside that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..engine import Speaker
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Letters (any script), digits, "_", "-", "."; no leading "." or "-"; at most 64 characters.
+_ID = re.compile(r"^[^\W][\w.\-]{0,63}$")
+
+
+class SpeakerError(ValueError):
+    """A speaker id or speaker file is not acceptable; the message says why."""
+
+
+def validate_speaker_id(speaker_id: str) -> str:
+    if not isinstance(speaker_id, str) or not _ID.fullmatch(speaker_id) or ".." in speaker_id:
+        raise SpeakerError(
+            f"speaker id {speaker_id!r} is not valid: use 1–64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit")
+    return speaker_id
+
+
+@dataclass(frozen=True)
+class SpeakerProfile:
+    """Cached prompt features of one voice (CPU tensors)."""
+
+    id: str
+    embedding: torch.Tensor  # [1, 192] float32
+    speech_tokens: torch.Tensor  # [1, T] int32 (T may be 0 for embedding-only presets)
+    speech_feat: torch.Tensor  # [1, ratio·T, 80] float32
+    prompt_text: str = ""  # transcript of the prompt ("" when unknown)
+    prompt_text_ids: tuple[int, ...] | None = None  # presets saved as ids instead of text
+    language: str = "und"
+    description: str = ""
+    registered: bool = False
+    created: float = 0.0
+
+    @property
+    def has_prompt_audio(self) -> bool:
+        return self.speech_tokens.shape[1] > 0
+
+    @property
+    def has_transcript(self) -> bool:
+        return bool(self.prompt_text) or bool(self.prompt_text_ids)
+
+    def to_speaker(self) -> Speaker:
+        return Speaker(id=self.id, language=self.language, description=self.description,
+                       registered=self.registered)
+
+
+def _as_2d(tensor: torch.Tensor, name: str, speaker: str) -> torch.Tensor:
+    if tensor.dim() == 1:
+        tensor = tensor[None]
+    if tensor.dim() != 2 or tensor.shape[0] != 1:
+        raise SpeakerError(f"preset {speaker!r}: {name} must be [1, n], got {list(tensor.shape)}")
+    return tensor
+
+
+def preset_from_spk2info(name: str, entry: dict[str, torch.Tensor], n_mels: int = 80
+                         ) -> SpeakerProfile:
+    """Read one ``spk2info.pt`` entry in either released format.
+
+    * SFT presets: ``embedding`` (+ optional ``speech_token`` / ``speech_feat``);
+    * speakers saved by the reference's ``add_zero_shot_spk``: ``flow_embedding``,
+      ``flow_prompt_speech_token``, ``prompt_speech_feat`` and ``prompt_text`` (token ids).
+    """
+    embedding = entry.get("embedding", entry.get("flow_embedding", entry.get("llm_embedding")))
+    if embedding is None:
+        raise SpeakerError(f"preset {name!r} in spk2info.pt has no speaker embedding")
+    embedding = _as_2d(embedding.float(), "embedding", name)
+    tokens = entry.get("speech_token", entry.get("flow_prompt_speech_token"))
+    feat = entry.get("speech_feat", entry.get("prompt_speech_feat"))
+    if tokens is None or feat is None:
+        tokens = torch.zeros(1, 0, dtype=torch.int32)
+        feat = torch.zeros(1, 0, n_mels)
+    tokens = _as_2d(tokens, "speech_token", name).to(torch.int32)
+    feat = feat.float()
+    if feat.dim() == 2:
+        feat = feat[None]
+    if feat.dim() != 3 or feat.shape[2] != n_mels:
+        raise SpeakerError(f"preset {name!r}: speech_feat must be [1, frames, {n_mels}], got "
+                           f"{list(feat.shape)}")
+    text_ids = entry.get("prompt_text")
+    ids = tuple(int(i) for i in text_ids.flatten().tolist()) if text_ids is not None else None
+    return SpeakerProfile(id=name, embedding=embedding, speech_tokens=tokens, speech_feat=feat,
+                          prompt_text_ids=ids or None, description="preset speaker")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class SpeakerRegistry:
+    """Presets plus registered speakers; registered ones persist under ``state_dir`` (None:
+    memory only). Thread-safe."""
+
+    def __init__(self, state_dir: Path | None, presets: dict[str, SpeakerProfile] | None = None
+                 ) -> None:
+        self._lock = threading.Lock()
+        self._presets = dict(presets or {})
+        self._registered: dict[str, SpeakerProfile] = {}
+        self.directory = Path(state_dir) / "speakers" if state_dir is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._load_all()
+
+    # -- queries
+
+    def get(self, speaker_id: str) -> SpeakerProfile | None:
+        with self._lock:
+            return self._registered.get(speaker_id) or self._presets.get(speaker_id)
+
+    def all(self) -> list[SpeakerProfile]:
+        with self._lock:
+            return list(self._presets.values()) + sorted(self._registered.values(),
+                                                         key=lambda p: p.id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._presets) + len(self._registered)
+
+    def is_preset(self, speaker_id: str) -> bool:
+        return speaker_id in self._presets
+
+    # -- changes
+
+    def add(self, profile: SpeakerProfile, replace: bool = False) -> SpeakerProfile:
+        validate_speaker_id(profile.id)
+        with self._lock:
+            if profile.id in self._presets:
+                raise SpeakerError(f"speaker id {profile.id!r} is a preset speaker of the model "
+                                   "directory; choose another id")
+            if profile.id in self._registered and not replace:
+                raise SpeakerError(f"speaker {profile.id!r} is already registered; delete it "
+                                   "first or register under another id")
+            if self.directory is not None:
+                self._save(profile)
+            self._registered[profile.id] = profile
+        return profile
+
+    def delete(self, speaker_id: str) -> None:
+        with self._lock:
+            if speaker_id in self._presets:
+                raise SpeakerError(f"speaker {speaker_id!r} is a preset of the model directory "
+                                   "and cannot be deleted")
+            if speaker_id not in self._registered:
+                raise KeyError(speaker_id)
+            if self.directory is not None:
+                # JSON first: without it the speaker no longer exists, even if the rest stays.
+                for suffix in (".json", ".safetensors"):
+                    (self.directory / f"{speaker_id}{suffix}").unlink(missing_ok=True)
+            del self._registered[speaker_id]
+
+    # -- storage
+
+    def _save(self, profile: SpeakerProfile) -> None:
+        assert self.directory is not None
+        tensors = {"embedding": profile.embedding.float().contiguous(),
+                   "speech_tokens": profile.speech_tokens.to(torch.int32).contiguous(),
+                   "speech_feat": profile.speech_feat.float().contiguous()}
+        meta = {"format": FORMAT_VERSION, "id": profile.id, "language": profile.language,
+                "description": profile.description, "prompt_text": profile.prompt_text,
+                "created": profile.created or time.time()}
+        _atomic_write(self.directory / f"{profile.id}.safetensors",
+                      lambda tmp: save_file(tensors, str(tmp)))
+        _atomic_write(self.directory / f"{profile.id}.json",
+                      lambda tmp: tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=1),
+                                                 encoding="utf-8"))
+
+    def _load_all(self) -> None:
+        assert self.directory is not None
+        for meta_path in sorted(self.directory.glob("*.json")):
+            try:
+                profile = self._load(meta_path)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("skipping speaker file %s: %s", meta_path.name, error)
+                continue
+            if profile.id in self._presets:
+                log.warning("skipping registered speaker %r: a preset has the same id",
+                            profile.id)
+                continue
+            self._registered[profile.id] = profile
+
+    def _load(self, meta_path: Path) -> SpeakerProfile:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        speaker_id = validate_speaker_id(str(meta["id"]))
+        if meta_path.stem != speaker_id:
+            raise SpeakerError(f"file name does not match the id {speaker_id!r}")
+        if int(meta.get("format", 0)) != FORMAT_VERSION:
+            raise SpeakerError(f"unknown format {meta.get('format')!r}")
+        tensors = load_file(str(meta_path.with_suffix(".safetensors")))
+        embedding, tokens, feat = (tensors["embedding"], tensors["speech_tokens"],
+                                   tensors["speech_feat"])
+        if embedding.dim() != 2 or tokens.dim() != 2 or feat.dim() != 3:
+            raise SpeakerError("tensor shapes are not [1, 192] / [1, T] / [1, F, mels]")
+        return SpeakerProfile(id=speaker_id, embedding=embedding, speech_tokens=tokens,
+                              speech_feat=feat, prompt_text=str(meta.get("prompt_text", "")),
+                              language=str(meta.get("language", "und")),
+                              description=str(meta.get("description", "")), registered=True,
+                              created=float(meta.get("created", 0.0)))
