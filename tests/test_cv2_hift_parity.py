@@ -1,19 +1,20 @@
-"""HiFT vocoder against the reference vectors (vectors/hift.safetensors) and hift.pt's layout."""
+"""HiFT vocoder against the reference vectors (vectors/hift.safetensors) and hift.pt's layout.
+
+The numbers are checked on the vocoder the model-directory loader builds for the engine (weight
+norm folded); the layout tests use the loader's unfolded one (the checkpoint's parametrisation)
+or build the module themselves (both weight-norm spellings, damaged checkpoints).
+"""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.cv2_parity import metadata, parity_dir, parity_models, vectors
 from tts_core.cosyvoice2 import hyperyaml
 from tts_core.cosyvoice2.hift import HiFTConfig, HiFTGenerator, build_hift, normalize_state_dict
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY_DIR = Path(os.environ.get("COSYVOICE2_PARITY_DIR", SHARED / "parity" / "cosyvoice2"))
 
 # README "Reproduction tolerance": stage by stage fed the recorded tensors, and end to end.
 F0_RTOL = 1e-5
@@ -34,33 +35,33 @@ def _threads() -> None:
 
 @pytest.fixture(scope="module")
 def yaml_hift():
-    if not (PARITY_DIR / "cosyvoice2.yaml").is_file():
-        pytest.skip(f"parity directory not found at {PARITY_DIR}")
-    return hyperyaml.load(PARITY_DIR / "cosyvoice2.yaml")["hift"]
+    return hyperyaml.load(parity_dir() / "cosyvoice2.yaml")["hift"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint() -> dict[str, torch.Tensor]:
-    return torch.load(PARITY_DIR / "hift.pt", weights_only=True, map_location="cpu")
+    return torch.load(parity_dir() / "hift.pt", weights_only=True, map_location="cpu")
 
 
 @pytest.fixture(scope="module")
-def hift(yaml_hift, checkpoint) -> HiFTGenerator:
-    return build_hift(yaml_hift, checkpoint)
+def hift() -> HiFTGenerator:
+    """The engine's vocoder: loaded by the model-directory loader, weight norm folded (shared)."""
+    return parity_models().hift
+
+
+@pytest.fixture(scope="module")
+def unfolded() -> HiFTGenerator:
+    """The loader's vocoder with the checkpoint's weight-norm parametrisation kept (shared)."""
+    return parity_models(fold_hift=False).hift
 
 
 @pytest.fixture(scope="module")
 def vec() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(PARITY_DIR / "vectors" / "hift.safetensors")
+    return vectors("hift")
 
 
 def test_config_is_read_from_the_yaml(yaml_hift, checkpoint) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(PARITY_DIR / "vectors" / "hift.safetensors"), "pt") as handle:
-        meta = handle.metadata()
+    meta = metadata("hift")
     config = HiFTConfig.from_yaml(yaml_hift)
     assert config.base_channels == checkpoint["conv_pre.bias"].shape[0]
     assert config.f0_cond_channels == checkpoint["f0_predictor.condnet.0.bias"].shape[0]
@@ -71,13 +72,14 @@ def test_config_is_read_from_the_yaml(yaml_hift, checkpoint) -> None:
     assert config.audio_limit == float(meta["audio_limit"])
 
 
-def test_state_dict_layout_equals_checkpoint(hift, checkpoint) -> None:
-    own = {k: tuple(v.shape) for k, v in hift.state_dict().items()}
+def test_state_dict_layout_equals_checkpoint(unfolded, checkpoint) -> None:
+    own = {k: tuple(v.shape) for k, v in unfolded.state_dict().items()}
     assert own == {k: tuple(v.shape) for k, v in checkpoint.items()}
+    assert all(torch.equal(unfolded.state_dict()[k], v) for k, v in checkpoint.items())
 
 
 def test_default_config_has_the_official_full_size_layout() -> None:
-    full = json.loads((PARITY_DIR / "full_size_state_dict_keys.json").read_text())["hift"]
+    full = json.loads((parity_dir() / "full_size_state_dict_keys.json").read_text())["hift"]
     with torch.device("meta"):
         model = HiFTGenerator(HiFTConfig())
     own = {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -130,7 +132,7 @@ def _old_spelling(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_old_weight_norm_spelling_loads_to_the_same_model(yaml_hift, checkpoint, hift,
+def test_old_weight_norm_spelling_loads_to_the_same_model(yaml_hift, checkpoint, unfolded,
                                                           vec) -> None:
     old = _old_spelling(checkpoint)
     assert any(k.endswith(".weight_g") for k in old) and not any("parametrizations" in k
@@ -139,7 +141,7 @@ def test_old_weight_norm_spelling_loads_to_the_same_model(yaml_hift, checkpoint,
     via_ours = build_hift(yaml_hift, old)
     via_torch = HiFTGenerator(HiFTConfig.from_yaml(yaml_hift)).eval()
     via_torch.load_state_dict(old, strict=True)  # torch maps weight_g/_v itself as well
-    expected, _ = hift.inference(vec["mel"], deterministic=True)
+    expected, _ = unfolded.inference(vec["mel"], deterministic=True)
     for model in (via_ours, via_torch):
         for key, value in model.state_dict().items():
             assert torch.equal(value, checkpoint[key]), key
@@ -152,11 +154,13 @@ def test_checkpoint_with_generator_prefix_loads(yaml_hift, checkpoint) -> None:
     assert torch.equal(model.conv_pre.bias, checkpoint["conv_pre.bias"])
 
 
-def test_folded_weight_norm_gives_the_same_output(yaml_hift, checkpoint, hift, vec) -> None:
-    folded = build_hift(yaml_hift, checkpoint, fold=True)
+@pytest.mark.parametrize("route", ["loader", "build_hift"])
+def test_folded_weight_norm_gives_the_same_output(yaml_hift, checkpoint, hift, unfolded, vec,
+                                                  route) -> None:
+    folded = hift if route == "loader" else build_hift(yaml_hift, checkpoint, fold=True)
     keys = folded.state_dict().keys()
     assert not any("parametrizations" in k for k in keys) and "conv_pre.weight" in keys
-    expected_wav, expected_source = hift.inference(vec["mel"], deterministic=True)
+    expected_wav, expected_source = unfolded.inference(vec["mel"], deterministic=True)
     wav, source = folded.inference(vec["mel"], deterministic=True)
     assert torch.equal(source, expected_source)
     assert max_abs(wav, expected_wav) <= 1e-6
@@ -173,8 +177,8 @@ def test_bad_checkpoint_is_refused_naming_the_key(yaml_hift, checkpoint, change)
         state["conv_extra.weight"] = torch.zeros(1)
         name = "conv_extra.weight"
     else:
-        state["ups.1.bias"] = torch.zeros(3)
-        name = "ups.1.bias"
+        name = "ups.0.bias"
+        state[name] = torch.zeros(state[name].shape[0] + 1)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         build_hift(yaml_hift, state)
 
@@ -211,7 +215,7 @@ def test_random_excitation_follows_the_generator(hift, vec) -> None:
 
 def test_wrong_mel_shape_is_refused(hift) -> None:
     with pytest.raises(ValueError, match="mel must be"):
-        hift.inference(torch.zeros(1, 81, 10))
+        hift.inference(torch.zeros(1, hift.config.in_channels + 1, 10))
     with pytest.raises(ValueError, match="mel must be"):
         hift.inference(torch.zeros(80, 10))
 

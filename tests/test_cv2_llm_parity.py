@@ -1,40 +1,30 @@
 """CosyVoice 2 LM: our Qwen2 + speech-token LM against the reference's teacher-forced vectors.
 
-The model is built from the parity directory's ``cosyvoice2.yaml`` and
-``CosyVoice-BlankEN/config.json`` and loads ``llm.pt`` strictly; the vectors record every step of
-the reference generators (inputs, cache lengths, log-probs, tokens), see the README there.
+The model comes from the parity directory through the model-directory loader (sizes from its
+``cosyvoice2.yaml`` and ``CosyVoice-BlankEN/config.json``, ``llm.pt`` loaded strictly); the
+vectors record every step of the reference generators (inputs, cache lengths, log-probs, tokens),
+see the README there. Tests of the config parsing and of the key layout build the module
+themselves, since that is what they check.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.cv2_parity import metadata, parity_dir, parity_models, vectors
 from tts_core.cosyvoice2 import hyperyaml
 from tts_core.cosyvoice2.llm import CosyVoice2LM, DecodeStep, LMConfig
 from tts_core.cosyvoice2.qwen2 import Qwen2Config, Qwen2Model
 from tts_core.cosyvoice2.sampling import RasSampler
 
-DEFAULT_PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "cosyvoice2"
 LOGP_ATOL = 1e-4  # README: suggested tolerance for an independent implementation
 HIDDEN_ATOL = 1e-4
-
-
-def parity_dir() -> Path:
-    env = os.environ.get("COSYVOICE2_PARITY_DIR")
-    path = Path(env) if env else DEFAULT_PARITY
-    if not (path / "llm.pt").is_file():
-        if env:
-            pytest.fail(f"COSYVOICE2_PARITY_DIR={env} has no llm.pt")
-        pytest.skip(f"parity data not found at {path}")
-    return path
 
 
 class ForcedSampler:
@@ -70,14 +60,9 @@ def state_dict(paths: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def lm(paths: Path, state_dict: dict[str, torch.Tensor]) -> CosyVoice2LM:
-    model = CosyVoice2LM(build_config(paths)).eval()
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
-def vectors(paths: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(str(paths / "vectors" / f"{name}.safetensors"))
+def lm(paths: Path) -> CosyVoice2LM:
+    """The LM as the model-directory loader builds it (shared: do not modify)."""
+    return parity_models().lm
 
 
 def ids(t: torch.Tensor) -> list[int]:
@@ -129,7 +114,7 @@ def test_strict_loading_names_the_bad_key(paths: Path, state_dict, damage: str) 
     model = CosyVoice2LM(build_config(paths))
     broken = dict(state_dict)
     if damage == "missing":
-        key = "llm.model.model.layers.1.mlp.up_proj.weight"
+        key = "llm.model.model.layers.0.mlp.up_proj.weight"  # a set may have a single layer
         del broken[key]
     elif damage == "unexpected":
         key = "llm.model.model.layers.0.self_attn.o_proj.bias"
@@ -174,9 +159,9 @@ def test_config_from_yaml_reads_sizes_and_rejects_other_models(paths: Path) -> N
 # --- the recorded reference runs ----------------------------------------------------------------
 
 
-def test_teacher_forced_matches_reference(lm: CosyVoice2LM, paths: Path) -> None:
-    v = vectors(paths, "llm_teacher_forced")
-    meta = load_meta(paths, "llm_teacher_forced")
+def test_teacher_forced_matches_reference(lm: CosyVoice2LM) -> None:
+    v = vectors("llm_teacher_forced")
+    meta = metadata("llm_teacher_forced")
     sampler = ForcedSampler(ids(v["forced_speech_token"]), lm.config.eos_token)
     steps: list[DecodeStep] = []
     out = list(lm.inference(ids(v["text"]), ids(v["prompt_text"]),
@@ -188,8 +173,8 @@ def test_teacher_forced_matches_reference(lm: CosyVoice2LM, paths: Path) -> None
     assert all(s.from_sampler for s in steps)
 
 
-def test_bistream_teacher_forced_matches_reference(lm: CosyVoice2LM, paths: Path) -> None:
-    v = vectors(paths, "llm_bistream_teacher_forced")
+def test_bistream_teacher_forced_matches_reference(lm: CosyVoice2LM) -> None:
+    v = vectors("llm_bistream_teacher_forced")
     sampler = ForcedSampler(ids(v["forced_speech_token"]), lm.config.eos_token)
     steps: list[DecodeStep] = []
     chunks = ([t] for t in ids(v["text"]))  # one text id per yield, as recorded
@@ -206,17 +191,10 @@ def test_bistream_teacher_forced_matches_reference(lm: CosyVoice2LM, paths: Path
     assert sampler.calls == sum(v["step_from_sampler"].tolist())
 
 
-def load_meta(paths: Path, name: str) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(paths / "vectors" / f"{name}.safetensors"), "pt") as f:
-        return f.metadata()
-
-
-def test_bistream_chunked_text_matches_one_id_per_chunk(lm: CosyVoice2LM, paths: Path) -> None:
+def test_bistream_chunked_text_matches_one_id_per_chunk(lm: CosyVoice2LM) -> None:
     """Text arriving two ids at a time still follows the fill schedule: fills are inserted
     (not sampled) at the first free slot of the prompt's segment and every 16 tokens after."""
-    v = vectors(paths, "llm_bistream_teacher_forced")
+    v = vectors("llm_bistream_teacher_forced")
     text = ids(v["text"])
     sampler = ForcedSampler(ids(v["forced_speech_token"]), lm.config.eos_token)
     steps: list[DecodeStep] = []
@@ -265,8 +243,8 @@ def test_cache_grows_past_initial_capacity(lm: CosyVoice2LM) -> None:
     torch.testing.assert_close(torch.cat(rows, dim=1), whole, atol=1e-5, rtol=0)
 
 
-def test_cancel_stops_generation(lm: CosyVoice2LM, paths: Path) -> None:
-    v = vectors(paths, "llm_teacher_forced")
+def test_cancel_stops_generation(lm: CosyVoice2LM) -> None:
+    v = vectors("llm_teacher_forced")
     cancel = threading.Event()
     sampler = ForcedSampler(ids(v["forced_speech_token"]), lm.config.eos_token)
     got = []
@@ -279,26 +257,34 @@ def test_cancel_stops_generation(lm: CosyVoice2LM, paths: Path) -> None:
     assert sampler.calls == 3  # no step ran after the cancel
 
 
-def test_max_len_and_min_len(lm: CosyVoice2LM, paths: Path) -> None:
-    v = vectors(paths, "llm_teacher_forced")
+def test_max_len_and_min_len(lm: CosyVoice2LM) -> None:
+    v = vectors("llm_teacher_forced")
+    meta = metadata("llm_teacher_forced")
     text = ids(v["text"])
+    min_len, max_len = int(meta["min_len"]), int(meta["max_len"])  # the reference's, for `text`
     never_stops = ForcedSampler([7] * 10_000, lm.config.eos_token)
-    out = list(lm.inference(text, [], [], never_stops, max_token_text_ratio=3))
-    assert len(out) == 3 * len(text)
+    out = list(lm.inference(text, [], [], never_stops))
+    assert len(out) == max_len
+    assert never_stops.ignore_eos_flags == [i < min_len for i in range(max_len)]
+    # an explicit ratio overrides the configured one
+    ratio = max(1, min_len // len(text) + 1)
+    never_stops = ForcedSampler([7] * 10_000, lm.config.eos_token)
+    out = list(lm.inference(text, [], [], never_stops, max_token_text_ratio=ratio))
+    assert len(out) == ratio * len(text)
     flags = never_stops.ignore_eos_flags
-    assert flags == [i < 2 * len(text) for i in range(3 * len(text))]
+    assert flags == [i < min_len for i in range(ratio * len(text))]
 
 
-def test_any_stop_id_ends_inference(lm: CosyVoice2LM, paths: Path) -> None:
-    v = vectors(paths, "llm_teacher_forced")
+def test_any_stop_id_ends_inference(lm: CosyVoice2LM) -> None:
+    v = vectors("llm_teacher_forced")
     for stop in (lm.config.speech_token_size, lm.config.speech_token_size + 1,
                  lm.config.fill_token):
         out = list(lm.inference(ids(v["text"]), [], [], ForcedSampler([5, 6, stop, 8], 0)))
         assert out == [5, 6]
 
 
-def test_bistream_final_phase_is_bounded(lm: CosyVoice2LM, paths: Path) -> None:
-    v = vectors(paths, "llm_bistream_teacher_forced")
+def test_bistream_final_phase_is_bounded(lm: CosyVoice2LM) -> None:
+    v = vectors("llm_bistream_teacher_forced")
     text = ids(v["text"])
     never_stops = ForcedSampler([11] * 10_000, lm.config.eos_token)
     out = list(lm.inference_bistream(([t] for t in text), ids(v["prompt_text"]),
@@ -320,8 +306,8 @@ def test_bad_inputs_are_rejected(lm: CosyVoice2LM) -> None:
         list(lm.inference([1, 2], [], [], ForcedSampler([lm.config.num_speech_rows], 0)))
 
 
-def test_ras_sampling_is_reproducible(lm: CosyVoice2LM, paths: Path) -> None:
-    v = vectors(paths, "llm_teacher_forced")
+def test_ras_sampling_is_reproducible(lm: CosyVoice2LM) -> None:
+    v = vectors("llm_teacher_forced")
     text, prompt_text, prompt = ids(v["text"]), ids(v["prompt_text"]), ids(v["prompt_speech_token"])
 
     def run(seed: int) -> list[int]:
@@ -329,20 +315,20 @@ def test_ras_sampling_is_reproducible(lm: CosyVoice2LM, paths: Path) -> None:
         return list(lm.inference(text, prompt_text, prompt, sampler, max_token_text_ratio=4))
 
     first = run(1234)
-    assert len(first) >= 2 * len(text)  # eos refused before min_len
+    assert len(first) >= int(metadata("llm_teacher_forced")["min_len"])  # eos refused before
     assert all(0 <= t < lm.config.speech_token_size for t in first)
     assert run(1234) == first
     assert run(4321) != first
 
 
-def test_bfloat16_backbone_follows_float32(paths: Path, state_dict) -> None:
+def test_bfloat16_backbone_follows_float32(lm: CosyVoice2LM) -> None:
     """Reduced-precision path: stack in bfloat16, speech head in float32 (same code as CUDA)."""
-    model = CosyVoice2LM(build_config(paths)).eval()
-    model.load_state_dict(state_dict, strict=True)
+    model = copy.deepcopy(lm)  # the loaded LM is shared with the other tests
     model.set_backbone_dtype(torch.bfloat16)
+    assert lm.llm.model.model.embed_tokens.weight.dtype == torch.float32
     assert model.llm.model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.llm_decoder.weight.dtype == torch.float32
-    v = vectors(paths, "llm_teacher_forced")
+    v = vectors("llm_teacher_forced")
     steps: list[DecodeStep] = []
     sampler = ForcedSampler(ids(v["forced_speech_token"]), model.config.eos_token)
     list(model.inference(ids(v["text"]), ids(v["prompt_text"]), ids(v["prompt_speech_token"]),
@@ -362,7 +348,10 @@ def test_bistream_without_prompt(lm: CosyVoice2LM) -> None:
     cfg = lm.config
     sampler = RasSampler.seeded(cfg.sampling, cfg.speech_token_size, 99)
     steps: list[DecodeStep] = []
-    text = [17, 230, 41, 999, 5, 64, 3]
+    # more than one text segment, fewer than two; ids valid in any set's vocabulary
+    generator = torch.Generator().manual_seed(5)
+    text = torch.randint(0, cfg.qwen.vocab_size, (cfg.mix_ratio[0] + 2,),
+                         generator=generator).tolist()
     out = list(lm.inference_bistream(([t] for t in text), [], [], sampler, on_step=steps.append))
     assert steps[0].inputs.shape[1] == 1 + cfg.mix_ratio[0]  # sos + the first 5 text rows
     assert steps[0].cache_len == 0

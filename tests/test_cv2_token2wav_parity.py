@@ -5,23 +5,23 @@ Two kinds of check:
   asserts that the driver makes exactly the reference's flow calls), so the driver's caches,
   cross-fade and vocoder are held to the tight stage tolerance;
 * end to end: the real flow model (tts_core.cosyvoice2.flow) from the recorded tokens.
+
+Flow and vocoder are the ones the model-directory loader builds for the engine. The streaming
+schedule and the cache sizes come from the vectors' metadata, the ratios from the flow's config.
 """
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 import torch
 
-from tts_core.cosyvoice2 import hyperyaml
-from tts_core.cosyvoice2.hift import HiFTGenerator, build_hift
+from tests.cv2_parity import metadata, parity_models, reference_stream_schedule, vectors
+from tts_core.cosyvoice2.flow import CausalFlow
+from tts_core.cosyvoice2.hift import HiFTGenerator
 from tts_core.cosyvoice2.token2wav import ChunkTrace, StreamSchedule, Token2Wav
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY_DIR = Path(os.environ.get("COSYVOICE2_PARITY_DIR", SHARED / "parity" / "cosyvoice2"))
 
 STAGE_ATOL = 1e-4  # README: flow mel and vocoder stages fed recorded tensors
 F0_RTOL = 1e-5
@@ -46,10 +46,7 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).pow(2).mean().sqrt().item()
 
 
-def load(name: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(PARITY_DIR / "vectors" / f"{name}.safetensors")
+load = vectors
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,31 +55,32 @@ def _threads() -> None:
 
 
 @pytest.fixture(scope="module")
-def config() -> dict:
-    if not (PARITY_DIR / "cosyvoice2.yaml").is_file():
-        pytest.skip(f"parity directory not found at {PARITY_DIR}")
-    return hyperyaml.load(PARITY_DIR / "cosyvoice2.yaml")
+def hift() -> HiFTGenerator:
+    return parity_models().hift
 
 
 @pytest.fixture(scope="module")
-def hift(config) -> HiFTGenerator:
-    state = torch.load(PARITY_DIR / "hift.pt", weights_only=True, map_location="cpu")
-    return build_hift(config["hift"], state)
+def flow() -> CausalFlow:
+    return parity_models().flow
 
 
 @pytest.fixture(scope="module")
-def flow(config):
-    from tts_core.cosyvoice2.flow import CausalFlow, FlowConfig
-
-    model = CausalFlow(FlowConfig.from_yaml(config["flow"]))
-    model.load_state_dict(torch.load(PARITY_DIR / "flow.pt", weights_only=True,
-                                     map_location="cpu"), strict=True)
-    return model.eval()
+def schedule() -> StreamSchedule:
+    """The reference driver's schedule, as recorded with the streaming flow calls."""
+    meta = metadata("flow_stream")
+    return StreamSchedule(first_hop=int(meta["token_hop_len"]),
+                          growth=float(meta["stream_scale_factor"]),
+                          max_hop=int(meta["token_max_hop_len"]))
 
 
 @pytest.fixture(scope="module")
-def t2w(flow, hift) -> Token2Wav:
-    return Token2Wav(flow, hift, deterministic=True)
+def driver_options(schedule) -> dict:
+    return {"schedule": schedule, "mel_cache_len": int(metadata("token2wav_stream")["mel_cache_len"])}
+
+
+@pytest.fixture(scope="module")
+def t2w(flow, hift, driver_options) -> Token2Wav:
+    return Token2Wav(flow, hift, deterministic=True, **driver_options)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +92,7 @@ class ReplayFlow:
     """Returns the recorded flow outputs in order, checking each call against the record."""
 
     def __init__(self, calls: list[tuple[int, bool, bool, torch.Tensor]], token: torch.Tensor,
-                 ratio: int = 2, lookahead: int = 3):
+                 ratio: int, lookahead: int):
         self.calls = calls
         self.token = token
         self.token_mel_ratio = ratio
@@ -159,13 +157,18 @@ def check_stream_against_record(chunks, traces, vec, hift, tolerance: float, lab
 # --- stage-isolated (recorded flow outputs) ------------------------------------------------
 
 
-def test_stream_driver_with_recorded_flow_outputs(hift, stream_vec) -> None:
+def replay_of(flow: CausalFlow, calls, token: torch.Tensor) -> ReplayFlow:
+    return ReplayFlow(calls, token, flow.config.token_mel_ratio, flow.config.pre_lookahead_len)
+
+
+def test_stream_driver_with_recorded_flow_outputs(flow, hift, driver_options, stream_vec) -> None:
     flow_vec = load("flow_stream")
     calls = [(int(flow_vec["chunk_token_len"][i]), bool(flow_vec["chunk_stream_flag"][i]),
               bool(flow_vec["chunk_finalize"][i]), flow_vec[f"chunk{i}_mel"])
              for i in range(flow_vec["chunk_token_len"].numel())]
-    replay = ReplayFlow(calls, stream_vec["token"])
-    driver = Token2Wav(replay, hift, deterministic=True)
+    replay = replay_of(flow, calls, stream_vec["token"])
+    driver = Token2Wav(replay, hift, deterministic=True, **driver_options)
+    assert driver.source_cache_len == int(metadata("token2wav_stream")["source_cache_len"])
     chunks, traces = run_stream(driver, stream_vec)
     assert replay.made == len(calls)
     assert driver.speech_window.dtype == torch.float64
@@ -173,13 +176,15 @@ def test_stream_driver_with_recorded_flow_outputs(hift, stream_vec) -> None:
     check_stream_against_record(chunks, traces, stream_vec, hift, STAGE_ATOL, "replayed flow")
 
 
-def test_nonstream_driver_with_recorded_flow_output(hift) -> None:
+def test_nonstream_driver_with_recorded_flow_output(flow, hift) -> None:
     vec = load("token2wav_nonstream")
     n = vec["token"].shape[1]
-    replay = ReplayFlow([(n, False, True, vec["mel"])], vec["token"])
-    wav = Token2Wav(replay, hift, deterministic=True).synthesize(
-        vec["token"], vec["prompt_token"], vec["prompt_feat"], vec["embedding"])
-    assert wav.shape == (1, 2 * n * 480)
+    replay = replay_of(flow, [(n, False, True, vec["mel"])], vec["token"])
+    driver = Token2Wav(replay, hift, deterministic=True)
+    wav = driver.synthesize(vec["token"], vec["prompt_token"], vec["prompt_feat"],
+                            vec["embedding"])
+    assert wav.shape == (1, n * driver.samples_per_token)
+    assert int(metadata("token2wav_nonstream")["sample_rate"]) == driver.sample_rate
     assert max_abs(wav, vec["wav"]) <= STAGE_ATOL
     with torch.inference_mode():
         f0 = hift.predict_f0(vec["mel"])
@@ -216,6 +221,18 @@ def test_stream_end_to_end(t2w, hift, stream_vec) -> None:
     check_stream_against_record(chunks, traces, stream_vec, hift, E2E_ATOL, "e2e")
 
 
+def traced_schedule(traces: list[ChunkTrace]) -> list[tuple[int, int, bool, bool]]:
+    return [(t.token_len, t.token_offset, t.streaming, t.finalize) for t in traces]
+
+
+def readme_schedule(t2w: Token2Wav, request: dict[str, torch.Tensor],
+                    schedule: StreamSchedule) -> list[tuple[int, int, bool, bool]]:
+    """The reference driver's calls for this request (README rule, independent of our driver)."""
+    return reference_stream_schedule(
+        request["prompt_token"].shape[1], request["token"].shape[1], schedule.first_hop,
+        schedule.max_hop, int(schedule.growth), t2w.pre_lookahead_len)
+
+
 def _second_request(vec: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Another request: a shorter prompt and the tokens in another order."""
     prompt = max(1, vec["prompt_token"].shape[1] * 2 // 3)
@@ -233,9 +250,12 @@ def _long_request(vec: dict[str, torch.Tensor], at_least: int) -> dict[str, torc
     return {**vec, "token": token.repeat(1, repeats)}
 
 
-def test_interleaved_streams_equal_each_alone(t2w, stream_vec) -> None:
+def test_interleaved_streams_equal_each_alone(t2w, schedule, stream_vec) -> None:
     requests = [stream_vec, _second_request(stream_vec)]
-    alone = [run_stream(t2w, r)[0] for r in requests]
+    runs = [run_stream(t2w, r) for r in requests]
+    alone = [chunks for chunks, _ in runs]
+    for request, (_, traces) in zip(requests, runs, strict=True):  # other P and N than recorded
+        assert traced_schedule(traces) == readme_schedule(t2w, request, schedule)
     again = [run_stream(t2w, r)[0] for r in requests]  # a request after others: same chunks
     for first, second in zip(alone, again, strict=True):
         assert [c.shape[1] for c in first] == [c.shape[1] for c in second]
@@ -266,8 +286,8 @@ def test_interleaved_streams_equal_each_alone(t2w, stream_vec) -> None:
         assert all(torch.equal(a, b) for a, b in zip(results[k], alone[k], strict=True))
 
 
-def test_smaller_first_chunk_is_shorter_and_keeps_the_total(t2w, stream_vec) -> None:
-    reference_schedule, small_schedule = StreamSchedule(), StreamSchedule(first_hop=10)
+def test_smaller_first_chunk_is_shorter_and_keeps_the_total(t2w, schedule, stream_vec) -> None:
+    reference_schedule, small_schedule = schedule, replace(schedule, first_hop=10)
     prompt = stream_vec["prompt_token"].shape[1]
     ref_first = reference_schedule.first_hop + reference_schedule.prompt_pad(prompt)
     small_first = small_schedule.first_hop + small_schedule.prompt_pad(prompt)
@@ -275,6 +295,7 @@ def test_smaller_first_chunk_is_shorter_and_keeps_the_total(t2w, stream_vec) -> 
     request = _long_request(stream_vec, 3 * (ref_first + t2w.pre_lookahead_len))
     reference, ref_traces = run_stream(t2w, request, schedule=reference_schedule)
     small, small_traces = run_stream(t2w, request, schedule=small_schedule)
+    assert traced_schedule(ref_traces) == readme_schedule(t2w, request, reference_schedule)
     assert ref_traces[0].token_len == ref_first + t2w.pre_lookahead_len
     assert small_traces[0].token_len == small_first + t2w.pre_lookahead_len
     assert small_first < ref_first
@@ -297,19 +318,21 @@ def test_stream_helper_equals_push_and_finish(t2w, stream_vec) -> None:
     assert all(torch.equal(a, b) for a, b in zip(helper, chunks, strict=True))
 
 
-def test_cancel_stops_between_chunks(t2w, stream_vec) -> None:
+def test_cancel_stops_between_chunks(t2w, schedule, stream_vec) -> None:
     cancel = threading.Event()
     stream = t2w.start_stream(stream_vec["prompt_token"], stream_vec["prompt_feat"],
                               stream_vec["embedding"], cancel=cancel,
                               on_chunk=lambda trace: cancel.set())
-    request = _long_request(stream_vec, 200)  # enough tokens for two chunks
+    two_chunks = (schedule.first_hop + schedule.prompt_pad(stream_vec["prompt_token"].shape[1])
+                  + schedule.next_hop(schedule.first_hop) + t2w.pre_lookahead_len)
+    request = _long_request(stream_vec, two_chunks)  # enough tokens for two chunks
     ready = stream.push(request["token"][0])
     assert len(ready) == 1 and stream.cancelled and stream.chunks == 1
     assert stream.finish().shape == (1, 0)
 
 
-def test_random_excitation_per_stream_generator(flow, hift, stream_vec) -> None:
-    driver = Token2Wav(flow, hift)  # random excitation, as in real synthesis
+def test_random_excitation_per_stream_generator(flow, hift, driver_options, stream_vec) -> None:
+    driver = Token2Wav(flow, hift, **driver_options)  # random excitation, as in real synthesis
     runs = [torch.cat(run_stream(driver, stream_vec,
                                  generator=torch.Generator().manual_seed(seed))[0], 1)
             for seed in (1, 1, 2)]
@@ -319,7 +342,8 @@ def test_random_excitation_per_stream_generator(flow, hift, stream_vec) -> None:
 def test_misuse_is_refused(t2w, stream_vec) -> None:
     with pytest.raises(ValueError, match="first_hop"):
         t2w.start_stream(stream_vec["prompt_token"], stream_vec["prompt_feat"],
-                         stream_vec["embedding"], schedule=StreamSchedule(first_hop=4))
+                         stream_vec["embedding"],
+                         schedule=StreamSchedule(first_hop=t2w.mel_cache_len // t2w.token_mel_ratio))
     with pytest.raises(ValueError, match="growth"):
         StreamSchedule(growth=0.5)
     stream = t2w.start_stream(stream_vec["prompt_token"], stream_vec["prompt_feat"],

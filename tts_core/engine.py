@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -58,7 +58,8 @@ class Capabilities:
     modes: frozenset[Mode]
     # For each mode the engine cannot serve: a sentence a person can act on.
     unsupported_reasons: dict[Mode, str] = field(default_factory=dict)
-    supports_speaker_registration: bool = False
+    supports_speaker_registration: bool = False  # the engine implements SpeakerRegistration
+    supports_text_streaming: bool = False  # the engine implements TextStreamSynthesis
 
 
 @dataclass(frozen=True)
@@ -113,4 +114,27 @@ class Engine(Protocol):
         self, request: SynthesisRequest, cancel: threading.Event
     ) -> Iterator[np.ndarray]:
         """Yield float32 mono chunks at ``capabilities().sample_rate``."""
+        ...
+
+
+class SpeakerRegistration(Protocol):
+    """Optional: engines that can store a prompt's voice under an id (capability flag above)."""
+
+    def register_speaker(self, speaker_id: str, prompt: Audio, prompt_text: str = "",
+                         language: str | None = None, description: str = "",
+                         replace: bool = False) -> Speaker:
+        """Compute the prompt's features once and keep them (persisted) under ``speaker_id``."""
+        ...
+
+    def delete_speaker(self, speaker_id: str) -> None:
+        """Forget a registered speaker; UnknownSpeaker if there is none of that id."""
+        ...
+
+
+class TextStreamSynthesis(Protocol):
+    """Optional: engines that start speaking while the text is still arriving."""
+
+    def synthesize_text_stream(self, request: SynthesisRequest, text_pieces: Iterable[str],
+                               cancel: threading.Event) -> Iterator[np.ndarray]:
+        """Like ``synthesize``, the text coming from ``text_pieces`` (``request.text`` unused)."""
         ...

@@ -14,16 +14,23 @@ ENGINE_NAMES = ("embedded", "cosyvoice2")
 
 
 def create_engine(name: str, *, model_dir: Path | None = None, threads: int | None = None,
-                  device: str = "auto") -> Engine:
-    """Return a ready engine. ``threads`` bounds the engine's compute threads (None: its default)."""
+                  device: str = "auto", state_dir: Path | None = None) -> Engine:
+    """Return a ready engine.
+
+    ``threads`` bounds the engine's compute threads (None: its default); ``state_dir`` is where an
+    engine keeps what must survive a restart (registered speakers).
+    """
     if name == "embedded":
         from tts_core.embedded.engine import EmbeddedEngine
 
         return EmbeddedEngine(threads=threads)
     if name == "cosyvoice2":
         if model_dir is None:
-            raise ValueError("the cosyvoice2 engine needs --model-dir pointing at a CosyVoice2 model directory")
+            raise ValueError("the cosyvoice2 engine needs --model-dir pointing at a CosyVoice2 "
+                             "model directory (ModelScope iic/CosyVoice2-0.5B)")
         from tts_core.cosyvoice2.engine import CosyVoice2Engine
 
-        return CosyVoice2Engine.from_model_dir(Path(model_dir), threads=threads, device=device)
+        speaker_dir = Path(state_dir) / "speakers" if state_dir is not None else None
+        return CosyVoice2Engine.from_model_dir(Path(model_dir), threads=threads, device=device,
+                                               state_dir=speaker_dir)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -184,7 +184,8 @@ class CosyVoice2Engine:
             reasons[Mode.SFT] = NO_PRESETS
         return Capabilities(engine=self.name, sample_rate=self.sample_rate,
                             modes=frozenset(modes), unsupported_reasons=reasons,
-                            supports_speaker_registration=True)
+                            supports_speaker_registration=True,
+                            supports_text_streaming=True)
 
     def speakers(self) -> list[Speaker]:
         return [profile.to_speaker() for profile in self.registry.all()]

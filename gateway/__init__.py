@@ -1,0 +1,1 @@
+"""The Envoy REST gateway in front of the gRPC server, and the launcher that runs both."""

@@ -1,0 +1,248 @@
+"""Builds the Envoy configuration of the REST gateway (nothing is hand-edited per machine).
+
+One HTTP listener serves:
+  * the web page: every file under web/ as a direct response (no key needed to load it);
+  * /healthz: 200 while Envoy's active gRPC health check of the server passes, else 503;
+  * the REST API: gRPC-JSON transcoding to the gRPC server (X-API-TOKEN checked here and
+    again by the server), with audio streamed through as it is produced.
+Error bodies are JSON ``{"code": <gRPC code>, "message": "..."}`` everywhere: the transcoder
+writes them for server errors, ``local_reply_config`` for Envoy's own (401, 413, ...).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from dataclasses import dataclass
+from pathlib import Path
+
+from service import limits
+from service.errors import HTTP_STATUS_KEY
+
+GRPC_CLUSTER = "tts_grpc"
+TRANSCODED_SERVICES = ("cosyvoice.v1.TextToSpeechService", "cosyvoice.v1.RestCompatService")
+API_KEY_HEADER = "X-API-TOKEN"
+STREAM_IDLE_TIMEOUT = "300s"  # no byte for this long ends a stream (a queued request waits)
+
+_TYPES = "type.googleapis.com/envoy.extensions"
+_TEXT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript",
+               ".css": "text/css", ".json": "application/json", ".svg": "image/svg+xml",
+               ".txt": "text/plain", ".map": "application/json"}
+
+# The server puts the HTTP status it means in trailing metadata: gRPC has no code for 413, and
+# the transcoder would answer RESOURCE_EXHAUSTED (overload) with 429, where we promise 503.
+# The request hook keeps the client's method for the access log: the transcoder rewrites it.
+_STATUS_LUA = f"""
+function envoy_on_request(handle)
+  local method = handle:headers():get(":method")
+  handle:streamInfo():dynamicMetadata():set("cosyvoice", "method", method)
+end
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = headers:get("{HTTP_STATUS_KEY}")
+  if status ~= nil then
+    if string.match(status, "^[1-5][0-9][0-9]$") then
+      headers:replace(":status", status)
+    end
+    headers:remove("{HTTP_STATUS_KEY}")
+  end
+end
+"""
+
+# (HTTP status of an Envoy-made reply, gRPC code for the JSON body, message or None to keep
+# the filter's own text).
+_LOCAL_REPLIES = (
+    (400, 3, None),
+    (401, 16, f"missing or wrong API key: send a valid key in the {API_KEY_HEADER} header "
+              "(or as 'Authorization: Bearer KEY')"),
+    (403, 7, None),
+    (404, 5, None),
+    (413, 3, f"request body too large: the limit is {limits.MAX_REQUEST_BODY_BYTES} bytes "
+              f"(one audio upload at most {limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB)"),
+    (431, 3, "request headers too large"),
+    (503, 14, "the synthesis server is not reachable right now; retry shortly"),
+    (504, 4, "the synthesis server did not answer in time"),
+)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen_host: str
+    listen_port: int
+    grpc_host: str
+    grpc_port: int
+    admin_port: int
+    descriptor_path: Path
+    api_keys: tuple[str, ...]
+    web_dir: Path | None
+
+
+def web_files(web_dir: Path | None) -> dict[str, Path]:
+    """URL path -> file, for every file under web/ (index.html also at /)."""
+    if web_dir is None or not web_dir.is_dir():
+        return {}
+    files = {}
+    for path in sorted(web_dir.rglob("*")):
+        if path.is_file() and not any(p.startswith(".") for p in path.relative_to(web_dir).parts):
+            files["/" + path.relative_to(web_dir).as_posix()] = path.resolve()
+    if "/index.html" in files:
+        files["/"] = files["/index.html"]
+    return files
+
+
+def content_type(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in _TEXT_TYPES:
+        kind = _TEXT_TYPES[suffix]
+        return f"{kind}; charset=utf-8" if kind != "image/svg+xml" else kind
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _disabled() -> dict:
+    return {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+
+
+def _static_route(url: str, path: Path) -> dict:
+    return {
+        "match": {"path": url},
+        "direct_response": {"status": 200, "body": {"filename": str(path)}},
+        "response_headers_to_add": [
+            {"header": {"key": "content-type", "value": content_type(path)},
+             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+            {"header": {"key": "cache-control", "value": "no-cache"},
+             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+        ],
+        "typed_per_filter_config": {
+            "envoy.filters.http.api_key_auth": _disabled(),
+            "envoy.filters.http.grpc_json_transcoder": _disabled(),
+        },
+    }
+
+
+def _local_reply_config() -> dict:
+    mappers = []
+    for status, code, message in _LOCAL_REPLIES:
+        mapper = {
+            "filter": {"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": status,
+                                      "runtime_key": f"local_reply.status_{status}"}}}},
+            "body_format_override": {"json_format": {"code": code,
+                                                     "message": "%LOCAL_REPLY_BODY%"}},
+        }
+        if message:
+            mapper["body"] = {"inline_string": message}
+        mappers.append(mapper)
+    # Any other Envoy-made error: same JSON shape, gRPC UNKNOWN. Successful direct responses
+    # (the web page) are left alone.
+    mappers.append({
+        "filter": {"status_code_filter": {"comparison": {
+            "op": "GE", "value": {"default_value": 400, "runtime_key": "local_reply.errors"}}}},
+        "body_format_override": {"json_format": {"code": 2, "message": "%LOCAL_REPLY_BODY%"}},
+    })
+    return {"mappers": mappers}
+
+
+# The access log names no header and no query string: keys and texts stay out of it.
+_ACCESS_LOG_FORMAT = ('[%START_TIME%] "%DYNAMIC_METADATA(cosyvoice:method)% '
+                      '%PATH(NQ:ORIG_OR_PATH)% %PROTOCOL%" '
+                      "%RESPONSE_CODE% %RESPONSE_FLAGS% grpc=%GRPC_STATUS(NUMBER)% "
+                      "in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms "
+                      "ttfb=%RESPONSE_DURATION%ms\n")
+
+
+def build_config(s: GatewaySettings) -> dict:
+    files = web_files(s.web_dir)
+    max_file = max((p.stat().st_size for p in files.values()), default=0)
+    routes = [_static_route(url, path) for url, path in files.items()]
+    routes.append({
+        "match": {"prefix": "/"},
+        # No overall timeout: a long text streams for minutes. Idle streams still end.
+        "route": {"cluster": GRPC_CLUSTER, "timeout": "0s", "idle_timeout": STREAM_IDLE_TIMEOUT},
+    })
+    # Requests pass these in order, responses in reverse: the Lua filter therefore sees the
+    # transcoder's HTTP response (status mapping) and every request, even refused ones.
+    http_filters = [
+        {"name": "envoy.filters.http.health_check", "typed_config": {
+            "@type": f"{_TYPES}.filters.http.health_check.v3.HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
+            "cluster_min_healthy_percentages": {GRPC_CLUSTER: {"value": 100}},
+        }},
+        {"name": "envoy.filters.http.lua", "typed_config": {
+            "@type": f"{_TYPES}.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": _STATUS_LUA},
+        }},
+        {"name": "envoy.filters.http.api_key_auth", "typed_config": {
+            "@type": f"{_TYPES}.filters.http.api_key_auth.v3.ApiKeyAuth",
+            "credentials": [{"key": key, "client": f"client{i}"}
+                            for i, key in enumerate(s.api_keys, 1)],
+            # Envoy strips a "Bearer " prefix, so "Authorization: Bearer KEY" works as well.
+            "key_sources": [{"header": API_KEY_HEADER}, {"header": "Authorization"}],
+        }},
+        {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": {
+            "@type": f"{_TYPES}.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": str(s.descriptor_path),
+            "services": list(TRANSCODED_SERVICES),
+            "print_options": {"add_whitespace": False, "always_print_primitive_fields": True,
+                              "always_print_enums_as_ints": False,
+                              "preserve_proto_field_names": True,
+                              "stream_newline_delimited": True},
+            "convert_grpc_status": True,
+            "max_request_body_size": limits.MAX_REQUEST_BODY_BYTES,
+            "request_validation_options": {"reject_unknown_method": True,
+                                           "reject_unknown_query_parameters": True},
+        }},
+        {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": f"{_TYPES}.filters.http.router.v3.Router"}},
+    ]
+    hcm = {
+        "@type": f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "rest",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
+        "request_timeout": "0s",
+        "access_log": [{"name": "envoy.access_loggers.stderr", "typed_config": {
+            "@type": f"{_TYPES}.access_loggers.stream.v3.StderrAccessLog",
+            "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
+        }}],
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "rest",
+            "max_direct_response_body_size_bytes": max(4096, max_file + 1),
+            "virtual_hosts": [{"name": "tts", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": http_filters,
+    }
+    cluster = {
+        "name": GRPC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": GRPC_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": s.grpc_host,
+                                                          "port_value": s.grpc_port}}}}]}]},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": f"{_TYPES}.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }},
+        # The one unauthenticated gRPC call; /healthz reflects it. With a single host Envoy's
+        # panic threshold keeps routing even while it fails, so a slow check never blocks.
+        "health_checks": [{"timeout": "3s", "interval": "5s", "no_traffic_interval": "5s",
+                           "unhealthy_threshold": 2, "healthy_threshold": 1,
+                           "grpc_health_check": {}}],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": s.admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "rest",
+                "address": {"socket_address": {"address": s.listen_host,
+                                               "port_value": s.listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm}]}],
+            }],
+            "clusters": [cluster],
+        },
+    }

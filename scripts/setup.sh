@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project into it. Safe to re-run: it only installs what changed.
+#   scripts/setup.sh          runtime dependencies
+#   scripts/setup.sh test     runtime + test dependencies (and Debian's chromium for the browser test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      python=$candidate; break
+    fi
+  done
+fi
+[ -n "$python" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+extras=""
+[ "${1:-}" = "test" ] && extras="[test]"
+# torch is pinned to the CPU build that this machine's pip finds locally (see README).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+
+if [ "${1:-}" = "test" ] && [ ! -x /usr/bin/chromium ]; then
+  echo "setup: installing Debian's chromium for the browser test"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi

@@ -1,0 +1,121 @@
+"""Audio in and out of the service: decoding uploads, resampling and encoding output chunks."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import soundfile
+import soxr
+
+from service import limits
+from service.errors import bad_request, too_large
+from service.gen.cosyvoice.v1 import tts_pb2
+from tts_core.engine import Audio
+
+PromptAudioFormat = tts_pb2.PromptAudioFormat
+AudioEncoding = tts_pb2.AudioEncoding
+
+
+def decode_audio(data: bytes, fmt: int = PromptAudioFormat.PROMPT_AUDIO_FORMAT_UNSPECIFIED,
+                 sample_rate: int = 0, *, what: str = "prompt audio") -> Audio:
+    """Decode an upload into mono float32; raises a ServiceError a person can act on."""
+    if not data:
+        raise bad_request(f"{what} is missing or empty: upload a WAV/FLAC/OGG file")
+    if len(data) > limits.MAX_UPLOAD_BYTES:
+        raise too_large(f"{what} is {len(data)} bytes; the limit is {limits.MAX_UPLOAD_BYTES} "
+                        f"bytes ({limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB)")
+    if fmt == PromptAudioFormat.PROMPT_AUDIO_FORMAT_PCM_S16LE:
+        _check_input_rate(sample_rate, what, "set sample_rate for raw PCM")
+        if len(data) % 2:
+            raise bad_request(f"{what} is raw 16-bit PCM but has an odd number of bytes")
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+        rate = sample_rate
+    elif fmt in (PromptAudioFormat.PROMPT_AUDIO_FORMAT_UNSPECIFIED,
+                 PromptAudioFormat.PROMPT_AUDIO_FORMAT_CONTAINER):
+        try:
+            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
+            reason = getattr(error, "error_string", "") or "unknown format"
+            raise bad_request(f"{what} could not be decoded ({reason}); send a WAV, FLAC or OGG "
+                              "file, or raw 16-bit PCM with its sample rate") from None
+        samples = samples.mean(axis=1, dtype=np.float32)  # down-mix to mono
+        _check_input_rate(rate, what, "resample the file")
+    else:
+        raise bad_request(f"{what}: unknown format {fmt}")
+    audio = Audio(samples=np.ascontiguousarray(samples, dtype=np.float32), sample_rate=int(rate))
+    if not np.isfinite(audio.samples).all():
+        raise bad_request(f"{what} contains NaN or infinite samples")
+    if audio.duration > limits.MAX_PROMPT_SECONDS:
+        raise too_large(f"{what} is {audio.duration:.1f} s long; the limit is "
+                        f"{limits.MAX_PROMPT_SECONDS:g} s: cut it to a shorter clip")
+    if audio.duration < limits.MIN_PROMPT_SECONDS:
+        raise bad_request(f"{what} is {audio.duration:.2f} s long; at least "
+                          f"{limits.MIN_PROMPT_SECONDS:g} s of speech is needed")
+    return audio
+
+
+def _check_input_rate(rate: int, what: str, hint: str) -> None:
+    if not limits.MIN_INPUT_SAMPLE_RATE <= rate <= limits.MAX_INPUT_SAMPLE_RATE:
+        raise bad_request(f"{what} has sample rate {rate} Hz; accepted are "
+                          f"{limits.MIN_INPUT_SAMPLE_RATE} to {limits.MAX_INPUT_SAMPLE_RATE} Hz "
+                          f"({hint})")
+
+
+def wav_stream_header(sample_rate: int, bits: int = 16) -> bytes:
+    """A 44-byte WAV header for a stream of unknown length (size fields 0xFFFFFFFF)."""
+    unknown = 0xFFFFFFFF
+    block_align = bits // 8
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate,
+                                    sample_rate * block_align, block_align, bits)
+            + b"data" + struct.pack("<I", unknown))
+
+
+def to_s16le(samples: np.ndarray) -> bytes:
+    clipped = np.clip(samples, -1.0, 1.0)
+    return (clipped * 32767.0).round().astype("<i2").tobytes()
+
+
+class OutputEncoder:
+    """Turns engine chunks (float32, native rate) into the bytes a client asked for.
+
+    The resampler is a soxr stream that keeps state across chunks, so joins are seamless.
+    """
+
+    def __init__(self, native_rate: int, output_rate: int, encoding: int):
+        self.native_rate = native_rate
+        self.output_rate = output_rate or native_rate
+        self.encoding = encoding or AudioEncoding.AUDIO_ENCODING_PCM_S16LE
+        self._resampler = (soxr.ResampleStream(native_rate, self.output_rate, 1, dtype="float32",
+                                               quality="HQ")
+                           if self.output_rate != native_rate else None)
+        self._header_pending = self.encoding == AudioEncoding.AUDIO_ENCODING_WAV
+        self.samples_out = 0
+
+    def encode(self, chunk: np.ndarray, *, last: bool = False) -> bytes:
+        samples = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        if self._resampler is not None:
+            samples = self._resampler.resample_chunk(samples, last=last)
+        self.samples_out += len(samples)
+        if self.encoding == AudioEncoding.AUDIO_ENCODING_PCM_F32LE:
+            data = samples.astype("<f4").tobytes()
+        else:
+            data = to_s16le(samples)
+        if self._header_pending:
+            self._header_pending = False
+            data = wav_stream_header(self.output_rate) + data
+        return data
+
+    def finish(self) -> bytes:
+        """Whatever the resampler still holds (and a WAV header if nothing was sent yet)."""
+        return self.encode(np.zeros(0, dtype=np.float32), last=True)
+
+    @property
+    def content_type(self) -> str:
+        if self.encoding == AudioEncoding.AUDIO_ENCODING_WAV:
+            return "audio/wav"
+        if self.encoding == AudioEncoding.AUDIO_ENCODING_PCM_F32LE:
+            return f"audio/x-f32le; rate={self.output_rate}; channels=1"
+        return f"audio/L16; rate={self.output_rate}; channels=1"

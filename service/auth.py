@@ -1,0 +1,153 @@
+"""API keys: where they come from, how they are checked, and the gRPC interceptor.
+
+Keys come from ``--api-key-file`` (one per line, ``#`` comments allowed), else from the
+environment variable ``COSYVOICE_API_KEYS`` (comma-separated), else from the file ``api_keys``
+in the state directory, which is created with one random key on first start. Keys are compared
+in constant time against every configured key, and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+ENV_KEYS = "COSYVOICE_API_KEYS"
+ENV_STATE_DIR = "COSYVOICE_STATE_DIR"
+GENERATED_KEY_FILE = "api_keys"
+HEADER = "x-api-token"  # what the reference clients send (X-API-TOKEN)
+MIN_KEY_CHARS = 16
+_KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
+# Health is the one call a load balancer makes without a key.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get(ENV_STATE_DIR)
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "var"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write ``text`` so that only the owner can ever read it (created 0600, not chmod later)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    keys: tuple[str, ...]
+    source: str  # where they came from, for the start-up message (never the keys)
+    generated: str | None = None  # the key created just now, to show the operator once
+
+
+def _check_keys(keys: Sequence[str], source: str) -> tuple[str, ...]:
+    for index, key in enumerate(keys, 1):
+        if len(key) < MIN_KEY_CHARS or not _KEY_RE.match(key):
+            raise ValueError(f"API key #{index} from {source} is unusable: keys need at least "
+                             f"{MIN_KEY_CHARS} characters from A-Z a-z 0-9 . _ ~ + / = -")
+    if not keys:
+        raise ValueError(f"{source} holds no API key")
+    return tuple(dict.fromkeys(keys))
+
+
+def _read_key_file(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def load_api_keys(key_file: Path | None = None, state_dir: Path | None = None) -> ApiKeys:
+    if key_file is not None:
+        return ApiKeys(_check_keys(_read_key_file(key_file), str(key_file)), str(key_file))
+    env = os.environ.get(ENV_KEYS, "").strip()
+    if env:
+        keys = [k.strip() for k in env.split(",") if k.strip()]
+        return ApiKeys(_check_keys(keys, ENV_KEYS), f"${ENV_KEYS}")
+    state = ensure_private_dir(state_dir or default_state_dir())
+    path = state / GENERATED_KEY_FILE
+    if path.exists():
+        return ApiKeys(_check_keys(_read_key_file(path), str(path)), str(path))
+    key = secrets.token_urlsafe(32)
+    write_private_file(path, "# API key generated on first start; add more keys one per line\n"
+                             f"{key}\n")
+    return ApiKeys((key,), str(path), generated=key)
+
+
+class KeyChecker:
+    def __init__(self, keys: Sequence[str]):
+        self._keys = [k.encode() for k in keys]
+
+    def is_valid(self, presented: str | None) -> bool:
+        if not presented:
+            return False
+        candidate = presented.encode()
+        matched = False
+        for key in self._keys:  # compare against every key, so timing says nothing
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    def from_metadata(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        for name, value in metadata or ():
+            if isinstance(value, bytes):
+                continue
+            if name == HEADER and self.is_valid(value):
+                return True
+            if name == "authorization" and value[:7].lower() == "bearer " \
+                    and self.is_valid(value[7:].strip()):
+                return True
+        return False
+
+
+UNAUTHENTICATED_MESSAGE = (f"missing or wrong API key: send it in the {HEADER} metadata "
+                           "(REST: the X-API-TOKEN header) or as 'authorization: Bearer KEY'")
+
+
+def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def deny(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+    async def deny_stream(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        yield  # pragma: no cover - makes this an async generator like the real handler
+
+    kwargs = dict(request_deserializer=handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call without a valid key, except health checks."""
+
+    def __init__(self, checker: KeyChecker):
+        self._checker = checker
+
+    async def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
+            return handler
+        if self._checker.from_metadata(handler_call_details.invocation_metadata):
+            return handler
+        return _deny_like(handler)

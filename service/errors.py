@@ -1,0 +1,69 @@
+"""Errors the service reports to clients, with their gRPC code and the HTTP status for REST.
+
+gRPC has no code for "payload too large" and the transcoder maps RESOURCE_EXHAUSTED to 429, so
+a failed call also carries the intended HTTP status in the trailing metadata key
+``HTTP_STATUS_KEY``; the gateway's Lua filter turns it into the response status.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from tts_core.engine import EngineError, InvalidRequest, UnknownSpeaker, UnsupportedMode
+
+HTTP_STATUS_KEY = "x-cosyvoice-http-status"
+
+
+class ServiceError(Exception):
+    """A failure the client is told about: gRPC code, message, and the HTTP status for REST."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.http_status is None:
+            return ()
+        return ((HTTP_STATUS_KEY, str(self.http_status)),)
+
+
+def bad_request(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, 400)
+
+
+def too_large(message: str) -> ServiceError:
+    # INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: retrying the same request can never succeed.
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, 413)
+
+
+def unsupported_media_type(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, 415)
+
+
+def overloaded(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, 503)
+
+
+def unimplemented(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNIMPLEMENTED, message, 501)
+
+
+def not_found(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message, 404)
+
+
+INTERNAL_MESSAGE = "synthesis failed because of an internal server error; see the server log"
+
+
+def from_engine_error(error: EngineError) -> ServiceError:
+    """Map an engine's client-caused error to what the client is told."""
+    message = str(error) or type(error).__name__
+    if isinstance(error, UnknownSpeaker):
+        return not_found(message)
+    if isinstance(error, UnsupportedMode):
+        return unimplemented(message)
+    if isinstance(error, InvalidRequest):
+        return bad_request(message)
+    return bad_request(message)

@@ -1,0 +1,1 @@
+"""Generated from proto/ by `python -m service.protogen`; do not edit."""

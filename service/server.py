@@ -1,0 +1,334 @@
+"""The gRPC server: native TextToSpeechService, the REST compatibility calls, health, reflection.
+
+Request life cycle (one code path for gRPC and REST): decode and check fields and limits
+(INVALID_ARGUMENT, HTTP 400/413/415) -> the engine's own checks (UNIMPLEMENTED 501 for a mode
+it cannot serve, NOT_FOUND 404 for an unknown speaker) -> admission (RESOURCE_EXHAUSTED, HTTP
+503 when max_concurrent + max_queue syntheses are already running or waiting) -> audio. Nothing
+is sent before the first chunk is ready, so every failure up to there is a clean status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from google.api import httpbody_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from service import compat, convert, errors, limits
+from service.audio import OutputEncoder, decode_audio
+from service.auth import ApiKeyInterceptor, KeyChecker
+from service.gen.cosyvoice.v1 import compat_pb2, compat_pb2_grpc, tts_pb2, tts_pb2_grpc
+from service.synthesis import Synthesizer
+from tts_core.engine import Engine, EngineError, Mode, SynthesisRequest
+
+log = logging.getLogger("service")
+
+_MODE_TO_PROTO = {
+    Mode.SFT: tts_pb2.SYNTHESIS_MODE_SFT,
+    Mode.ZERO_SHOT: tts_pb2.SYNTHESIS_MODE_ZERO_SHOT,
+    Mode.CROSS_LINGUAL: tts_pb2.SYNTHESIS_MODE_CROSS_LINGUAL,
+    Mode.INSTRUCT: tts_pb2.SYNTHESIS_MODE_INSTRUCT,
+    Mode.VOICE_CONVERSION: tts_pb2.SYNTHESIS_MODE_VOICE_CONVERSION,
+}
+
+
+@dataclass
+class _Result:
+    """What one synthesis produced, for the final stats message and the log line."""
+
+    sample_rate: int = 0
+    chunks: int = 0
+    audio_seconds: float = 0.0
+    first_chunk_at: float = 0.0
+    finished_at: float = 0.0
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: errors.ServiceError) -> None:
+    await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
+
+
+async def _abort_unexpected(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    log.error("unexpected failure while serving a call", exc_info=error)
+    await _abort(context, errors.ServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE,
+                                              500))
+
+
+class Core:
+    """What both services share: the engine, the synthesizer and the encoded audio stream."""
+
+    def __init__(self, engine: Engine, synthesizer: Synthesizer):
+        self.engine = engine
+        self.synth = synthesizer
+        self.capabilities = engine.capabilities()
+
+    async def audio(self, request: SynthesisRequest, output: convert.OutputSpec,
+                    started: float, result: _Result) -> AsyncIterator[tuple[bytes, OutputEncoder]]:
+        """Validate with the engine, then yield encoded audio as the engine produces it."""
+        await self.synth.validate(request)
+        encoder = OutputEncoder(self.capabilities.sample_rate, output.sample_rate, output.encoding)
+        result.sample_rate = encoder.output_rate
+        produced = 0
+        async for chunk in self.synth.stream(request):
+            data = encoder.encode(chunk)
+            produced += len(chunk)
+            if not data:
+                continue
+            if not result.chunks:
+                result.first_chunk_at = time.monotonic() - started
+            result.chunks += 1
+            yield data, encoder
+        tail = encoder.finish()
+        if tail or not result.chunks:  # always at least one message, so the stream has a type
+            if not result.chunks:
+                result.first_chunk_at = time.monotonic() - started
+            result.chunks += 1
+            yield tail, encoder
+        result.finished_at = time.monotonic() - started
+        result.audio_seconds = produced / float(self.capabilities.sample_rate)
+
+    def log_call(self, call: str, request: SynthesisRequest | None, outcome: str,
+                 started: float, result: _Result) -> None:
+        # Never the text, the prompt or any metadata: only sizes and timings.
+        mode = request.mode.value if request else "-"
+        chars = len(request.text) if request else 0
+        log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
+                 call, mode, chars, result.sample_rate, outcome, result.chunks,
+                 result.first_chunk_at, time.monotonic() - started, result.audio_seconds)
+
+
+def _outcome(error: BaseException | None) -> str:
+    if error is None:
+        return "OK"
+    if isinstance(error, errors.ServiceError):
+        return error.code.name
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    return type(error).__name__
+
+
+class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def Synthesize(self, request: tts_pb2.SynthesizeRequest,
+                         context: grpc.aio.ServicerContext):
+        started = time.monotonic()
+        result = _Result()
+        engine_request = None
+        failure: BaseException | None = None
+        try:
+            engine_request, output = convert.to_engine_request(request)
+            index = 0
+            async for data, encoder in self.core.audio(engine_request, output, started, result):
+                yield tts_pb2.SynthesizeResponse(audio=tts_pb2.AudioChunk(
+                    data=data, sample_rate=encoder.output_rate, encoding=encoder.encoding,
+                    index=index))
+                index += 1
+            yield tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
+                audio_seconds=result.audio_seconds,
+                time_to_first_chunk_seconds=result.first_chunk_at,
+                total_seconds=result.finished_at, engine=self.core.engine.name,
+                chunks=result.chunks, sample_rate=result.sample_rate))
+        except errors.ServiceError as error:
+            failure = error
+            await _abort(context, error)
+        except Exception as error:
+            failure = error
+            await _abort_unexpected(context, error)
+        except BaseException as error:  # cancelled: the client went away
+            failure = error
+            raise
+        finally:
+            self.core.log_call("Synthesize", engine_request, _outcome(failure), started, result)
+
+    async def ListSpeakers(self, request: tts_pb2.ListSpeakersRequest,
+                           context: grpc.aio.ServicerContext) -> tts_pb2.ListSpeakersResponse:
+        caps = self.core.capabilities
+        speakers = await asyncio.to_thread(self.core.engine.speakers)
+        modes = [tts_pb2.ModeSupport(mode=_MODE_TO_PROTO[m], supported=m in caps.modes,
+                                     reason="" if m in caps.modes
+                                     else caps.unsupported_reasons.get(m, "not supported"))
+                 for m in Mode]
+        return tts_pb2.ListSpeakersResponse(
+            speakers=[tts_pb2.Speaker(id=s.id, language=s.language, description=s.description,
+                                      registered=s.registered) for s in speakers],
+            engine=caps.engine, sample_rate=caps.sample_rate, modes=modes,
+            supports_speaker_registration=caps.supports_speaker_registration,
+            limits=tts_pb2.ServiceLimits(
+                max_text_chars=limits.MAX_TEXT_CHARS, max_upload_bytes=limits.MAX_UPLOAD_BYTES,
+                max_prompt_seconds=limits.MAX_PROMPT_SECONDS,
+                min_prompt_seconds=limits.MIN_PROMPT_SECONDS,
+                output_sample_rates=limits.OUTPUT_SAMPLE_RATES,
+                min_input_sample_rate=limits.MIN_INPUT_SAMPLE_RATE,
+                max_input_sample_rate=limits.MAX_INPUT_SAMPLE_RATE,
+                min_speed=limits.MIN_SPEED, max_speed=limits.MAX_SPEED))
+
+    async def GetServerStatus(self, request: tts_pb2.GetServerStatusRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> tts_pb2.GetServerStatusResponse:
+        synth = self.core.synth
+        c = synth.counters
+        return tts_pb2.GetServerStatusResponse(
+            engine=self.core.engine.name, uptime_seconds=time.monotonic() - c.started,
+            max_concurrent=synth.max_concurrent, max_queue=synth.max_queue,
+            active_syntheses=c.active, queued_syntheses=c.queued, started_total=c.started_total,
+            completed_total=c.completed_total, cancelled_total=c.cancelled_total,
+            failed_total=c.failed_total, rejected_total=c.rejected_total,
+            engine_chunks_total=c.engine_chunks_total)
+
+    def _registration(self) -> None:
+        if not self.core.capabilities.supports_speaker_registration:
+            raise errors.unimplemented(
+                f"the {self.core.engine.name} engine cannot register speakers; start the server "
+                "with an engine that can (--engine cosyvoice2)")
+
+    async def RegisterSpeaker(self, request: tts_pb2.RegisterSpeakerRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> tts_pb2.RegisterSpeakerResponse:
+        try:
+            self._registration()
+            speaker_id = request.speaker_id.strip()
+            if not speaker_id or len(speaker_id) > limits.MAX_SPEAKER_ID_CHARS:
+                raise errors.bad_request(f"speaker_id must have 1 to "
+                                         f"{limits.MAX_SPEAKER_ID_CHARS} characters")
+            if not request.HasField("prompt_audio"):
+                raise errors.bad_request("prompt_audio is required to register a speaker")
+            prompt = decode_audio(request.prompt_audio.data, request.prompt_audio.format,
+                                  request.prompt_audio.sample_rate)
+            prompt_text = request.prompt_text
+            if len(prompt_text) > limits.MAX_PROMPT_TEXT_CHARS:
+                raise errors.too_large(f"prompt_text has {len(prompt_text)} characters; the "
+                                       f"limit is {limits.MAX_PROMPT_TEXT_CHARS}")
+            speaker = await asyncio.to_thread(
+                self.core.engine.register_speaker, speaker_id, prompt, prompt_text,
+                language=request.language or None, description=request.description,
+                replace=request.replace)
+            return tts_pb2.RegisterSpeakerResponse(speaker=tts_pb2.Speaker(
+                id=speaker.id, language=speaker.language, description=speaker.description,
+                registered=speaker.registered))
+        except EngineError as error:
+            await _abort(context, errors.from_engine_error(error))
+        except errors.ServiceError as error:
+            await _abort(context, error)
+        except Exception as error:
+            await _abort_unexpected(context, error)
+
+    async def DeleteSpeaker(self, request: tts_pb2.DeleteSpeakerRequest,
+                            context: grpc.aio.ServicerContext) -> tts_pb2.DeleteSpeakerResponse:
+        try:
+            self._registration()
+            await asyncio.to_thread(self.core.engine.delete_speaker, request.speaker_id)
+            return tts_pb2.DeleteSpeakerResponse()
+        except EngineError as error:
+            await _abort(context, errors.from_engine_error(error))
+        except errors.ServiceError as error:
+            await _abort(context, error)
+        except Exception as error:
+            await _abort_unexpected(context, error)
+
+
+class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
+    """The reference server's /inference_* endpoints (reached through the gateway)."""
+
+    def __init__(self, core: Core):
+        self.core = core
+
+    async def _run(self, kind: str, request, context: grpc.aio.ServicerContext):
+        started = time.monotonic()
+        result = _Result()
+        engine_request = None
+        failure: BaseException | None = None
+        try:
+            native = compat.decode(kind, request)
+            engine_request, output = convert.to_engine_request(native)
+            async for data, encoder in self.core.audio(engine_request, output, started, result):
+                yield httpbody_pb2.HttpBody(content_type=encoder.content_type, data=data)
+        except errors.ServiceError as error:
+            failure = error
+            await _abort(context, error)
+        except Exception as error:
+            failure = error
+            await _abort_unexpected(context, error)
+        except BaseException as error:  # cancelled: the client went away
+            failure = error
+            raise
+        finally:
+            self.core.log_call(compat.ENDPOINTS[kind].path, engine_request, _outcome(failure),
+                               started, result)
+
+    async def InferenceSft(self, request: compat_pb2.InferenceSftRequest, context):
+        async for body in self._run("sft", request, context):
+            yield body
+
+    async def InferenceZeroShot(self, request: compat_pb2.InferenceZeroShotRequest, context):
+        async for body in self._run("zero_shot", request, context):
+            yield body
+
+    async def InferenceCrossLingual(self, request: compat_pb2.InferenceCrossLingualRequest,
+                                    context):
+        async for body in self._run("cross_lingual", request, context):
+            yield body
+
+    async def InferenceInstruct(self, request: compat_pb2.InferenceInstructRequest, context):
+        async for body in self._run("instruct", request, context):
+            yield body
+
+    async def InferenceInstruct2(self, request: compat_pb2.InferenceInstruct2Request, context):
+        async for body in self._run("instruct2", request, context):
+            yield body
+
+
+SERVICE_NAMES = (
+    tts_pb2.DESCRIPTOR.services_by_name["TextToSpeechService"].full_name,
+    compat_pb2.DESCRIPTOR.services_by_name["RestCompatService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    synthesizer: Synthesizer
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.synthesizer.shutdown()
+
+
+async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[str],
+                       max_concurrent: int = limits.DEFAULT_MAX_CONCURRENT,
+                       max_queue: int = limits.DEFAULT_MAX_QUEUE) -> RunningServer:
+    """Start serving ``engine``; returns once the port is bound and health says SERVING."""
+    synthesizer = Synthesizer(engine, max_concurrent, max_queue)
+    core = Core(engine, synthesizer)
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(KeyChecker(api_keys))],
+        options=[("grpc.max_receive_message_length", limits.MAX_GRPC_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", limits.MAX_GRPC_MESSAGE_BYTES),
+                 ("grpc.so_reuseport", 0)],
+    )
+    tts_pb2_grpc.add_TextToSpeechServiceServicer_to_server(TextToSpeechService(core), server)
+    compat_pb2_grpc.add_RestCompatServiceServicer_to_server(RestCompatService(core), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (in use?)")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, bound, health, synthesizer)

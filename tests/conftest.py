@@ -1,0 +1,181 @@
+"""Shared fixtures: the real stack (gRPC server + Envoy gateway) on free loopback ports.
+
+``stack`` (session scope) runs ``python -m gateway`` exactly as an operator would, with the
+embedded engine and a fresh API key, and stops it at the end of the session. Any test can use
+it::
+
+    def test_something(stack):
+        requests.get(stack.rest_url + "/v1/speakers", headers={"X-API-TOKEN": stack.api_key})
+
+Its capacity is small on purpose (``STACK_MAX_CONCURRENT`` running + ``STACK_MAX_QUEUE``
+waiting), so that overload is cheap to provoke. Tests that start long syntheses must cancel
+them and wait for ``stack.wait_idle()`` so the next test finds the server idle.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+AUDIO_DIR = SHARED / "audio"
+
+STACK_MAX_CONCURRENT = 2
+STACK_MAX_QUEUE = 1
+STACK_START_TIMEOUT = 300.0  # loading the engine on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """A running gateway + gRPC server, with what a client needs to reach it."""
+
+    rest_url: str  # e.g. http://127.0.0.1:41234 (no trailing slash)
+    grpc_target: str  # e.g. 127.0.0.1:41235
+    api_key: str
+    admin_url: str  # Envoy admin, loopback only
+    state_dir: Path
+    log_path: Path  # stdout + stderr of the launcher, the gRPC server and Envoy
+    max_concurrent: int
+    max_queue: int
+    process: subprocess.Popen = field(repr=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-API-TOKEN": self.api_key}
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-api-token", self.api_key),)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict:
+        reply = requests.get(f"{self.rest_url}/v1/status", headers=self.headers, timeout=30)
+        reply.raise_for_status()
+        return reply.json()
+
+    def stop(self) -> int | None:
+        """SIGTERM the launcher (it stops Envoy and the server); returns its exit code."""
+        return stop_stack(self)
+
+    def wait_idle(self, timeout: float = 60.0) -> dict:
+        """Wait until no synthesis runs or waits; returns the last status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status["active_syntheses"] == 0 and status["queued_syntheses"] == 0:
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server still busy after {timeout:.0f} s: {status}")
+            time.sleep(0.1)
+
+
+def start_stack(workdir: Path, *, max_concurrent: int = STACK_MAX_CONCURRENT,
+                max_queue: int = STACK_MAX_QUEUE, extra_args: tuple[str, ...] = (),
+                generate_key: bool = False) -> Stack:
+    """Run ``python -m gateway``; with ``generate_key`` the launcher makes the key itself."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    state_dir = workdir / "state"
+    log_path = workdir / "stack.log"
+    api_key = "" if generate_key else secrets.token_urlsafe(24)
+    rest_port, grpc_port, admin_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "COSYVOICE_API_KEYS": api_key, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(rest_port),
+           "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
+           "--admin-port", str(admin_port), "--state-dir", str(state_dir),
+           "--engine", "embedded", "--threads", "1",
+           "--max-concurrent", str(max_concurrent), "--max-queue", str(max_queue), *extra_args]
+    log = log_path.open("wb")
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    log.close()
+    stack = Stack(rest_url=f"http://127.0.0.1:{rest_port}",
+                  grpc_target=f"127.0.0.1:{grpc_port}", api_key=api_key,
+                  admin_url=f"http://127.0.0.1:{admin_port}", state_dir=state_dir,
+                  log_path=log_path, max_concurrent=max_concurrent, max_queue=max_queue,
+                  process=process)
+    deadline = time.monotonic() + STACK_START_TIMEOUT
+    while "Ready." not in stack.logs():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_stack(stack)
+            raise RuntimeError("the stack did not start:\n" + stack.logs()[-4000:])
+        time.sleep(0.3)
+    if generate_key:
+        lines = stack.logs().splitlines()
+        announced = [i for i, line in enumerate(lines) if line.startswith("Generated an API key")]
+        assert announced, "the launcher did not show the generated key"
+        stack.api_key = lines[announced[0] + 1].strip()
+    return stack
+
+
+def stop_stack(stack: Stack, timeout: float = 20.0) -> int | None:
+    if stack.process.poll() is None:
+        stack.process.send_signal(signal.SIGTERM)
+        try:
+            stack.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.process.pid, signal.SIGKILL)
+            stack.process.wait()
+    return stack.process.returncode
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield running
+    finally:
+        stop_stack(running)
+
+
+@pytest.fixture
+def launch_stack(tmp_path: Path):
+    """Start extra stacks (e.g. with other limits); all are stopped after the test."""
+    started: list[Stack] = []
+
+    def launch(**options) -> Stack:
+        started.append(start_stack(tmp_path / f"stack{len(started)}", **options))
+        return started[-1]
+
+    yield launch
+    for running in started:
+        stop_stack(running)
+
+
+@pytest.fixture(scope="session")
+def grpc_channel(stack: Stack):
+    import grpc
+
+    with grpc.insecure_channel(stack.grpc_target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def prompt_wav() -> Path:
+    """Real speech, float32 WAV at 24 kHz, 3.5 s (transcript in shared/audio/README.md)."""
+    return AUDIO_DIR / "zero_shot_prompt.wav"
+
+
+@pytest.fixture(scope="session")
+def cross_lingual_wav() -> Path:
+    """Real English speech, 16-bit WAV at 22.05 kHz, 13.75 s."""
+    return AUDIO_DIR / "cross_lingual_prompt.wav"
