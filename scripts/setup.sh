@@ -15,12 +15,19 @@ if [ -z "$python" ]; then
 fi
 [ -n "$python" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 
+# pip's configuration here lists local package folders that may be absent; it warns about each
+# one for every package. Drop those lines, keep everything else pip says.
+pip_install() {
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+}
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
+pip_install --upgrade pip
 extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
-# torch is pinned to the CPU build that this machine's pip finds locally (see README).
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+# torch is pinned (2.13.0, CPU build) in pyproject.toml.
+pip_install -e ".${extras}"
 
 if [ "${1:-}" = "test" ] && [ ! -x /usr/bin/chromium ]; then
   echo "setup: installing Debian's chromium for the browser test"

@@ -1,8 +1,11 @@
-"""Front-end spectrograms: the two parity vectors; the Kaldi fbank against kaldi-native-fbank."""
+"""Front-end spectrograms: the two parity vectors; the Kaldi fbank against kaldi-native-fbank.
+
+The 24 kHz mel uses the feature settings the model-directory loader reads from the parity
+directory's yaml (``feat_extractor``), as the engine does.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +14,11 @@ import soundfile as sf
 import soxr
 import torch
 
-from tts_core.cosyvoice2 import hyperyaml
+from tests.cv2_parity import metadata, parity_models, vectors
 from tts_core.cosyvoice2.features import (
+    WHISPER_HOP,
+    WHISPER_N_FFT,
+    WHISPER_SAMPLE_RATE,
     KaldiFbankConfig,
     MelConfig,
     kaldi_fbank_80,
@@ -21,22 +27,12 @@ from tts_core.cosyvoice2.features import (
     whisper_log_mel_128,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-PARITY_DIR = Path(os.environ.get("COSYVOICE2_PARITY_DIR", SHARED / "parity" / "cosyvoice2"))
-AUDIO_DIR = SHARED / "audio"
+AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 MEL_ATOL = 1e-4  # README: front-end mels, log domain
 
 
 def load_vectors(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = PARITY_DIR / "vectors" / f"{name}.safetensors"
-    if not path.is_file():
-        pytest.skip(f"parity vectors not found at {path}")
-    with safe_open(str(path), "pt") as handle:
-        meta = handle.metadata()
-    return load_file(path), meta
+    return vectors(name), metadata(name)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,9 +42,7 @@ def _threads() -> None:
 
 @pytest.fixture(scope="module")
 def mel_config() -> MelConfig:
-    if not (PARITY_DIR / "cosyvoice2.yaml").is_file():
-        pytest.skip(f"parity directory not found at {PARITY_DIR}")
-    return MelConfig.from_yaml(hyperyaml.load(PARITY_DIR / "cosyvoice2.yaml")["feat_extractor"])
+    return parity_models().mel_config
 
 
 def test_mel_config_comes_from_the_yaml(mel_config) -> None:
@@ -94,11 +88,15 @@ def test_mel80_accepts_1d_and_batches(mel_config) -> None:
 
 def test_whisper_mel128_filterbank_and_log_mel() -> None:
     vec, meta = load_vectors("frontend_whisper_mel128")
-    bank = slaney_mel_filterbank(int(meta["sample_rate"]), int(meta["n_fft"]), int(meta["n_mels"]))
+    n_mels, hop = int(meta["n_mels"]), int(meta["hop_length"])
+    # the speech tokenizer's front end is fixed (not in the yaml): 16 kHz, n_fft 400, hop 160
+    assert (int(meta["sample_rate"]), int(meta["n_fft"]), hop) == (
+        WHISPER_SAMPLE_RATE, WHISPER_N_FFT, WHISPER_HOP)
+    bank = slaney_mel_filterbank(int(meta["sample_rate"]), int(meta["n_fft"]), n_mels)
     bank_err = np.abs(bank - vec["mel_filterbank"].numpy()).max()
     assert bank_err <= 1e-7
-    log_mel = whisper_log_mel_128(vec["wav"], n_mels=int(meta["n_mels"]))
-    assert log_mel.shape == (1, 128, vec["wav"].shape[1] // 160) == vec["log_mel"].shape
+    log_mel = whisper_log_mel_128(vec["wav"], n_mels=n_mels)
+    assert log_mel.shape == (1, n_mels, vec["wav"].shape[1] // hop) == vec["log_mel"].shape
     err = (log_mel - vec["log_mel"]).abs().max().item()
     assert err <= MEL_ATOL
     print(f"whisper filterbank {bank_err:.1e}, log-mel max abs err {err:.2e}")

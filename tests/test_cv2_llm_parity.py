@@ -202,12 +202,16 @@ def test_bistream_chunked_text_matches_one_id_per_chunk(lm: CosyVoice2LM) -> Non
                                      ids(v["prompt_text"]), ids(v["prompt_speech_token"]),
                                      sampler, on_step=steps.append))
     fills = [s.index for s in steps if s.token == lm.config.fill_token]
-    assert fills and all(not steps[i].from_sampler for i in fills)
+    # A set whose prompt speech outlasts the text phase decodes nothing before the text ends,
+    # hence has no fill at all; the recorded run says which case this is.
+    assert bool(fills) or lm.config.fill_token not in ids(v["step_token"])
+    assert all(not steps[i].from_sampler for i in fills)
     # Fill positions in `decoded` follow the 15-speech-token segment rule.
     n_speech = lm.config.mix_ratio[1]
     prompt = len(ids(v["prompt_speech_token"]))
     first = (prompt // n_speech + 1) * n_speech - prompt
-    assert fills[0] == first
+    if fills:
+        assert fills[0] == first
     assert all(b - a == n_speech + 1 for a, b in zip(fills, fills[1:], strict=False))
     assert out == [s.token for s in steps if s.token < lm.config.speech_token_size]
 

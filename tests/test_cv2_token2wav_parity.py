@@ -75,7 +75,8 @@ def schedule() -> StreamSchedule:
 
 @pytest.fixture(scope="module")
 def driver_options(schedule) -> dict:
-    return {"schedule": schedule, "mel_cache_len": int(metadata("token2wav_stream")["mel_cache_len"])}
+    mel_cache_len = int(metadata("token2wav_stream")["mel_cache_len"])
+    return {"schedule": schedule, "mel_cache_len": mel_cache_len}
 
 
 @pytest.fixture(scope="module")
@@ -340,10 +341,10 @@ def test_random_excitation_per_stream_generator(flow, hift, driver_options, stre
 
 
 def test_misuse_is_refused(t2w, stream_vec) -> None:
-    with pytest.raises(ValueError, match="first_hop"):
+    too_short = StreamSchedule(first_hop=t2w.mel_cache_len // t2w.token_mel_ratio)
+    with pytest.raises(ValueError, match="first_hop"):  # leaves nothing beyond the overlap
         t2w.start_stream(stream_vec["prompt_token"], stream_vec["prompt_feat"],
-                         stream_vec["embedding"],
-                         schedule=StreamSchedule(first_hop=t2w.mel_cache_len // t2w.token_mel_ratio))
+                         stream_vec["embedding"], schedule=too_short)
     with pytest.raises(ValueError, match="growth"):
         StreamSchedule(growth=0.5)
     stream = t2w.start_stream(stream_vec["prompt_token"], stream_vec["prompt_feat"],

@@ -253,7 +253,9 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     if fold_hift:
         hift.fold_weight_norm()  # g·v/‖v‖ once, not at every call
 
-    lm.to(device=device, dtype=dtype).eval()
+    # The LM's speech tables and output layer stay float32 so its log-probabilities keep full
+    # precision; only the Qwen2 stack runs in a reduced dtype.
+    lm.to(device=device).set_backbone_dtype(dtype).eval()
     flow.to(device=device, dtype=dtype).eval()
     hift.to(device=device, dtype=torch.float32).eval()
 
