@@ -16,7 +16,7 @@ import pytest
 import soundfile
 import torch
 
-from tts_core.cosyvoice2.engine import NO_PRESETS, CosyVoice2Engine
+from tts_core.cosyvoice2.engine import DEFAULT_FIRST_CHUNK_TOKENS, NO_PRESETS, CosyVoice2Engine
 from tts_core.cosyvoice2.speakers import (
     SpeakerError,
     SpeakerProfile,
@@ -156,14 +156,22 @@ def test_long_text_is_segmented_and_streamed(engine: CosyVoice2Engine, zh_prompt
     assert assert_plausible(whole, counts) == streamed
 
 
-def test_streaming_first_chunk_comes_early(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+def test_streaming_first_chunk_comes_early(engine: CosyVoice2Engine, zh_prompt: Audio,
+                                           model_dirs: dict[str, Path]) -> None:
     text = "我们今天学习了第3课，内容非常有趣。" * 2
     request = SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,
                                prompt_text=PROMPT_TEXT)
     first = next(iter(engine.synthesize(request, threading.Event())))
-    # the first chunk holds ~25 tokens (plus prompt alignment), less the 8-frame overlap
-    assert len(first) < 55 * SAMPLES_PER_TOKEN
+    # the first chunk holds DEFAULT_FIRST_CHUNK_TOKENS (plus alignment of the prompt to a
+    # multiple of it), less the 8 mel frames kept back for the cross-fade
+    limit = 2 * DEFAULT_FIRST_CHUNK_TOKENS * SAMPLES_PER_TOKEN
+    assert 0 < len(first) < limit
     assert len(first) % 480 == 0
+    # the reference's schedule (25 tokens + prompt padding to 25) starts later
+    reference = CosyVoice2Engine.from_model_dir(model_dirs["presets"], threads=1, device="cpu",
+                                                seed=5, first_chunk_tokens=25)
+    first_reference = next(iter(reference.synthesize(request, threading.Event())))
+    assert len(first_reference) > len(first)
 
 
 def test_speed_changes_the_length(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:

@@ -14,11 +14,13 @@ ENGINE_NAMES = ("embedded", "cosyvoice2")
 
 
 def create_engine(name: str, *, model_dir: Path | None = None, threads: int | None = None,
-                  device: str = "auto", state_dir: Path | None = None) -> Engine:
+                  device: str = "auto", state_dir: Path | None = None,
+                  first_chunk_tokens: int | None = None) -> Engine:
     """Return a ready engine.
 
     ``threads`` bounds the engine's compute threads (None: its default); ``state_dir`` is where an
-    engine keeps what must survive a restart (registered speakers).
+    engine keeps what must survive a restart (registered speakers); ``first_chunk_tokens`` sets
+    the size of the first streamed chunk of the cosyvoice2 engine (None: its default).
     """
     if name == "embedded":
         from tts_core.embedded.engine import EmbeddedEngine
@@ -32,5 +34,6 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
 
         speaker_dir = Path(state_dir) / "speakers" if state_dir is not None else None
         return CosyVoice2Engine.from_model_dir(Path(model_dir), threads=threads, device=device,
-                                               state_dir=speaker_dir)
+                                               state_dir=speaker_dir,
+                                               first_chunk_tokens=first_chunk_tokens)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -121,6 +121,20 @@ def _resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
     return torch.float32
 
 
+# The reference starts streaming after chunk_size (25) tokens plus padding of the prompt to a
+# multiple of 25, about 0.84 s of audio before the first byte. Ten tokens (0.4 s of speech) cut
+# that latency by more than half; scripts/bench_cv2_stream_quality.py measured no extra
+# difference from one-shot output on the parity model compared with the reference schedule.
+DEFAULT_FIRST_CHUNK_TOKENS = 10
+
+
+def default_schedule(chunk_size: int,
+                     first_chunk_tokens: int = DEFAULT_FIRST_CHUNK_TOKENS) -> StreamSchedule:
+    """Our streaming schedule: a small first chunk, then the reference's doubling up to 4x."""
+    return StreamSchedule(first_hop=first_chunk_tokens, growth=2.0,
+                          max_hop=max(4 * chunk_size, first_chunk_tokens))
+
+
 class CosyVoice2Engine:
     """CosyVoice 2 synthesis engine (see the module docstring for the modes)."""
 
@@ -139,7 +153,7 @@ class CosyVoice2Engine:
         self.prompts = PromptEncoder(models.onnx, models.mel_config, models.token_mel_ratio)
         self.token2wav = Token2Wav(
             models.flow, models.hift, token_mel_ratio=models.token_mel_ratio,
-            schedule=schedule or StreamSchedule(first_hop=models.chunk_size))
+            schedule=schedule or default_schedule(models.chunk_size))
         presets = {}
         for name, entry in models.spk2info.items():
             try:
@@ -151,12 +165,14 @@ class CosyVoice2Engine:
     @classmethod
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
-                       seed: int | None = None) -> CosyVoice2Engine:
+                       seed: int | None = None,
+                       first_chunk_tokens: int | None = None) -> CosyVoice2Engine:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
         available), "cpu" or "cuda[:N]"; state_dir: where registered speakers persist (None:
-        they live in memory only); dtype: LM/flow precision override (see ``_resolve_dtype``).
+        they live in memory only); dtype: LM/flow precision override (see ``_resolve_dtype``);
+        first_chunk_tokens: speech tokens in the first streamed chunk (None: the default below).
         """
         device = _resolve_device(device)
         if threads is not None:
@@ -168,7 +184,10 @@ class CosyVoice2Engine:
                                 onnx_threads=min(threads or 1, 4))
         log.info("loaded CosyVoice 2 model directory %s on %s (%s) in %.1f s", path, device,
                  models.dtype, time.perf_counter() - started)
-        return cls(models, state_dir=state_dir, seed=seed)
+        schedule = None
+        if first_chunk_tokens is not None:
+            schedule = default_schedule(models.chunk_size, first_chunk_tokens)
+        return cls(models, state_dir=state_dir, seed=seed, schedule=schedule)
 
     # ------------------------------------------------------------------ Engine protocol
 
