@@ -1,10 +1,12 @@
 """Decodes the reference REST API's requests into the SynthesizeRequest that Synthesize takes.
 
-The gateway hands each /inference_* request over as query-parameter fields plus the raw body
-(google.api.HttpBody). Bodies may be ``application/x-www-form-urlencoded``,
-``multipart/form-data`` (the prompt recording in the file field ``prompt_wav``) or
-``application/json`` (``prompt_wav`` base64-encoded). A field may come from the query string or
-the body; the body wins when both give it.
+The gateway hands each /inference_* request (and /register_speaker) over as query-parameter
+fields plus the raw body (google.api.HttpBody). Bodies may be
+``application/x-www-form-urlencoded``, ``multipart/form-data`` (the prompt recording in the file
+field ``prompt_wav``, voice conversion's source speech in ``source_wav``) or ``application/json``
+(files base64-encoded under the same names). A field may come from the query string or the
+body; the body wins when both give it. Where a prompt recording is taken, ``spk_id`` (a
+registered speaker) may stand in for it.
 """
 
 from __future__ import annotations
@@ -27,69 +29,116 @@ from service.gen.cosyvoice.v1 import tts_pb2
 AudioEncoding = tts_pb2.AudioEncoding
 
 _COMMON = ("sample_rate", "speed", "format", "stream")
+PROMPT_FIELD = "prompt_wav"
+SOURCE_FIELD = "source_wav"
+FILE_FIELDS = (PROMPT_FIELD, SOURCE_FIELD)
 
 
 @dataclass(frozen=True)
 class Endpoint:
     path: str
-    fields: tuple[str, ...]  # text fields it takes, required ones first
-    required: tuple[str, ...]
-    needs_prompt: bool
+    fields: tuple[str, ...]  # text fields it takes
+    required: tuple[str, ...]  # text fields it always needs
+    files: tuple[str, ...] = ()  # file fields it takes
+    # Takes a cloned voice: the file prompt_wav, or spk_id naming a registered speaker.
+    voice: bool = False
+
+    def takes(self) -> str:
+        files = (f" and the file{'s' if len(self.files) > 1 else ''} {', '.join(self.files)}"
+                 if self.files else "")
+        return f"it takes the fields {', '.join(self.fields)}{files}"
 
 
 ENDPOINTS = {
-    "sft": Endpoint("/inference_sft", ("tts_text", "spk_id", *_COMMON),
-                    ("tts_text", "spk_id"), False),
-    "zero_shot": Endpoint("/inference_zero_shot", ("tts_text", "prompt_text", *_COMMON),
-                          ("tts_text", "prompt_text"), True),
-    "cross_lingual": Endpoint("/inference_cross_lingual", ("tts_text", *_COMMON),
-                              ("tts_text",), True),
+    "sft": Endpoint("/inference_sft", ("tts_text", "spk_id", *_COMMON), ("tts_text", "spk_id")),
+    "zero_shot": Endpoint("/inference_zero_shot", ("tts_text", "prompt_text", "spk_id", *_COMMON),
+                          ("tts_text",), (PROMPT_FIELD,), voice=True),
+    "cross_lingual": Endpoint("/inference_cross_lingual", ("tts_text", "spk_id", *_COMMON),
+                              ("tts_text",), (PROMPT_FIELD,), voice=True),
     "instruct": Endpoint("/inference_instruct", ("tts_text", "spk_id", "instruct_text", *_COMMON),
-                         ("tts_text", "spk_id", "instruct_text"), False),
-    "instruct2": Endpoint("/inference_instruct2", ("tts_text", "instruct_text", *_COMMON),
-                          ("tts_text", "instruct_text"), True),
+                         ("tts_text", "spk_id", "instruct_text")),
+    "instruct2": Endpoint("/inference_instruct2",
+                          ("tts_text", "instruct_text", "spk_id", *_COMMON),
+                          ("tts_text", "instruct_text"), (PROMPT_FIELD,), voice=True),
+    "vc": Endpoint("/inference_vc", ("spk_id", *_COMMON), (), (SOURCE_FIELD, PROMPT_FIELD),
+                   voice=True),
 }
-PROMPT_FIELD = "prompt_wav"
+REGISTER = Endpoint("/register_speaker",
+                    ("spk_id", "prompt_text", "language", "description", "replace"),
+                    ("spk_id",), (PROMPT_FIELD,))
 _FORMATS = {"pcm": AudioEncoding.AUDIO_ENCODING_PCM_S16LE, "wav": AudioEncoding.AUDIO_ENCODING_WAV}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def _fields(endpoint: Endpoint, request: Message) -> tuple[dict[str, str], dict[str, bytes]]:
+    """Query fields and body fields (the body wins), files; checks the always-required ones."""
+    fields = {f.name: getattr(request, f.name) for f in request.DESCRIPTOR.fields
+              if f.name != "body" and getattr(request, f.name)}
+    body_fields, files = _parse_body(request.body.content_type, request.body.data, endpoint)
+    fields.update(body_fields)
+    missing = [name for name in endpoint.required if not fields.get(name, "").strip()]
+    if missing:
+        raise bad_request(f"{endpoint.path} needs {' and '.join(missing)}; {endpoint.takes()}")
+    return fields, files
+
+
+def _voice(endpoint: Endpoint, fields: dict[str, str], files: dict[str, bytes]
+           ) -> tuple[bytes, str]:
+    """(prompt bytes, "") or (b"", registered speaker id): exactly one of the two."""
+    prompt = files.get(PROMPT_FIELD, b"")
+    speaker = fields.get("spk_id", "").strip()
+    if prompt and speaker:
+        raise bad_request(f"{endpoint.path} takes either the file {PROMPT_FIELD} or spk_id (a "
+                          "registered speaker), not both")
+    if not prompt and not speaker:
+        raise bad_request(f"{endpoint.path} needs the prompt recording: upload it as the "
+                          f"multipart file field {PROMPT_FIELD!r} (WAV, FLAC or OGG), or name a "
+                          "registered speaker with spk_id")
+    return prompt, speaker
+
+
+def _set_voice(mode: Message, prompt: bytes, speaker: str) -> None:
+    if prompt:
+        mode.prompt_audio.CopyFrom(tts_pb2.PromptAudio(data=prompt))
+    else:
+        mode.speaker_id = speaker
+
+
 def decode(kind: str, request: Message) -> tts_pb2.SynthesizeRequest:
     """Turn an Inference*Request (query fields + raw body) into a SynthesizeRequest."""
     endpoint = ENDPOINTS[kind]
-    fields = {f.name: getattr(request, f.name) for f in request.DESCRIPTOR.fields
-              if f.name != "body" and getattr(request, f.name)}
-    body_fields, prompt = _parse_body(request.body.content_type, request.body.data, endpoint)
-    fields.update(body_fields)
+    fields, files = _fields(endpoint, request)
+    prompt, speaker = _voice(endpoint, fields, files) if endpoint.voice else (b"", "")
 
-    missing = [name for name in endpoint.required if not fields.get(name, "").strip()]
-    if missing:
-        raise bad_request(f"{endpoint.path} needs {' and '.join(missing)}; it takes the fields "
-                          f"{', '.join(endpoint.fields)}" + (f" and the file {PROMPT_FIELD}"
-                                                             if endpoint.needs_prompt else ""))
-    if endpoint.needs_prompt and not prompt:
-        raise bad_request(f"{endpoint.path} needs the prompt recording: upload it as the "
-                          f"multipart file field {PROMPT_FIELD!r} (WAV, FLAC or OGG)")
-    if not endpoint.needs_prompt and prompt:
-        raise bad_request(f"{endpoint.path} takes no {PROMPT_FIELD}; use /inference_zero_shot, "
-                          "/inference_cross_lingual or /inference_instruct2 for a cloned voice")
-
-    msg = tts_pb2.SynthesizeRequest(text=fields["tts_text"])
-    prompt_audio = tts_pb2.PromptAudio(data=prompt) if prompt else None
+    msg = tts_pb2.SynthesizeRequest(text=fields.get("tts_text", ""))
     if kind == "sft":
         msg.sft.speaker_id = fields["spk_id"]
     elif kind == "zero_shot":
-        msg.zero_shot.prompt_text = fields["prompt_text"]
-        msg.zero_shot.prompt_audio.CopyFrom(prompt_audio)
+        prompt_text = fields.get("prompt_text", "")
+        if prompt and not prompt_text.strip():
+            raise bad_request(f"{endpoint.path} needs prompt_text, the transcript of "
+                              f"{PROMPT_FIELD} (without one, use /inference_cross_lingual)")
+        if speaker and prompt_text.strip():
+            raise bad_request(f"prompt_text goes with {PROMPT_FIELD}; leave it out with spk_id "
+                              "(the registered speaker's own transcript is used)")
+        msg.zero_shot.prompt_text = prompt_text
+        _set_voice(msg.zero_shot, prompt, speaker)
     elif kind == "cross_lingual":
-        msg.cross_lingual.prompt_audio.CopyFrom(prompt_audio)
+        _set_voice(msg.cross_lingual, prompt, speaker)
     elif kind == "instruct":
         msg.instruct.instruct_text = fields["instruct_text"]
         msg.instruct.speaker_id = fields["spk_id"]
-    else:
+    elif kind == "instruct2":
         msg.instruct.instruct_text = fields["instruct_text"]
-        msg.instruct.prompt_audio.CopyFrom(prompt_audio)
+        _set_voice(msg.instruct, prompt, speaker)
+    else:
+        source = files.get(SOURCE_FIELD, b"")
+        if not source:
+            raise bad_request(f"{endpoint.path} needs the speech to re-voice: upload it as the "
+                              f"multipart file field {SOURCE_FIELD!r} (WAV, FLAC or OGG)")
+        msg.voice_conversion.source_audio.CopyFrom(tts_pb2.PromptAudio(data=source))
+        _set_voice(msg.voice_conversion, prompt, speaker)
 
     msg.sample_rate = _parse_int(fields.get("sample_rate", ""), "sample_rate",
                                  limits.REST_DEFAULT_SAMPLE_RATE)
@@ -98,12 +147,33 @@ def decode(kind: str, request: Message) -> tts_pb2.SynthesizeRequest:
     if fmt not in _FORMATS:
         raise bad_request(f"format {fmt!r} is not offered: use pcm (raw 16-bit) or wav")
     msg.encoding = _FORMATS[fmt]
-    stream = fields.get("stream", "").strip().lower()
-    if stream:
-        if stream not in _TRUE | _FALSE:
-            raise bad_request(f"stream must be true or false, not {stream!r}")
-        msg.stream_within_sentence = stream in _TRUE
+    stream = _parse_bool(fields.get("stream", ""), "stream")
+    if stream is not None:
+        msg.stream_within_sentence = stream
     return msg
+
+
+def decode_register(request: Message) -> tts_pb2.RegisterSpeakerRequest:
+    """Turn a RegisterSpeakerUploadRequest into the RegisterSpeakerRequest it stands for."""
+    fields, files = _fields(REGISTER, request)
+    prompt = files.get(PROMPT_FIELD, b"")
+    if not prompt:
+        raise bad_request(f"{REGISTER.path} needs the voice recording: upload it as the "
+                          f"multipart file field {PROMPT_FIELD!r} (WAV, FLAC or OGG)")
+    return tts_pb2.RegisterSpeakerRequest(
+        speaker_id=fields["spk_id"], prompt_audio=tts_pb2.PromptAudio(data=prompt),
+        prompt_text=fields.get("prompt_text", ""), language=fields.get("language", "").strip(),
+        description=fields.get("description", ""),
+        replace=bool(_parse_bool(fields.get("replace", ""), "replace")))
+
+
+def _parse_bool(value: str, name: str) -> bool | None:
+    value = value.strip().lower()
+    if not value:
+        return None
+    if value not in _TRUE | _FALSE:
+        raise bad_request(f"{name} must be true or false, not {value!r}")
+    return value in _TRUE
 
 
 def _parse_int(value: str, name: str, default: int) -> int:
@@ -129,10 +199,11 @@ def _parse_speed(value: str) -> float:
     return speed
 
 
-def _parse_body(content_type: str, data: bytes, endpoint: Endpoint) -> tuple[dict[str, str], bytes]:
-    """Return (text fields, prompt bytes) from a raw request body."""
+def _parse_body(content_type: str, data: bytes, endpoint: Endpoint
+                ) -> tuple[dict[str, str], dict[str, bytes]]:
+    """Return (text fields, files) from a raw request body."""
     if not data:
-        return {}, b""
+        return {}, {}
     if len(data) > limits.MAX_REQUEST_BODY_BYTES:
         raise too_large(f"request body is {len(data)} bytes; the limit is "
                         f"{limits.MAX_REQUEST_BODY_BYTES} bytes")
@@ -155,7 +226,7 @@ def _parse_body(content_type: str, data: bytes, endpoint: Endpoint) -> tuple[dic
         raise unsupported_media_type(
             f"Content-Type {media_type or '(none)'} is not understood: send "
             "multipart/form-data, application/x-www-form-urlencoded or application/json")
-    return fields, files.get(PROMPT_FIELD, b"")
+    return fields, files
 
 
 def _collect(pairs: list[tuple[str, str]], files: list[tuple[str, bytes]],
@@ -163,23 +234,33 @@ def _collect(pairs: list[tuple[str, str]], files: list[tuple[str, bytes]],
     fields: dict[str, str] = {}
     uploads: dict[str, bytes] = {}
     for name, value in pairs:
-        if name == PROMPT_FIELD:
-            raise bad_request(f"{PROMPT_FIELD} must be uploaded as a file (multipart/form-data)")
+        if name in endpoint.files:
+            raise bad_request(f"{name} must be uploaded as a file (multipart/form-data)")
         _check_name(name, endpoint)
         fields[name] = value
     for name, content in files:
-        if name != PROMPT_FIELD:
-            raise bad_request(f"unexpected file field {name!r}; the only file field is "
-                              f"{PROMPT_FIELD!r}")
+        _check_file(name, endpoint)
         uploads[name] = content
     return fields, uploads
 
 
 def _check_name(name: str, endpoint: Endpoint) -> None:
+    if name in FILE_FIELDS:
+        _check_file(name, endpoint)
     if name not in endpoint.fields:
-        extra = f" and the file {PROMPT_FIELD}" if endpoint.needs_prompt else ""
-        raise bad_request(f"unknown field {name!r} for {endpoint.path}; it takes "
-                          f"{', '.join(endpoint.fields)}{extra}")
+        raise bad_request(f"unknown field {name!r} for {endpoint.path}; {endpoint.takes()}")
+
+
+def _check_file(name: str, endpoint: Endpoint) -> None:
+    if name in endpoint.files:
+        return
+    if name == PROMPT_FIELD:
+        raise bad_request(f"{endpoint.path} takes no {PROMPT_FIELD}; use /inference_zero_shot, "
+                          "/inference_cross_lingual or /inference_instruct2 for a cloned voice")
+    if name == SOURCE_FIELD:
+        raise bad_request(f"{endpoint.path} takes no {SOURCE_FIELD}; voice conversion is "
+                          "/inference_vc")
+    raise bad_request(f"unexpected file field {name!r} for {endpoint.path}; {endpoint.takes()}")
 
 
 def _parse_multipart(data: bytes, boundary: bytes) -> tuple[list[tuple[str, str]],
@@ -221,7 +302,7 @@ def _parse_multipart(data: bytes, boundary: bytes) -> tuple[list[tuple[str, str]
         name = options.get(b"name", b"").decode("utf-8", "replace")
         if disposition != b"form-data" or not name:
             raise bad_request("a multipart part lacks 'Content-Disposition: form-data; name=...'")
-        if b"filename" in options or name == PROMPT_FIELD:
+        if b"filename" in options or name in FILE_FIELDS:
             files.append((name, bytes(content)))
         else:
             try:
@@ -241,13 +322,13 @@ def _parse_json(data: bytes, endpoint: Endpoint) -> tuple[dict[str, str], dict[s
     fields: dict[str, str] = {}
     files: dict[str, bytes] = {}
     for name, value in obj.items():
-        if name == PROMPT_FIELD and endpoint.needs_prompt:
+        if name in endpoint.files:
             if not isinstance(value, str):
-                raise bad_request(f"{PROMPT_FIELD} in JSON must be a base64 string")
+                raise bad_request(f"{name} in JSON must be a base64 string")
             try:
                 files[name] = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
-                raise bad_request(f"{PROMPT_FIELD} is not valid base64") from None
+                raise bad_request(f"{name} is not valid base64") from None
             continue
         _check_name(name, endpoint)
         if isinstance(value, bool):

@@ -1,8 +1,9 @@
 """Checks a SynthesizeRequest message and turns it into the engine's SynthesisRequest.
 
-Both the native Synthesize call and the REST compatibility calls end here, so every request is
+Both native synthesis calls and the REST compatibility calls end here, so every request is
 checked by the same code: fields and limits first (400/413), then the engine's own checks
-(mode capability 501, speaker 404) in the servicer.
+(mode capability 501, speaker 404) in the servicer. Every cloning mode takes its voice either as
+prompt audio or as the id of a registered speaker (``SynthesisRequest.speaker_id``).
 """
 
 from __future__ import annotations
@@ -57,54 +58,74 @@ def check_output_rate(rate: int) -> int:
     return rate
 
 
-def to_engine_request(msg: tts_pb2.SynthesizeRequest) -> tuple[SynthesisRequest, OutputSpec]:
+def _speaker_id(value: str) -> str:
+    return _check_text(value, "speaker_id", limits.MAX_SPEAKER_ID_CHARS, required=True).strip()
+
+
+def _voice(message, mode: str) -> tuple[Audio | None, str]:
+    """The ``voice`` oneof of a mode message: (prompt, "") or (None, speaker_id)."""
+    voice = message.WhichOneof("voice")
+    if voice == "prompt_audio":
+        return _prompt(message.prompt_audio, "prompt audio", True), ""
+    if voice == "speaker_id":
+        return None, _speaker_id(message.speaker_id)
+    raise bad_request(f"{mode} needs a voice: set speaker_id or prompt_audio (the id of a "
+                      "registered speaker, or a recording of the voice)")
+
+
+def to_engine_request(msg: tts_pb2.SynthesizeRequest, *, streamed_text: bool = False
+                      ) -> tuple[SynthesisRequest, OutputSpec]:
+    """Check ``msg`` and build the engine request.
+
+    ``streamed_text``: the config of SynthesizeTextStream, whose text arrives later (``text`` is
+    optional and voice_conversion, which speaks no text, is refused).
+    """
     mode_field = msg.WhichOneof("mode")
     if mode_field is None:
         raise bad_request(f"no mode given: set one of {', '.join(_MODE_FIELDS)}")
+    if streamed_text and mode_field == "voice_conversion":
+        raise bad_request("voice_conversion re-voices source audio and takes no text: use "
+                          "Synthesize for it")
     if msg.encoding not in AudioEncoding.values():
         raise bad_request(f"unknown encoding {msg.encoding}")
     output = OutputSpec(check_output_rate(msg.sample_rate), msg.encoding)
     speed = check_speed(msg.speed)
     stream = msg.stream_within_sentence if msg.HasField("stream_within_sentence") else True
-    needs_text = mode_field != "voice_conversion"
+    needs_text = mode_field != "voice_conversion" and not streamed_text
     text = _check_text(msg.text, "text", limits.MAX_TEXT_CHARS, required=needs_text)
     common = dict(text=text, speed=speed, stream=stream)
 
     if mode_field == "sft":
-        speaker = _check_text(msg.sft.speaker_id, "speaker_id", limits.MAX_SPEAKER_ID_CHARS,
-                              required=True)
-        request = SynthesisRequest(mode=Mode.SFT, speaker_id=speaker, **common)
+        request = SynthesisRequest(mode=Mode.SFT, speaker_id=_speaker_id(msg.sft.speaker_id),
+                                   **common)
     elif mode_field == "zero_shot":
         zs = msg.zero_shot
-        prompt_text = _check_text(zs.prompt_text, "prompt_text", limits.MAX_PROMPT_TEXT_CHARS,
-                                  required=True)
-        prompt = _prompt(zs.prompt_audio, "prompt audio", zs.HasField("prompt_audio"))
-        request = SynthesisRequest(mode=Mode.ZERO_SHOT, prompt=prompt, prompt_text=prompt_text,
-                                   **common)
+        prompt, speaker = _voice(zs, "zero_shot")
+        if prompt is not None:
+            prompt_text = _check_text(zs.prompt_text, "prompt_text",
+                                      limits.MAX_PROMPT_TEXT_CHARS, required=True)
+        elif zs.prompt_text.strip():
+            raise bad_request("prompt_text goes with prompt_audio; with speaker_id leave it "
+                              "empty (the registered speaker's own transcript is used)")
+        else:
+            prompt_text = ""
+        request = SynthesisRequest(mode=Mode.ZERO_SHOT, prompt=prompt, speaker_id=speaker,
+                                   prompt_text=prompt_text, **common)
     elif mode_field == "cross_lingual":
-        cl = msg.cross_lingual
-        prompt = _prompt(cl.prompt_audio, "prompt audio", cl.HasField("prompt_audio"))
-        request = SynthesisRequest(mode=Mode.CROSS_LINGUAL, prompt=prompt, **common)
+        prompt, speaker = _voice(msg.cross_lingual, "cross_lingual")
+        request = SynthesisRequest(mode=Mode.CROSS_LINGUAL, prompt=prompt, speaker_id=speaker,
+                                   **common)
     elif mode_field == "instruct":
         ins = msg.instruct
         instruct_text = _check_text(ins.instruct_text, "instruct_text",
                                     limits.MAX_INSTRUCT_TEXT_CHARS, required=True)
-        voice = ins.WhichOneof("voice")
-        if voice == "speaker_id":
-            speaker = _check_text(ins.speaker_id, "speaker_id", limits.MAX_SPEAKER_ID_CHARS,
-                                  required=True)
-            request = SynthesisRequest(mode=Mode.INSTRUCT, speaker_id=speaker,
-                                       instruct_text=instruct_text, **common)
-        elif voice == "prompt_audio":
-            prompt = _prompt(ins.prompt_audio, "prompt audio", True)
-            request = SynthesisRequest(mode=Mode.INSTRUCT, prompt=prompt,
-                                       instruct_text=instruct_text, **common)
-        else:
-            raise bad_request("instruct needs a voice: set speaker_id or prompt_audio")
+        prompt, speaker = _voice(ins, "instruct")
+        request = SynthesisRequest(mode=Mode.INSTRUCT, prompt=prompt, speaker_id=speaker,
+                                   instruct_text=instruct_text, **common)
     else:
         vc = msg.voice_conversion
         source = _prompt(vc.source_audio, "source audio", vc.HasField("source_audio"))
-        prompt = _prompt(vc.prompt_audio, "prompt audio", vc.HasField("prompt_audio"))
+        prompt, speaker = _voice(vc, "voice_conversion")
         request = SynthesisRequest(mode=Mode.VOICE_CONVERSION, source=source, prompt=prompt,
-                                   **common)
+                                   speaker_id=speaker, **common)
     return request, output

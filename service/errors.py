@@ -54,6 +54,10 @@ def not_found(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.NOT_FOUND, message, 404)
 
 
+def already_exists(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message, 409)
+
+
 INTERNAL_MESSAGE = "synthesis failed because of an internal server error; see the server log"
 
 

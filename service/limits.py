@@ -7,6 +7,13 @@ from __future__ import annotations
 
 # Text to speak, in characters (code points) after stripping surrounding whitespace.
 MAX_TEXT_CHARS = 2000
+# SynthesizeTextStream: all pieces of one call together, and how long the engine waits for
+# the next piece before the call fails (so an abandoned stream cannot hold a slot forever).
+# A whole stream is one LM context (Synthesize splits text into sentences): with about 6
+# positions per Chinese character (its text token plus ~5 speech tokens) 4000 characters stay
+# well inside CosyVoice 2's 32k positions.
+MAX_STREAM_TEXT_CHARS = 4000
+TEXT_STREAM_IDLE_SECONDS = 60.0
 # Other text fields (prompt transcript, instruction, speaker id).
 MAX_PROMPT_TEXT_CHARS = 500
 MAX_INSTRUCT_TEXT_CHARS = 500

@@ -5,11 +5,14 @@ Request life cycle (one code path for gRPC and REST): decode and check fields an
 it cannot serve, NOT_FOUND 404 for an unknown speaker) -> admission (RESOURCE_EXHAUSTED, HTTP
 503 when max_concurrent + max_queue syntheses are already running or waiting) -> audio. Nothing
 is sent before the first chunk is ready, so every failure up to there is a clean status.
+SynthesizeTextStream follows the same path with its first message (the config); its text pieces
+are fed to the engine while it speaks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,8 +28,8 @@ from service import compat, convert, errors, limits
 from service.audio import OutputEncoder, decode_audio
 from service.auth import ApiKeyInterceptor, KeyChecker
 from service.gen.cosyvoice.v1 import compat_pb2, compat_pb2_grpc, tts_pb2, tts_pb2_grpc
-from service.synthesis import Synthesizer
-from tts_core.engine import Engine, EngineError, Mode, SynthesisRequest
+from service.synthesis import Synthesizer, TextFeed
+from tts_core.engine import Capabilities, Engine, EngineError, Mode, SynthesisRequest
 
 log = logging.getLogger("service")
 
@@ -62,22 +65,41 @@ async def _abort_unexpected(context: grpc.aio.ServicerContext, error: Exception)
                                               500))
 
 
-class Core:
-    """What both services share: the engine, the synthesizer and the encoded audio stream."""
+# SynthesizeTextStream's text has not arrived when its config is checked: the engine checks
+# everything else (mode, voice, speaker, prompt) on a copy of the request with this text.
+_STAND_IN_TEXT = "text"
 
-    def __init__(self, engine: Engine, synthesizer: Synthesizer):
+
+class Core:
+    """What both services share: the engine, the synthesizer, the encoded audio stream and
+    speaker registration."""
+
+    def __init__(self, engine: Engine, synthesizer: Synthesizer,
+                 text_idle_seconds: float = limits.TEXT_STREAM_IDLE_SECONDS):
         self.engine = engine
         self.synth = synthesizer
-        self.capabilities = engine.capabilities()
+        self.text_idle_seconds = text_idle_seconds
+        self.sample_rate = engine.capabilities().sample_rate
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Asked each time: registering a speaker can enable a mode (sft on a model without
+        # presets).
+        return self.engine.capabilities()
 
     async def audio(self, request: SynthesisRequest, output: convert.OutputSpec,
-                    started: float, result: _Result) -> AsyncIterator[tuple[bytes, OutputEncoder]]:
-        """Validate with the engine, then yield encoded audio as the engine produces it."""
-        await self.synth.validate(request)
-        encoder = OutputEncoder(self.capabilities.sample_rate, output.sample_rate, output.encoding)
+                    started: float, result: _Result, text: TextFeed | None = None
+                    ) -> AsyncIterator[tuple[bytes, OutputEncoder]]:
+        """Validate with the engine, then yield encoded audio as the engine produces it.
+
+        With ``text``, the engine speaks the pieces fed there (SynthesizeTextStream).
+        """
+        await self.synth.validate(request if text is None
+                                  else dataclasses.replace(request, text=_STAND_IN_TEXT))
+        encoder = OutputEncoder(self.sample_rate, output.sample_rate, output.encoding)
         result.sample_rate = encoder.output_rate
         produced = 0
-        async for chunk in self.synth.stream(request):
+        async for chunk in self.synth.stream(request, text):
             data = encoder.encode(chunk)
             produced += len(chunk)
             if not data:
@@ -93,13 +115,54 @@ class Core:
             result.chunks += 1
             yield tail, encoder
         result.finished_at = time.monotonic() - started
-        result.audio_seconds = produced / float(self.capabilities.sample_rate)
+        result.audio_seconds = produced / float(self.sample_rate)
+
+    def require_registration(self) -> None:
+        if not self.capabilities.supports_speaker_registration:
+            raise errors.unimplemented(
+                f"the {self.engine.name} engine cannot register speakers; start the server "
+                "with an engine that can (--engine cosyvoice2)")
+
+    async def register(self, request: tts_pb2.RegisterSpeakerRequest
+                       ) -> tts_pb2.RegisterSpeakerResponse:
+        """RegisterSpeaker (JSON) and /register_speaker (upload) both end here."""
+        self.require_registration()
+        speaker_id = request.speaker_id.strip()
+        if not speaker_id or len(speaker_id) > limits.MAX_SPEAKER_ID_CHARS:
+            raise errors.bad_request(f"speaker_id must have 1 to "
+                                     f"{limits.MAX_SPEAKER_ID_CHARS} characters")
+        if not request.HasField("prompt_audio"):
+            raise errors.bad_request("prompt_audio is required to register a speaker")
+        prompt = decode_audio(request.prompt_audio.data, request.prompt_audio.format,
+                              request.prompt_audio.sample_rate)
+        prompt_text = request.prompt_text
+        if len(prompt_text) > limits.MAX_PROMPT_TEXT_CHARS:
+            raise errors.too_large(f"prompt_text has {len(prompt_text)} characters; the "
+                                   f"limit is {limits.MAX_PROMPT_TEXT_CHARS}")
+        known = {s.id: s for s in await asyncio.to_thread(self.engine.speakers)}
+        if speaker_id in known and not known[speaker_id].registered:
+            raise errors.already_exists(f"speaker id {speaker_id!r} is a preset speaker of the "
+                                        "model; choose another id")
+        if speaker_id in known and not request.replace:
+            raise errors.already_exists(f"speaker id {speaker_id!r} is already registered; "
+                                        "choose another id, or set replace to overwrite it")
+        try:
+            speaker = await asyncio.to_thread(
+                self.engine.register_speaker, speaker_id, prompt, prompt_text,
+                language=request.language or None, description=request.description,
+                replace=request.replace)
+        except EngineError as error:
+            raise errors.from_engine_error(error) from None
+        return tts_pb2.RegisterSpeakerResponse(speaker=tts_pb2.Speaker(
+            id=speaker.id, language=speaker.language, description=speaker.description,
+            registered=speaker.registered))
 
     def log_call(self, call: str, request: SynthesisRequest | None, outcome: str,
-                 started: float, result: _Result) -> None:
+                 started: float, result: _Result, chars: int | None = None) -> None:
         # Never the text, the prompt or any metadata: only sizes and timings.
         mode = request.mode.value if request else "-"
-        chars = len(request.text) if request else 0
+        if chars is None:
+            chars = len(request.text) if request else 0
         log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
                  call, mode, chars, result.sample_rate, outcome, result.chunks,
                  result.first_chunk_at, time.monotonic() - started, result.audio_seconds)
@@ -150,6 +213,52 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
         finally:
             self.core.log_call("Synthesize", engine_request, _outcome(failure), started, result)
 
+    async def SynthesizeTextStream(self, request_iterator: AsyncIterator,
+                                   context: grpc.aio.ServicerContext):
+        started = time.monotonic()
+        result = _Result()
+        engine_request = None
+        feed: TextFeed | None = None
+        reader: asyncio.Task | None = None
+        failure: BaseException | None = None
+        try:
+            if not self.core.capabilities.supports_text_streaming:
+                raise errors.unimplemented(
+                    f"the {self.core.engine.name} engine cannot speak text while it arrives: "
+                    "send the whole text to Synthesize, or start the server with an engine "
+                    "that can (--engine cosyvoice2)")
+            config = await _first_config(request_iterator)
+            engine_request, output = convert.to_engine_request(config, streamed_text=True)
+            feed = TextFeed(idle_seconds=self.core.text_idle_seconds)
+            feed.put(engine_request.text)
+            reader = asyncio.create_task(_read_text(request_iterator, feed))
+            index = 0
+            async for data, encoder in self.core.audio(engine_request, output, started, result,
+                                                       text=feed):
+                yield tts_pb2.SynthesizeResponse(audio=tts_pb2.AudioChunk(
+                    data=data, sample_rate=encoder.output_rate, encoding=encoder.encoding,
+                    index=index))
+                index += 1
+            yield tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
+                audio_seconds=result.audio_seconds,
+                time_to_first_chunk_seconds=result.first_chunk_at,
+                total_seconds=result.finished_at, engine=self.core.engine.name,
+                chunks=result.chunks, sample_rate=result.sample_rate))
+        except errors.ServiceError as error:
+            failure = error
+            await _abort(context, error)
+        except Exception as error:
+            failure = error
+            await _abort_unexpected(context, error)
+        except BaseException as error:  # cancelled: the client went away
+            failure = error
+            raise
+        finally:
+            if reader is not None:
+                reader.cancel()
+            self.core.log_call("SynthesizeTextStream", engine_request, _outcome(failure),
+                               started, result, chars=feed.chars if feed else 0)
+
     async def ListSpeakers(self, request: tts_pb2.ListSpeakersRequest,
                            context: grpc.aio.ServicerContext) -> tts_pb2.ListSpeakersResponse:
         caps = self.core.capabilities
@@ -163,6 +272,7 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                                       registered=s.registered) for s in speakers],
             engine=caps.engine, sample_rate=caps.sample_rate, modes=modes,
             supports_speaker_registration=caps.supports_speaker_registration,
+            supports_text_streaming=caps.supports_text_streaming,
             limits=tts_pb2.ServiceLimits(
                 max_text_chars=limits.MAX_TEXT_CHARS, max_upload_bytes=limits.MAX_UPLOAD_BYTES,
                 max_prompt_seconds=limits.MAX_PROMPT_SECONDS,
@@ -170,7 +280,9 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                 output_sample_rates=limits.OUTPUT_SAMPLE_RATES,
                 min_input_sample_rate=limits.MIN_INPUT_SAMPLE_RATE,
                 max_input_sample_rate=limits.MAX_INPUT_SAMPLE_RATE,
-                min_speed=limits.MIN_SPEED, max_speed=limits.MAX_SPEED))
+                min_speed=limits.MIN_SPEED, max_speed=limits.MAX_SPEED,
+                max_stream_text_chars=limits.MAX_STREAM_TEXT_CHARS,
+                text_stream_idle_seconds=self.core.text_idle_seconds))
 
     async def GetServerStatus(self, request: tts_pb2.GetServerStatusRequest,
                               context: grpc.aio.ServicerContext
@@ -185,38 +297,11 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
             failed_total=c.failed_total, rejected_total=c.rejected_total,
             engine_chunks_total=c.engine_chunks_total)
 
-    def _registration(self) -> None:
-        if not self.core.capabilities.supports_speaker_registration:
-            raise errors.unimplemented(
-                f"the {self.core.engine.name} engine cannot register speakers; start the server "
-                "with an engine that can (--engine cosyvoice2)")
-
     async def RegisterSpeaker(self, request: tts_pb2.RegisterSpeakerRequest,
                               context: grpc.aio.ServicerContext
                               ) -> tts_pb2.RegisterSpeakerResponse:
         try:
-            self._registration()
-            speaker_id = request.speaker_id.strip()
-            if not speaker_id or len(speaker_id) > limits.MAX_SPEAKER_ID_CHARS:
-                raise errors.bad_request(f"speaker_id must have 1 to "
-                                         f"{limits.MAX_SPEAKER_ID_CHARS} characters")
-            if not request.HasField("prompt_audio"):
-                raise errors.bad_request("prompt_audio is required to register a speaker")
-            prompt = decode_audio(request.prompt_audio.data, request.prompt_audio.format,
-                                  request.prompt_audio.sample_rate)
-            prompt_text = request.prompt_text
-            if len(prompt_text) > limits.MAX_PROMPT_TEXT_CHARS:
-                raise errors.too_large(f"prompt_text has {len(prompt_text)} characters; the "
-                                       f"limit is {limits.MAX_PROMPT_TEXT_CHARS}")
-            speaker = await asyncio.to_thread(
-                self.core.engine.register_speaker, speaker_id, prompt, prompt_text,
-                language=request.language or None, description=request.description,
-                replace=request.replace)
-            return tts_pb2.RegisterSpeakerResponse(speaker=tts_pb2.Speaker(
-                id=speaker.id, language=speaker.language, description=speaker.description,
-                registered=speaker.registered))
-        except EngineError as error:
-            await _abort(context, errors.from_engine_error(error))
+            return await self.core.register(request)
         except errors.ServiceError as error:
             await _abort(context, error)
         except Exception as error:
@@ -225,7 +310,10 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     async def DeleteSpeaker(self, request: tts_pb2.DeleteSpeakerRequest,
                             context: grpc.aio.ServicerContext) -> tts_pb2.DeleteSpeakerResponse:
         try:
-            self._registration()
+            self.core.require_registration()
+            if not request.speaker_id.strip():
+                raise errors.bad_request("speaker_id is empty: name the registered speaker to "
+                                         "delete")
             await asyncio.to_thread(self.core.engine.delete_speaker, request.speaker_id)
             return tts_pb2.DeleteSpeakerResponse()
         except EngineError as error:
@@ -286,6 +374,49 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
         async for body in self._run("instruct2", request, context):
             yield body
 
+    async def InferenceVc(self, request: compat_pb2.InferenceVcRequest, context):
+        async for body in self._run("vc", request, context):
+            yield body
+
+    async def RegisterSpeakerUpload(self, request: compat_pb2.RegisterSpeakerUploadRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> tts_pb2.RegisterSpeakerResponse:
+        try:
+            return await self.core.register(compat.decode_register(request))
+        except errors.ServiceError as error:
+            await _abort(context, error)
+        except Exception as error:
+            await _abort_unexpected(context, error)
+
+
+async def _first_config(messages: AsyncIterator) -> tts_pb2.SynthesizeRequest:
+    """The config message that must open a SynthesizeTextStream call."""
+    try:
+        first = await anext(messages)
+    except StopAsyncIteration:
+        raise errors.bad_request("the stream ended before its first message: send the config "
+                                 "(mode, voice, output options), then the text") from None
+    if first.WhichOneof("payload") != "config":
+        raise errors.bad_request("the first message must carry config (mode, voice, output "
+                                 "options); the text follows in the next messages")
+    return first.config
+
+
+async def _read_text(messages: AsyncIterator, feed: TextFeed) -> None:
+    """Move the client's text pieces into ``feed`` until it half-closes (runs as a task)."""
+    try:
+        async for message in messages:
+            if message.WhichOneof("payload") != "text":
+                raise errors.bad_request("only the first message may carry config; send the "
+                                         "text in the following messages")
+            feed.put(message.text)
+        feed.close()
+    except errors.ServiceError as error:
+        feed.fail(error)
+    except Exception as error:  # the request stream broke off (client gone)
+        log.debug("reading the text stream failed: %r", error)
+        feed.fail(errors.ServiceError(grpc.StatusCode.CANCELLED, "the text stream broke off"))
+
 
 SERVICE_NAMES = (
     tts_pb2.DESCRIPTOR.services_by_name["TextToSpeechService"].full_name,
@@ -308,10 +439,15 @@ class RunningServer:
 
 async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[str],
                        max_concurrent: int = limits.DEFAULT_MAX_CONCURRENT,
-                       max_queue: int = limits.DEFAULT_MAX_QUEUE) -> RunningServer:
-    """Start serving ``engine``; returns once the port is bound and health says SERVING."""
+                       max_queue: int = limits.DEFAULT_MAX_QUEUE,
+                       text_idle_seconds: float = limits.TEXT_STREAM_IDLE_SECONDS
+                       ) -> RunningServer:
+    """Start serving ``engine``; returns once the port is bound and health says SERVING.
+
+    ``text_idle_seconds``: how long SynthesizeTextStream waits for the next text piece.
+    """
     synthesizer = Synthesizer(engine, max_concurrent, max_queue)
-    core = Core(engine, synthesizer)
+    core = Core(engine, synthesizer, text_idle_seconds)
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(KeyChecker(api_keys))],
         options=[("grpc.max_receive_message_length", limits.MAX_GRPC_MESSAGE_BYTES),

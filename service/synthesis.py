@@ -4,22 +4,27 @@ The engine's generator is iterated in a worker thread. Chunks cross to the event
 an asyncio queue, and the worker may run at most ``LOOKAHEAD`` chunks ahead of the client, so
 a client that goes away stops engine work within about one chunk: the cancel Event is set, the
 engine checks it, and the worker stops asking for more.
+
+For text streamed by the client (SynthesizeTextStream) the pieces travel the other way, from
+the event loop to the worker, through a :class:`TextFeed` (a thread-safe queue the engine reads
+as an iterator).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from service import errors
+from service import errors, limits
 from tts_core.engine import Engine, EngineError, SynthesisRequest
 
 log = logging.getLogger("service.synthesis")
@@ -47,6 +52,65 @@ class Counters:
 @dataclass
 class _Failure:
     error: BaseException
+
+
+class TextFeed:
+    """Text pieces from the event loop (``put``, ``close``, ``fail``) to the engine's worker
+    thread (``pieces``), for one SynthesizeTextStream call."""
+
+    def __init__(self, max_chars: int = limits.MAX_STREAM_TEXT_CHARS,
+                 idle_seconds: float = limits.TEXT_STREAM_IDLE_SECONDS):
+        self.max_chars = max_chars
+        self.idle_seconds = idle_seconds
+        self.chars = 0  # characters received so far
+        self._speakable = False  # any non-space text yet
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, piece: str) -> None:
+        """Queue a piece; raises a ServiceError when the call's text gets too long."""
+        self.chars += len(piece)
+        if self.chars > self.max_chars:
+            raise errors.too_large(f"the streamed text has more than {self.max_chars} "
+                                   "characters; the limit is for one call: start a new one")
+        if piece:
+            self._speakable = self._speakable or not piece.isspace()
+            self._queue.put(piece)
+
+    def close(self) -> None:
+        """The client half-closed: no more text. Raises if no text came at all."""
+        if not self._speakable:
+            raise errors.bad_request("the stream ended without any text: send text messages "
+                                     "after the config, then half-close")
+        self._queue.put(_END)
+
+    def fail(self, error: errors.ServiceError) -> None:
+        """End the text with an error; the engine's read raises it."""
+        self._queue.put(_Failure(error))
+
+    def pieces(self, cancel: threading.Event) -> Iterator[str]:
+        """What the engine iterates (in the worker thread): pieces until close or cancel."""
+        while True:
+            # Idle time counts from when the engine asks, not from the last piece: an engine
+            # busy with earlier text is the server's delay, not the client's.
+            asked = time.monotonic()
+            while True:
+                if cancel.is_set():
+                    return
+                try:
+                    item = self._queue.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if time.monotonic() - asked > self.idle_seconds:
+                        raise errors.ServiceError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no text arrived for {self.idle_seconds:g} s: send the next piece "
+                            "sooner, or half-close the stream when the text is complete"
+                        ) from None
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
 
 
 class Synthesizer:
@@ -96,10 +160,13 @@ class Synthesizer:
             c.failed_total += 1
         self._slots.release()
 
-    async def stream(self, request: SynthesisRequest) -> AsyncIterator[np.ndarray]:
+    async def stream(self, request: SynthesisRequest, text: TextFeed | None = None
+                     ) -> AsyncIterator[np.ndarray]:
         """Yield engine chunks; raises ServiceError before the first chunk if anything fails.
 
-        Closing the iterator early (client gone) cancels the engine work.
+        With ``text`` the engine's ``synthesize_text_stream`` speaks the pieces fed there
+        (``request.text`` is not used). Closing the iterator early (client gone) cancels the
+        engine work.
         """
         await self._admit()
         loop = asyncio.get_running_loop()
@@ -113,7 +180,11 @@ class Synthesizer:
 
         def work() -> None:
             try:
-                chunks = self.engine.synthesize(request, cancel)
+                if text is None:
+                    chunks = self.engine.synthesize(request, cancel)
+                else:
+                    chunks = self.engine.synthesize_text_stream(request, text.pieces(cancel),
+                                                                cancel)
                 try:
                     while not cancel.is_set():
                         if not credits.acquire(timeout=0.05):

@@ -121,9 +121,10 @@ def test_speakers_json_has_stable_field_names(stack):
     assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
     body = reply.json()
     assert set(body) == {"speakers", "engine", "sample_rate", "modes",
-                         "supports_speaker_registration", "limits"}
+                         "supports_speaker_registration", "supports_text_streaming", "limits"}
     assert body["engine"] == "embedded" and body["sample_rate"] == 24000
     assert body["supports_speaker_registration"] is False
+    assert body["supports_text_streaming"] is False
     for speaker in body["speakers"]:
         assert set(speaker) == {"id", "language", "description", "registered"}
         assert speaker["registered"] is False  # primitive defaults are printed

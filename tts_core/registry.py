@@ -32,8 +32,7 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
                              "model directory (ModelScope iic/CosyVoice2-0.5B)")
         from tts_core.cosyvoice2.engine import CosyVoice2Engine
 
-        speaker_dir = Path(state_dir) / "speakers" if state_dir is not None else None
         return CosyVoice2Engine.from_model_dir(Path(model_dir), threads=threads, device=device,
-                                               state_dir=speaker_dir,
+                                               state_dir=state_dir,
                                                first_chunk_tokens=first_chunk_tokens)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from service.gen.cosyvoice.v1 import compat_pb2 as cosyvoice_dot_v1_dot_compat__pb2
+from service.gen.cosyvoice.v1 import tts_pb2 as cosyvoice_dot_v1_dot_tts__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -61,6 +62,16 @@ class RestCompatServiceStub:
                 request_serializer=cosyvoice_dot_v1_dot_compat__pb2.InferenceInstruct2Request.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.InferenceVc = channel.unary_stream(
+                '/cosyvoice.v1.RestCompatService/InferenceVc',
+                request_serializer=cosyvoice_dot_v1_dot_compat__pb2.InferenceVcRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.RegisterSpeakerUpload = channel.unary_unary(
+                '/cosyvoice.v1.RestCompatService/RegisterSpeakerUpload',
+                request_serializer=cosyvoice_dot_v1_dot_compat__pb2.RegisterSpeakerUploadRequest.SerializeToString,
+                response_deserializer=cosyvoice_dot_v1_dot_tts__pb2.RegisterSpeakerResponse.FromString,
+                _registered_method=True)
 
 
 class RestCompatServiceServicer:
@@ -77,7 +88,8 @@ class RestCompatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InferenceZeroShot(self, request, context):
-        """Voice cloning with transcript: tts_text, prompt_text, prompt_wav (file).
+        """Voice cloning with transcript: tts_text, prompt_text, prompt_wav (file); or tts_text and
+        the spk_id of a speaker registered with a transcript.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -86,7 +98,7 @@ class RestCompatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InferenceCrossLingual(self, request, context):
-        """Voice cloning across languages: tts_text, prompt_wav (file).
+        """Voice cloning across languages: tts_text, prompt_wav (file) or spk_id.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -104,7 +116,29 @@ class RestCompatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InferenceInstruct2(self, request, context):
-        """Instruction with a cloned voice: tts_text, instruct_text, prompt_wav (file).
+        """Instruction with a cloned voice: tts_text, instruct_text, prompt_wav (file) or spk_id.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferenceVc(self, request, context):
+        """Voice conversion: source_wav (file, the speech to re-voice) and prompt_wav (file, the
+        voice) or spk_id. No text; speed is applied to the re-voiced speech.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterSpeakerUpload(self, request, context):
+        """Stores a voice from an upload (what POST /v1/speakers does with a JSON body): spk_id,
+        prompt_wav (file), and optionally prompt_text (its transcript, needed for zero-shot use),
+        language, description and replace ("true" overwrites a registered speaker of that id).
+        Answers with the RegisterSpeakerResponse as JSON.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
@@ -139,6 +173,16 @@ def add_RestCompatServiceServicer_to_server(servicer, server):
                     servicer.InferenceInstruct2,
                     request_deserializer=cosyvoice_dot_v1_dot_compat__pb2.InferenceInstruct2Request.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'InferenceVc': grpc.unary_stream_rpc_method_handler(
+                    servicer.InferenceVc,
+                    request_deserializer=cosyvoice_dot_v1_dot_compat__pb2.InferenceVcRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'RegisterSpeakerUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSpeakerUpload,
+                    request_deserializer=cosyvoice_dot_v1_dot_compat__pb2.RegisterSpeakerUploadRequest.FromString,
+                    response_serializer=cosyvoice_dot_v1_dot_tts__pb2.RegisterSpeakerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +321,60 @@ class RestCompatService:
             '/cosyvoice.v1.RestCompatService/InferenceInstruct2',
             cosyvoice_dot_v1_dot_compat__pb2.InferenceInstruct2Request.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceVc(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cosyvoice.v1.RestCompatService/InferenceVc',
+            cosyvoice_dot_v1_dot_compat__pb2.InferenceVcRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSpeakerUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cosyvoice.v1.RestCompatService/RegisterSpeakerUpload',
+            cosyvoice_dot_v1_dot_compat__pb2.RegisterSpeakerUploadRequest.SerializeToString,
+            cosyvoice_dot_v1_dot_tts__pb2.RegisterSpeakerResponse.FromString,
             options,
             channel_credentials,
             insecure,

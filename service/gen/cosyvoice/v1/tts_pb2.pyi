@@ -60,18 +60,22 @@ class SftMode(_message.Message):
     def __init__(self, speaker_id: _Optional[str] = ...) -> None: ...
 
 class ZeroShotMode(_message.Message):
-    __slots__ = ("prompt_audio", "prompt_text")
+    __slots__ = ("prompt_audio", "speaker_id", "prompt_text")
     PROMPT_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     prompt_audio: PromptAudio
+    speaker_id: str
     prompt_text: str
-    def __init__(self, prompt_audio: _Optional[_Union[PromptAudio, _Mapping]] = ..., prompt_text: _Optional[str] = ...) -> None: ...
+    def __init__(self, prompt_audio: _Optional[_Union[PromptAudio, _Mapping]] = ..., speaker_id: _Optional[str] = ..., prompt_text: _Optional[str] = ...) -> None: ...
 
 class CrossLingualMode(_message.Message):
-    __slots__ = ("prompt_audio",)
+    __slots__ = ("prompt_audio", "speaker_id")
     PROMPT_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_ID_FIELD_NUMBER: _ClassVar[int]
     prompt_audio: PromptAudio
-    def __init__(self, prompt_audio: _Optional[_Union[PromptAudio, _Mapping]] = ...) -> None: ...
+    speaker_id: str
+    def __init__(self, prompt_audio: _Optional[_Union[PromptAudio, _Mapping]] = ..., speaker_id: _Optional[str] = ...) -> None: ...
 
 class InstructMode(_message.Message):
     __slots__ = ("instruct_text", "speaker_id", "prompt_audio")
@@ -84,12 +88,14 @@ class InstructMode(_message.Message):
     def __init__(self, instruct_text: _Optional[str] = ..., speaker_id: _Optional[str] = ..., prompt_audio: _Optional[_Union[PromptAudio, _Mapping]] = ...) -> None: ...
 
 class VoiceConversionMode(_message.Message):
-    __slots__ = ("source_audio", "prompt_audio")
+    __slots__ = ("source_audio", "prompt_audio", "speaker_id")
     SOURCE_AUDIO_FIELD_NUMBER: _ClassVar[int]
     PROMPT_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_ID_FIELD_NUMBER: _ClassVar[int]
     source_audio: PromptAudio
     prompt_audio: PromptAudio
-    def __init__(self, source_audio: _Optional[_Union[PromptAudio, _Mapping]] = ..., prompt_audio: _Optional[_Union[PromptAudio, _Mapping]] = ...) -> None: ...
+    speaker_id: str
+    def __init__(self, source_audio: _Optional[_Union[PromptAudio, _Mapping]] = ..., prompt_audio: _Optional[_Union[PromptAudio, _Mapping]] = ..., speaker_id: _Optional[str] = ...) -> None: ...
 
 class SynthesizeRequest(_message.Message):
     __slots__ = ("text", "sft", "zero_shot", "cross_lingual", "instruct", "voice_conversion", "speed", "sample_rate", "encoding", "stream_within_sentence")
@@ -114,6 +120,14 @@ class SynthesizeRequest(_message.Message):
     encoding: AudioEncoding
     stream_within_sentence: bool
     def __init__(self, text: _Optional[str] = ..., sft: _Optional[_Union[SftMode, _Mapping]] = ..., zero_shot: _Optional[_Union[ZeroShotMode, _Mapping]] = ..., cross_lingual: _Optional[_Union[CrossLingualMode, _Mapping]] = ..., instruct: _Optional[_Union[InstructMode, _Mapping]] = ..., voice_conversion: _Optional[_Union[VoiceConversionMode, _Mapping]] = ..., speed: _Optional[float] = ..., sample_rate: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., stream_within_sentence: _Optional[bool] = ...) -> None: ...
+
+class SynthesizeTextStreamRequest(_message.Message):
+    __slots__ = ("config", "text")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    config: SynthesizeRequest
+    text: str
+    def __init__(self, config: _Optional[_Union[SynthesizeRequest, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SynthesizeResponse(_message.Message):
     __slots__ = ("audio", "stats")
@@ -178,7 +192,7 @@ class ModeSupport(_message.Message):
     def __init__(self, mode: _Optional[_Union[SynthesisMode, str]] = ..., supported: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServiceLimits(_message.Message):
-    __slots__ = ("max_text_chars", "max_upload_bytes", "max_prompt_seconds", "min_prompt_seconds", "output_sample_rates", "min_input_sample_rate", "max_input_sample_rate", "min_speed", "max_speed")
+    __slots__ = ("max_text_chars", "max_upload_bytes", "max_prompt_seconds", "min_prompt_seconds", "output_sample_rates", "min_input_sample_rate", "max_input_sample_rate", "min_speed", "max_speed", "max_stream_text_chars", "text_stream_idle_seconds")
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +202,8 @@ class ServiceLimits(_message.Message):
     MAX_INPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     MIN_SPEED_FIELD_NUMBER: _ClassVar[int]
     MAX_SPEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_STREAM_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     max_text_chars: int
     max_upload_bytes: int
     max_prompt_seconds: float
@@ -197,23 +213,27 @@ class ServiceLimits(_message.Message):
     max_input_sample_rate: int
     min_speed: float
     max_speed: float
-    def __init__(self, max_text_chars: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_prompt_seconds: _Optional[float] = ..., min_prompt_seconds: _Optional[float] = ..., output_sample_rates: _Optional[_Iterable[int]] = ..., min_input_sample_rate: _Optional[int] = ..., max_input_sample_rate: _Optional[int] = ..., min_speed: _Optional[float] = ..., max_speed: _Optional[float] = ...) -> None: ...
+    max_stream_text_chars: int
+    text_stream_idle_seconds: float
+    def __init__(self, max_text_chars: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_prompt_seconds: _Optional[float] = ..., min_prompt_seconds: _Optional[float] = ..., output_sample_rates: _Optional[_Iterable[int]] = ..., min_input_sample_rate: _Optional[int] = ..., max_input_sample_rate: _Optional[int] = ..., min_speed: _Optional[float] = ..., max_speed: _Optional[float] = ..., max_stream_text_chars: _Optional[int] = ..., text_stream_idle_seconds: _Optional[float] = ...) -> None: ...
 
 class ListSpeakersResponse(_message.Message):
-    __slots__ = ("speakers", "engine", "sample_rate", "modes", "supports_speaker_registration", "limits")
+    __slots__ = ("speakers", "engine", "sample_rate", "modes", "supports_speaker_registration", "limits", "supports_text_streaming")
     SPEAKERS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_SPEAKER_REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_TEXT_STREAMING_FIELD_NUMBER: _ClassVar[int]
     speakers: _containers.RepeatedCompositeFieldContainer[Speaker]
     engine: str
     sample_rate: int
     modes: _containers.RepeatedCompositeFieldContainer[ModeSupport]
     supports_speaker_registration: bool
     limits: ServiceLimits
-    def __init__(self, speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ..., engine: _Optional[str] = ..., sample_rate: _Optional[int] = ..., modes: _Optional[_Iterable[_Union[ModeSupport, _Mapping]]] = ..., supports_speaker_registration: _Optional[bool] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ...) -> None: ...
+    supports_text_streaming: bool
+    def __init__(self, speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ..., engine: _Optional[str] = ..., sample_rate: _Optional[int] = ..., modes: _Optional[_Iterable[_Union[ModeSupport, _Mapping]]] = ..., supports_speaker_registration: _Optional[bool] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ..., supports_text_streaming: _Optional[bool] = ...) -> None: ...
 
 class GetServerStatusRequest(_message.Message):
     __slots__ = ()

@@ -45,6 +45,11 @@ class TextToSpeechServiceStub:
                 request_serializer=cosyvoice_dot_v1_dot_tts__pb2.ListSpeakersRequest.SerializeToString,
                 response_deserializer=cosyvoice_dot_v1_dot_tts__pb2.ListSpeakersResponse.FromString,
                 _registered_method=True)
+        self.SynthesizeTextStream = channel.stream_stream(
+                '/cosyvoice.v1.TextToSpeechService/SynthesizeTextStream',
+                request_serializer=cosyvoice_dot_v1_dot_tts__pb2.SynthesizeTextStreamRequest.SerializeToString,
+                response_deserializer=cosyvoice_dot_v1_dot_tts__pb2.SynthesizeResponse.FromString,
+                _registered_method=True)
         self.GetServerStatus = channel.unary_unary(
                 '/cosyvoice.v1.TextToSpeechService/GetServerStatus',
                 request_serializer=cosyvoice_dot_v1_dot_tts__pb2.GetServerStatusRequest.SerializeToString,
@@ -70,6 +75,8 @@ class TextToSpeechServiceServicer:
         """Streams audio chunks as the engine produces them, then one SynthesisStats message.
         Every check (fields, limits, engine capability, speaker, capacity) runs before the first
         chunk, so a failed call never carries audio.
+        (SynthesizeTextStream answers with the same messages.)
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +84,27 @@ class TextToSpeechServiceServicer:
 
     def ListSpeakers(self, request, context):
         """The loaded engine, its voices, the modes it serves and the service limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SynthesizeTextStream(self, request_iterator, context):
+        """Bidirectional streaming: speak text while it is still arriving.
+
+        The first message carries `config` (the voice mode and output options, as in Synthesize);
+        every following message carries a piece of `text`; the client half-closes the stream when
+        the text is complete. Audio chunks stream back as soon as the engine has enough text, then
+        one SynthesisStats message. Checks of the config (fields, limits, engine capability,
+        speaker, capacity) run before any audio; a bad later message, more than
+        ServiceLimits.max_stream_text_chars in all, or no text for
+        ServiceLimits.text_stream_idle_seconds ends the call with an error, possibly after audio.
+        UNIMPLEMENTED unless the engine supports it (ListSpeakers.supports_text_streaming).
+
+        gRPC only: there is no REST mapping, as the gateway's JSON transcoder cannot stream a
+        request; REST clients send the whole text to POST /v1/synthesize.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,14 +118,20 @@ class TextToSpeechServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RegisterSpeaker(self, request, context):
-        """Stores a cloned voice under a new speaker id. UNIMPLEMENTED unless the engine supports it.
+        """Stores a cloned voice under a new speaker id: the engine computes the prompt's features
+        once, and the id then serves as speaker_id in every mode (with a transcript, zero_shot too).
+        ALREADY_EXISTS (HTTP 409) if the id is taken and replace is false. UNIMPLEMENTED unless the
+        engine supports it. A multipart upload variant is POST /register_speaker (compat.proto),
+        with the same response.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSpeaker(self, request, context):
-        """Removes a registered voice. UNIMPLEMENTED unless the engine supports registration.
+        """Removes a registered voice (NOT_FOUND if there is none of that id; presets cannot be
+        removed). UNIMPLEMENTED unless the engine supports registration.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +149,11 @@ def add_TextToSpeechServiceServicer_to_server(servicer, server):
                     servicer.ListSpeakers,
                     request_deserializer=cosyvoice_dot_v1_dot_tts__pb2.ListSpeakersRequest.FromString,
                     response_serializer=cosyvoice_dot_v1_dot_tts__pb2.ListSpeakersResponse.SerializeToString,
+            ),
+            'SynthesizeTextStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SynthesizeTextStream,
+                    request_deserializer=cosyvoice_dot_v1_dot_tts__pb2.SynthesizeTextStreamRequest.FromString,
+                    response_serializer=cosyvoice_dot_v1_dot_tts__pb2.SynthesizeResponse.SerializeToString,
             ),
             'GetServerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerStatus,
@@ -187,6 +226,33 @@ class TextToSpeechService:
             '/cosyvoice.v1.TextToSpeechService/ListSpeakers',
             cosyvoice_dot_v1_dot_tts__pb2.ListSpeakersRequest.SerializeToString,
             cosyvoice_dot_v1_dot_tts__pb2.ListSpeakersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SynthesizeTextStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cosyvoice.v1.TextToSpeechService/SynthesizeTextStream',
+            cosyvoice_dot_v1_dot_tts__pb2.SynthesizeTextStreamRequest.SerializeToString,
+            cosyvoice_dot_v1_dot_tts__pb2.SynthesizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
