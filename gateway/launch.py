@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, help="model directory (cosyvoice2 engine)")
     p.add_argument("--device", default="auto", help="cosyvoice2 engine: cpu, cuda or auto")
     p.add_argument("--threads", type=int, help="engine compute threads")
+    p.add_argument("--first-chunk-tokens", type=int,
+                   help="cosyvoice2 engine: speech tokens in the first streamed chunk (default 10)")
     p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
                    help="syntheses running at once (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=limits.DEFAULT_MAX_QUEUE,
@@ -146,6 +148,8 @@ def service_command(args: argparse.Namespace, state: Path) -> list[str]:
         cmd += ["--model-dir", str(args.model_dir)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.first_chunk_tokens:
+        cmd += ["--first-chunk-tokens", str(args.first_chunk_tokens)]
     return cmd
 
 

@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any)")
     p.add_argument("--threads", type=int, default=None, help="engine compute threads")
+    p.add_argument("--first-chunk-tokens", type=int, default=None,
+                   help="cosyvoice2 engine: speech tokens in the first streamed chunk "
+                        "(default 10; the reference uses 25)")
     p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
                    help="syntheses running at once (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=limits.DEFAULT_MAX_QUEUE,
@@ -57,7 +60,8 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("loading engine %s", args.engine)
     engine = await asyncio.to_thread(create_engine, args.engine, model_dir=args.model_dir,
                                      threads=args.threads, device=args.device,
-                                     state_dir=args.state_dir or default_state_dir())
+                                     state_dir=args.state_dir or default_state_dir(),
+                                     first_chunk_tokens=args.first_chunk_tokens)
     running = await start_server(engine, host=_listen_host(args.host), port=args.port,
                                  api_keys=list(keys.keys), max_concurrent=args.max_concurrent,
                                  max_queue=args.max_queue)
