@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tts_core.cosyvoice2 import hyperyaml
 from tts_core.cosyvoice2.features import MelConfig, mel_spectrogram_24k
-from tts_core.cosyvoice2.flow import CausalFlow, FlowConfig
-from tts_core.cosyvoice2.hift import build_hift
+from tts_core.cosyvoice2.flow import CausalFlow
+from tts_core.cosyvoice2.hift import HiFTGenerator
+from tts_core.cosyvoice2.model_dir import load_model_dir
 from tts_core.cosyvoice2.token2wav import ChunkTrace, StreamSchedule, Token2Wav
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,17 +38,14 @@ SCHEDULES = {
     "first 10/x2.5/100": StreamSchedule(first_hop=10, growth=2.5),
     "first 5/x2/100": StreamSchedule(first_hop=5),
     "first 10, pad to 25/x2/100": StreamSchedule(first_hop=10, prompt_align=25),
+    "first 10, no pad/x2/100": StreamSchedule(first_hop=10, prompt_align=0),
 }
 
 
-def load_models(model_dir: Path) -> tuple[CausalFlow, torch.nn.Module, MelConfig]:
-    config = hyperyaml.load(model_dir / "cosyvoice2.yaml")
-    flow = CausalFlow(FlowConfig.from_yaml(config["flow"]))
-    flow.load_state_dict(torch.load(model_dir / "flow.pt", weights_only=True,
-                                    map_location="cpu"), strict=True)
-    hift = build_hift(config["hift"], torch.load(model_dir / "hift.pt", weights_only=True,
-                                                 map_location="cpu"), fold=True)
-    return flow.eval(), hift, MelConfig.from_yaml(config["feat_extractor"])
+def load_models(model_dir: Path) -> tuple[CausalFlow, HiFTGenerator, MelConfig]:
+    """The flow, the (weight-norm folded) vocoder and the mel settings, as the engine loads them."""
+    models = load_model_dir(model_dir, require_frontend=False)
+    return models.flow, models.hift, models.mel_config
 
 
 def snr_db(signal: torch.Tensor, reference: torch.Tensor) -> float:

@@ -16,7 +16,12 @@ import pytest
 import soundfile
 import torch
 
-from tts_core.cosyvoice2.engine import DEFAULT_FIRST_CHUNK_TOKENS, NO_PRESETS, CosyVoice2Engine
+from tts_core.cosyvoice2.engine import (
+    DEFAULT_FIRST_CHUNK_TOKENS,
+    NO_PRESETS,
+    CosyVoice2Engine,
+    default_schedule,
+)
 from tts_core.cosyvoice2.speakers import (
     SpeakerError,
     SpeakerProfile,
@@ -24,6 +29,7 @@ from tts_core.cosyvoice2.speakers import (
     validate_speaker_id,
 )
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir, synthetic_voice
+from tts_core.cosyvoice2.token2wav import StreamSchedule
 from tts_core.engine import (
     Audio,
     InvalidRequest,
@@ -162,16 +168,22 @@ def test_streaming_first_chunk_comes_early(engine: CosyVoice2Engine, zh_prompt: 
     request = SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,
                                prompt_text=PROMPT_TEXT)
     first = next(iter(engine.synthesize(request, threading.Event())))
-    # the first chunk holds DEFAULT_FIRST_CHUNK_TOKENS (plus alignment of the prompt to a
-    # multiple of it), less the 8 mel frames kept back for the cross-fade
-    limit = 2 * DEFAULT_FIRST_CHUNK_TOKENS * SAMPLES_PER_TOKEN
-    assert 0 < len(first) < limit
-    assert len(first) % 480 == 0
+    # the first chunk holds DEFAULT_FIRST_CHUNK_TOKENS (no prompt padding: that is not a whole
+    # attention chunk), less the 8 mel frames kept back for the cross-fade
+    assert len(first) == DEFAULT_FIRST_CHUNK_TOKENS * SAMPLES_PER_TOKEN - 8 * 480
     # the reference's schedule (25 tokens + prompt padding to 25) starts later
     reference = CosyVoice2Engine.from_model_dir(model_dirs["presets"], threads=1, device="cpu",
                                                 seed=5, first_chunk_tokens=25)
     first_reference = next(iter(reference.synthesize(request, threading.Event())))
     assert len(first_reference) > len(first)
+
+
+def test_default_schedule_pads_the_prompt_only_for_whole_chunks() -> None:
+    reference = StreamSchedule()  # the reference driver: 25 tokens, prompt padded to 25, x2, 100
+    ours = default_schedule(chunk_size=25, first_chunk_tokens=25)
+    assert (ours.first_hop, ours.growth, ours.max_hop) == (25, 2.0, 100)
+    assert [ours.prompt_pad(p) for p in range(60)] == [reference.prompt_pad(p) for p in range(60)]
+    assert all(default_schedule(25, 10).prompt_pad(p) == 0 for p in range(60))
 
 
 def test_speed_changes_the_length(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
@@ -228,6 +240,12 @@ def test_bidirectional_text_stream(engine: CosyVoice2Engine, zh_prompt: Audio) -
     ids = list(engine._text_id_chunks(iter(pieces), engine._voice(request), threading.Event()))
     text = engine.tokenizer.decode([i for chunk in ids for i in chunk])
     assert "twenty five" in text and "two" not in text
+    # Cutting at piece boundaries changes nothing the LM sees: the same ids as the whole text
+    # (no lone space tokens, commas inside the text stay commas).
+    for split in (pieces, ["今天天气很好，", "我们去公园", "散步吧，", "好不好？"]):
+        ids = list(engine._text_id_chunks(iter(split), engine._voice(request), threading.Event()))
+        whole = engine.tokenizer.encode(engine.text.normalize("".join(split)))
+        assert [i for chunk in ids for i in chunk] == whole
     with pytest.raises(UnsupportedMode):
         list(engine.synthesize_text_stream(SynthesisRequest(Mode.VOICE_CONVERSION), iter([]),
                                            threading.Event()))

@@ -36,7 +36,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +58,17 @@ from .onnx_frontend import (
     MIN_PROMPT_SECONDS,
     PromptAudioError,
     PromptEncoder,
+    PromptFeatures,
     check_audio,
 )
 from .sampling import RasSampler
-from .speakers import SpeakerError, SpeakerProfile, SpeakerRegistry, validate_speaker_id
+from .speakers import (
+    SpeakerError,
+    SpeakerProfile,
+    SpeakerRegistry,
+    preset_from_spk2info,
+    validate_speaker_id,
+)
 from .text_frontend import END_OF_PROMPT, TextFrontend, detect_language
 from .token2wav import StreamSchedule, Token2Wav
 from .tokenizer import COSYVOICE2_SPECIAL_TOKENS
@@ -127,12 +134,24 @@ def _resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
 # difference from one-shot output on the parity model compared with the reference schedule.
 DEFAULT_FIRST_CHUNK_TOKENS = 10
 
+# Streamed text is normalised (and tokenised) up to its last word or clause boundary; text
+# without one (CJK without punctuation) is flushed once it is this long.
+_STREAM_BOUNDARY = re.compile(r".*[\s，。！？；：、,.!?;:…]", re.S)
+_STREAM_FLUSH_CHARS = 16
+
 
 def default_schedule(chunk_size: int,
                      first_chunk_tokens: int = DEFAULT_FIRST_CHUNK_TOKENS) -> StreamSchedule:
-    """Our streaming schedule: a small first chunk, then the reference's doubling up to 4x."""
+    """Our streaming schedule: a small first chunk, then the reference's doubling up to 4x.
+
+    The reference pads the first chunk so that prompt + chunk ends on a boundary of the flow's
+    attention chunks (``chunk_size``); later hops then end on boundaries too. That only holds
+    for first chunks of whole attention chunks; for others the padding would just add latency.
+    """
+    aligned = first_chunk_tokens % chunk_size == 0
     return StreamSchedule(first_hop=first_chunk_tokens, growth=2.0,
-                          max_hop=max(4 * chunk_size, first_chunk_tokens))
+                          max_hop=max(4 * chunk_size, first_chunk_tokens),
+                          prompt_align=chunk_size if aligned else 0)
 
 
 class CosyVoice2Engine:
@@ -380,7 +399,7 @@ class CosyVoice2Engine:
         return RasSampler(self.models.sampling, self.models.lm.config.speech_token_size,
                           randomness.sampler)
 
-    def _encode_prompt(self, audio: Audio):
+    def _encode_prompt(self, audio: Audio) -> PromptFeatures:
         try:
             return self.prompts.encode(audio.samples, audio.sample_rate)
         except PromptAudioError as error:
@@ -425,39 +444,43 @@ class CosyVoice2Engine:
 
     def _text_id_chunks(self, pieces: Iterable[str], voice: _Voice, cancel: threading.Event
                         ) -> Iterator[list[int]]:
-        """Normalised token ids of streamed text, emitted up to the last word boundary."""
+        """Normalised token ids of streamed text, emitted up to the last word boundary.
+
+        The whitespace after a boundary stays in the buffer and goes with the next word: Qwen2's
+        BPE spells a word with its leading space (" world"), so cutting after the space would
+        give a lone space token and a word the model never saw that way in whole texts.
+        """
         buffer = ""
         first = True
-        boundary = re.compile(r".*[\s，。！？；：、,.!?;:…]", re.S)
         for piece in pieces:
             if cancel.is_set():
                 return
             if not isinstance(piece, str):
                 raise InvalidRequest("streamed text pieces must be strings")
             buffer += piece
-            match = boundary.match(buffer)
+            match = _STREAM_BOUNDARY.match(buffer)
             # CJK text has no spaces: flush at punctuation, or once it gets long
-            if match is None and len(buffer) < 16:
+            if match is None and len(buffer) < _STREAM_FLUSH_CHARS:
                 continue
-            ready, buffer = (buffer[:match.end()], buffer[match.end():]) if match else (buffer, "")
-            ids = self._piece_ids(ready, voice, first)
+            ready = buffer[:match.end() if match else len(buffer)].rstrip()
+            buffer = buffer[len(ready):]
+            ids = self._piece_ids(ready, voice, first, complete=False)
             if ids:
                 first = False
                 yield ids
         if buffer.strip():
-            ids = self._piece_ids(buffer, voice, first)
+            ids = self._piece_ids(buffer.rstrip(), voice, first, complete=True)
             if ids:
                 yield ids
 
-    def _piece_ids(self, text: str, voice: _Voice, first: bool) -> list[int]:
-        lead = " " if text[:1].isspace() and not first else ""
-        spoken = self.text.normalize(text)
+    def _piece_ids(self, text: str, voice: _Voice, first: bool, complete: bool) -> list[int]:
+        spoken = self.text.normalize(text, complete=complete)
         if not spoken:
             return []
         if first and voice.tag_language:
             spoken = self.text.tag_language(spoken)
-        trail = " " if text[-1:].isspace() else ""
-        return self.tokenizer.encode(lead + spoken + trail)
+        lead = " " if text[:1].isspace() and not first else ""
+        return self.tokenizer.encode(lead + spoken)
 
     # ------------------------------------------------------------------ waveform
 
@@ -512,8 +535,6 @@ _PRESET_LANGUAGES = {"中文": "zh", "英文": "en", "日语": "ja", "粤语": "
 
 
 def _preset(name: str, entry: dict[str, torch.Tensor], n_mels: int) -> SpeakerProfile:
-    from .speakers import preset_from_spk2info
-
-    profile = preset_from_spk2info(name, entry, n_mels)
+    """A ``spk2info.pt`` speaker; its language is read from the official names (中文女 ...)."""
     language = next((code for word, code in _PRESET_LANGUAGES.items() if word in name), "und")
-    return SpeakerProfile(**{**profile.__dict__, "language": language})
+    return replace(preset_from_spk2info(name, entry, n_mels), language=language)

@@ -136,10 +136,13 @@ class CausalFlow(nn.Module):
         if tokens.dim() != 2 or tokens.dtype.is_floating_point:
             raise ValueError(f"flow: tokens must be an integer tensor [batch, length], got "
                              f"{tuple(tokens.shape)} {tokens.dtype}")
+        if not tokens.numel():
+            return
         vocab = self.config.vocab_size
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        low, high = torch.stack(torch.aminmax(tokens)).tolist()  # one device sync, not four
+        if low < 0 or high >= vocab:
             raise ValueError(f"flow: speech token ids must lie in [0, {vocab}), "
-                             f"got {int(tokens.min())}..{int(tokens.max())}")
+                             f"got {low}..{high}")
 
     @torch.inference_mode()
     def inference(self, token: torch.Tensor, prompt_token: torch.Tensor,

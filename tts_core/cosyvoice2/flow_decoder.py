@@ -277,8 +277,12 @@ class CausalConditionalDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False) -> torch.Tensor:
-        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T]."""
-        time = self.time_mlp(sinusoidal_time_embedding(t, self.config.in_channels))
+        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T].
+
+        ``t`` may be float32 while the rest is in a reduced dtype (see the flow-matching solver).
+        """
+        embedded_time = sinusoidal_time_embedding(t.float(), self.config.in_channels)
+        time = self.time_mlp(embedded_time.to(x.dtype))
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
 
         skips, masks = [], [mask]

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from .checkpoint import load_strict
 from .hyperyaml import Tagged
 
 _WN = ".parametrizations.weight."
@@ -270,24 +271,7 @@ class HiFTGenerator(nn.Module):
 
         Raises ValueError naming the missing, unexpected and mis-shaped keys.
         """
-        state = normalize_state_dict(state_dict)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = sorted(
-            f"{k}: checkpoint {tuple(state[k].shape)} != model {tuple(own[k].shape)}"
-            for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape)
-        )
-        if missing or unexpected or shapes:
-            parts = []
-            for title, items in (("missing", missing), ("unexpected", unexpected),
-                                 ("mis-shaped", shapes)):
-                if items:
-                    shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)"
-                                                    if len(items) > 8 else "")
-                    parts.append(f"{title}: {shown}")
-            raise ValueError("hift state dict does not fit the yaml's HiFT: " + "; ".join(parts))
-        self.load_state_dict(state, strict=True)
+        load_strict(self, normalize_state_dict(state_dict), "the hift state dict")
 
     def fold_weight_norm(self) -> None:
         """Replace every weight-norm parametrisation by the plain weight it computes.
@@ -297,8 +281,6 @@ class HiFTGenerator(nn.Module):
         for module in self.modules():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-
-    remove_weight_norm = fold_weight_norm
 
     # --- stages --------------------------------------------------------------------------
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import hyperyaml
+from .checkpoint import load_strict
 from .features import MelConfig
 from .flow import CausalFlow, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator, normalize_state_dict
@@ -104,31 +104,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _describe_mismatch(file: str, own: dict[str, torch.Tensor],
-                       state: dict[str, torch.Tensor]) -> str | None:
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if not (missing or unexpected or shapes):
-        return None
-    parts = []
-    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                         ("mis-shaped keys", shapes)):
-        if items:
-            more = f", ... ({len(items)} in all)" if len(items) > 6 else ""
-            parts.append(f"{title}: {', '.join(items[:6])}{more}")
-    return (f"{file} does not fit the model described by the yaml and config.json — "
-            + "; ".join(parts))
-
-
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], file: str) -> None:
-    problem = _describe_mismatch(file, module.state_dict(), state)
-    if problem:
-        raise ModelDirError(problem)
-    module.load_state_dict(state, strict=True)
-
-
 def _read_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
     for name in YAML_NAMES:
         path = root / name
@@ -166,6 +141,52 @@ def _read_spk2info(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return presets
 
 
+def _read_frontend(root: Path, qwen: Qwen2Config, device: torch.device, onnx_threads: int
+                   ) -> tuple[CosyVoice2Tokenizer, OnnxFrontend]:
+    """The text tokenizer and the two ONNX sessions (speaker embedding, speech tokenizer)."""
+    campplus = _need(root / "campplus.onnx", "the speaker-embedding model")
+    speech_tokenizer = _need(root / "speech_tokenizer_v2.onnx", "the speech tokenizer")
+    try:
+        tokenizer = CosyVoice2Tokenizer.from_dir(root / BLANK_EN)
+    except FileNotFoundError as error:
+        raise MissingModelFile(f"{error}; {OFFICIAL_SOURCES}") from error
+    except ValueError as error:
+        raise ModelDirError(str(error)) from error
+    if tokenizer.max_token_id >= qwen.vocab_size:
+        raise ModelDirError(f"the tokenizer has ids up to {tokenizer.max_token_id} but the "
+                            f"LM's vocabulary (config.json vocab_size) has {qwen.vocab_size}")
+    try:
+        onnx = OnnxFrontend(campplus, speech_tokenizer, threads=onnx_threads, device=str(device))
+    except ValueError as error:
+        raise ModelDirError(str(error)) from error
+    return tokenizer, onnx
+
+
+def _check_consistent(yaml_path: Path, lm_config: LMConfig, flow_config: FlowConfig,
+                      hift_config: HiFTConfig, mel_config: MelConfig, ratio: int,
+                      sample_rate: int) -> None:
+    """The yaml's parts must agree on token ids, frame rates and mel bins."""
+    problems = []
+    if flow_config.vocab_size != lm_config.speech_token_size:
+        problems.append(f"flow vocab_size {flow_config.vocab_size} != llm speech_token_size "
+                        f"{lm_config.speech_token_size}")
+    if ratio != flow_config.token_mel_ratio:
+        problems.append(f"token_mel_ratio {ratio} != flow token_mel_ratio "
+                        f"{flow_config.token_mel_ratio}")
+    if sample_rate != hift_config.sampling_rate or sample_rate != mel_config.sampling_rate:
+        problems.append(f"sample_rate {sample_rate} differs from the vocoder's "
+                        f"({hift_config.sampling_rate}) or the feature extractor's "
+                        f"({mel_config.sampling_rate})")
+    if mel_config.num_mels != flow_config.output_size or hift_config.in_channels != \
+            flow_config.output_size:
+        problems.append("mel bins differ between feat_extractor, flow and hift")
+    if hift_config.upsample_factor != mel_config.hop_size:
+        problems.append(f"the vocoder makes {hift_config.upsample_factor} samples per frame but "
+                        f"the mel hop is {mel_config.hop_size}")
+    if problems:
+        raise ModelDirError(f"{yaml_path.name} is inconsistent: " + "; ".join(problems))
+
+
 def load_model_dir(path: Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, require_frontend: bool = True,
                    onnx_threads: int = 1, fold_hift: bool = True) -> CosyVoice2Models:
@@ -191,22 +212,7 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     tokenizer: CosyVoice2Tokenizer | None = None
     onnx: OnnxFrontend | None = None
     if require_frontend:
-        campplus = _need(root / "campplus.onnx", "the speaker-embedding model")
-        speech_tokenizer = _need(root / "speech_tokenizer_v2.onnx", "the speech tokenizer")
-        try:
-            tokenizer = CosyVoice2Tokenizer.from_dir(root / BLANK_EN)
-        except FileNotFoundError as error:
-            raise MissingModelFile(f"{error}; {OFFICIAL_SOURCES}") from error
-        except ValueError as error:
-            raise ModelDirError(str(error)) from error
-        if tokenizer.max_token_id >= qwen.vocab_size:
-            raise ModelDirError(f"the tokenizer has ids up to {tokenizer.max_token_id} but the "
-                                f"LM's vocabulary (config.json vocab_size) has {qwen.vocab_size}")
-        try:
-            onnx = OnnxFrontend(campplus, speech_tokenizer, threads=onnx_threads,
-                                device=str(device))
-        except ValueError as error:
-            raise ModelDirError(str(error)) from error
+        tokenizer, onnx = _read_frontend(root, qwen, device, onnx_threads)
 
     try:
         lm_config = LMConfig.from_yaml(_node(cfg, "llm", yaml_path), qwen)
@@ -219,37 +225,20 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
         raise ModelDirError(f"{yaml_path.name}: {error}") from error
     ratio = int(cfg.get("token_mel_ratio", flow_config.token_mel_ratio))
     sample_rate = int(cfg.get("sample_rate", hift_config.sampling_rate))
-    problems = []
-    if flow_config.vocab_size != lm_config.speech_token_size:
-        problems.append(f"flow vocab_size {flow_config.vocab_size} != llm speech_token_size "
-                        f"{lm_config.speech_token_size}")
-    if ratio != flow_config.token_mel_ratio:
-        problems.append(f"token_mel_ratio {ratio} != flow token_mel_ratio "
-                        f"{flow_config.token_mel_ratio}")
-    if sample_rate != hift_config.sampling_rate or sample_rate != mel_config.sampling_rate:
-        problems.append(f"sample_rate {sample_rate} differs from the vocoder's "
-                        f"({hift_config.sampling_rate}) or the feature extractor's "
-                        f"({mel_config.sampling_rate})")
-    if mel_config.num_mels != flow_config.output_size or hift_config.in_channels != \
-            flow_config.output_size:
-        problems.append("mel bins differ between feat_extractor, flow and hift")
-    if hift_config.upsample_factor != mel_config.hop_size:
-        problems.append(f"the vocoder makes {hift_config.upsample_factor} samples per frame but "
-                        f"the mel hop is {mel_config.hop_size}")
-    if problems:
-        raise ModelDirError(f"{yaml_path.name} is inconsistent: " + "; ".join(problems))
+    _check_consistent(yaml_path, lm_config, flow_config, hift_config, mel_config, ratio,
+                      sample_rate)
 
     lm = CosyVoice2LM(lm_config)
-    _load_strict(lm, _read_state_dict(llm_path), llm_path.name)
+    load_strict(lm, _read_state_dict(llm_path), llm_path.name, ModelDirError)
     flow = CausalFlow(flow_config)
-    _load_strict(flow, _read_state_dict(flow_path), flow_path.name)
+    load_strict(flow, _read_state_dict(flow_path), flow_path.name, ModelDirError)
     hift = HiFTGenerator(hift_config)
     hift_state = _read_state_dict(hift_path)
     try:
         hift_state = normalize_state_dict(hift_state)
     except ValueError as error:
         raise ModelDirError(f"hift.pt: {error}") from error
-    _load_strict(hift, hift_state, hift_path.name)
+    load_strict(hift, hift_state, hift_path.name, ModelDirError)
     if fold_hift:
         hift.fold_weight_norm()  # g·v/‖v‖ once, not at every call
 

@@ -289,8 +289,12 @@ class TextFrontend:
 
     # -- normalisation
 
-    def normalize(self, text: str, language: str | None = None) -> str:
-        """Spoken form of ``text``; ``language`` None: detected from the script."""
+    def normalize(self, text: str, language: str | None = None, *, complete: bool = True) -> str:
+        """Spoken form of ``text``; ``language`` None: detected from the script.
+
+        ``complete=False`` for a piece of a text that goes on (streamed text): a trailing comma
+        or colon then stays, instead of becoming the full stop that ends a whole text.
+        """
         text = unicodedata.normalize("NFC", text).translate(_QUOTES)
         text = text.replace("\r", "\n")
         language = language or detect_language(text)
@@ -312,6 +316,8 @@ class TextFrontend:
             plain = _clean_cjk(plain) if wide else _clean_latin(plain)
             pieces.append(plain)
         text = "".join(pieces).strip()
+        if not complete:
+            return text
         if wide:
             text = re.sub(r"[，、：,]+$", "。", text)
         else:
