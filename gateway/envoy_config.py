@@ -22,6 +22,7 @@ GRPC_CLUSTER = "tts_grpc"
 TRANSCODED_SERVICES = ("cosyvoice.v1.TextToSpeechService", "cosyvoice.v1.RestCompatService")
 API_KEY_HEADER = "X-API-TOKEN"
 STREAM_IDLE_TIMEOUT = "300s"  # no byte for this long ends a stream (a queued request waits)
+REQUEST_HEADERS_TIMEOUT = "10s"
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 _TEXT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript",
@@ -200,7 +201,9 @@ def build_config(s: GatewaySettings) -> dict:
         "stat_prefix": "rest",
         "codec_type": "AUTO",
         "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
-        "request_timeout": "0s",
+        "request_timeout": "0s",  # an upload on a slow link may take long; idle ones still end
+        # Clients send their headers at once; one that trickles them only holds a connection.
+        "request_headers_timeout": REQUEST_HEADERS_TIMEOUT,
         "access_log": [{"name": "envoy.access_loggers.stderr", "typed_config": {
             "@type": f"{_TYPES}.access_loggers.stream.v3.StderrAccessLog",
             "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
@@ -234,6 +237,16 @@ def build_config(s: GatewaySettings) -> dict:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": s.admin_port}}},
+        # Envoy accepts any number of connections unless told otherwise; beyond this many it
+        # refuses new ones (each idle keep-alive connection costs memory, not engine time).
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": f"{_TYPES}.resource_monitors.downstream_connections.v3"
+                         ".DownstreamConnectionsConfig",
+                "max_active_downstream_connections": limits.MAX_GATEWAY_CONNECTIONS,
+            },
+        }]},
         "static_resources": {
             "listeners": [{
                 "name": "rest",

@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default $COSYVOICE_STATE_DIR or var/)")
     p.add_argument("--web-dir", type=Path, default=REPO_ROOT / "web",
                    help="static files served at / (default web/)")
-    p.add_argument("--envoy-log-level", default="warning")
+    p.add_argument("--envoy-log-level", default="warning",
+                   help="Envoy's log level (default warning; debug and trace log request "
+                        "headers, API keys included: never in production)")
     p.add_argument("--log-level", default="INFO", help="gRPC server log level")
     return p.parse_args(argv)
 
@@ -75,13 +77,18 @@ class _StopRequested(Exception):
     """SIGINT or SIGTERM arrived while starting up."""
 
 
+try:  # loaded here: the child of a fork should do as little as possible before exec
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if the launcher dies, so no server outlives it (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    prctl = getattr(_LIBC, "prctl", None)
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _connect_host(host: str) -> str:
@@ -220,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
+        stopping["ready"] = True  # a second Ctrl+C must not interrupt the stopping itself
         _stop(children)
 
 

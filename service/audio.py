@@ -34,26 +34,43 @@ def decode_audio(data: bytes, fmt: int = PromptAudioFormat.PROMPT_AUDIO_FORMAT_U
         rate = sample_rate
     elif fmt in (PromptAudioFormat.PROMPT_AUDIO_FORMAT_UNSPECIFIED,
                  PromptAudioFormat.PROMPT_AUDIO_FORMAT_CONTAINER):
-        try:
-            samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
-            reason = getattr(error, "error_string", "") or "unknown format"
-            raise bad_request(f"{what} could not be decoded ({reason}); send a WAV, FLAC or OGG "
-                              "file, or raw 16-bit PCM with its sample rate") from None
-        samples = samples.mean(axis=1, dtype=np.float32)  # down-mix to mono
-        _check_input_rate(rate, what, "resample the file")
+        samples, rate = _read_container(data, what)
     else:
         raise bad_request(f"{what}: unknown format {fmt}")
     audio = Audio(samples=np.ascontiguousarray(samples, dtype=np.float32), sample_rate=int(rate))
     if not np.isfinite(audio.samples).all():
         raise bad_request(f"{what} contains NaN or infinite samples")
-    if audio.duration > limits.MAX_PROMPT_SECONDS:
-        raise too_large(f"{what} is {audio.duration:.1f} s long; the limit is "
-                        f"{limits.MAX_PROMPT_SECONDS:g} s: cut it to a shorter clip")
+    _check_max_duration(audio.duration, what)
     if audio.duration < limits.MIN_PROMPT_SECONDS:
         raise bad_request(f"{what} is {audio.duration:.2f} s long; at least "
                           f"{limits.MIN_PROMPT_SECONDS:g} s of speech is needed")
     return audio
+
+
+def _read_container(data: bytes, what: str) -> tuple[np.ndarray, int]:
+    """Mono float32 samples and the rate of a WAV/FLAC/OGG/... file."""
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as file:
+            # Checked from the header, before decoding: a compressed upload within the byte
+            # limit can hold hours of many-channel audio, gigabytes once decoded.
+            _check_input_rate(file.samplerate, what, "resample the file")
+            _check_max_duration(file.frames / file.samplerate, what)
+            if file.channels > limits.MAX_INPUT_CHANNELS:
+                raise bad_request(f"{what} has {file.channels} channels; at most "
+                                  f"{limits.MAX_INPUT_CHANNELS} are accepted (mono is best)")
+            samples = file.read(dtype="float32", always_2d=True)
+            rate = file.samplerate
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
+        reason = getattr(error, "error_string", "") or "unknown format"
+        raise bad_request(f"{what} could not be decoded ({reason}); send a WAV, FLAC or OGG "
+                          "file, or raw 16-bit PCM with its sample rate") from None
+    return samples.mean(axis=1, dtype=np.float32), rate  # down-mixed to mono
+
+
+def _check_max_duration(seconds: float, what: str) -> None:
+    if seconds > limits.MAX_PROMPT_SECONDS:
+        raise too_large(f"{what} is {seconds:.1f} s long; the limit is "
+                        f"{limits.MAX_PROMPT_SECONDS:g} s: cut it to a shorter clip")
 
 
 def _check_input_rate(rate: int, what: str, hint: str) -> None:
@@ -92,13 +109,11 @@ class OutputEncoder:
                                                quality="HQ")
                            if self.output_rate != native_rate else None)
         self._header_pending = self.encoding == AudioEncoding.AUDIO_ENCODING_WAV
-        self.samples_out = 0
 
     def encode(self, chunk: np.ndarray, *, last: bool = False) -> bytes:
         samples = np.asarray(chunk, dtype=np.float32).reshape(-1)
         if self._resampler is not None:
             samples = self._resampler.resample_chunk(samples, last=last)
-        self.samples_out += len(samples)
         if self.encoding == AudioEncoding.AUDIO_ENCODING_PCM_F32LE:
             data = samples.astype("<f4").tobytes()
         else:

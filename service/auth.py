@@ -8,6 +8,7 @@ in constant time against every configured key, and never logged.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import re
@@ -87,17 +88,24 @@ def load_api_keys(key_file: Path | None = None, state_dir: Path | None = None) -
     return ApiKeys((key,), str(path), generated=key)
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
 class KeyChecker:
+    """Constant-time key checks: digests of equal length, compared against every key."""
+
     def __init__(self, keys: Sequence[str]):
-        self._keys = [k.encode() for k in keys]
+        # compare_digest's time still depends on the lengths; digests hide a key's length.
+        self._digests = [_digest(k) for k in keys]
 
     def is_valid(self, presented: str | None) -> bool:
         if not presented:
             return False
-        candidate = presented.encode()
+        candidate = _digest(presented)
         matched = False
-        for key in self._keys:  # compare against every key, so timing says nothing
-            matched |= hmac.compare_digest(candidate, key)
+        for digest in self._digests:  # no early exit: the time says nothing of which matched
+            matched |= hmac.compare_digest(candidate, digest)
         return matched
 
     def from_metadata(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from tts_core.engine import EngineError, InvalidRequest, UnknownSpeaker, UnsupportedMode
+from tts_core.engine import EngineError, UnknownSpeaker, UnsupportedMode
 
 HTTP_STATUS_KEY = "x-cosyvoice-http-status"
 
@@ -68,6 +68,4 @@ def from_engine_error(error: EngineError) -> ServiceError:
         return not_found(message)
     if isinstance(error, UnsupportedMode):
         return unimplemented(message)
-    if isinstance(error, InvalidRequest):
-        return bad_request(message)
-    return bad_request(message)
+    return bad_request(message)  # InvalidRequest, and any other client-caused EngineError

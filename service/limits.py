@@ -5,7 +5,7 @@ The gateway derives its own body limit from these values, so Envoy and the gRPC 
 
 from __future__ import annotations
 
-# Text to speak, in characters (code points) after stripping surrounding whitespace.
+# Text to speak, in characters (code points), surrounding whitespace included.
 MAX_TEXT_CHARS = 2000
 # SynthesizeTextStream: all pieces of one call together, and how long the engine waits for
 # the next piece before the call fails (so an abandoned stream cannot hold a slot forever).
@@ -35,6 +35,8 @@ OUTPUT_SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 # Sample rates of uploaded audio (any value in this range; the engine resamples).
 MIN_INPUT_SAMPLE_RATE = 8000
 MAX_INPUT_SAMPLE_RATE = 48000
+# Channels of an uploaded file (down-mixed to mono); bounds the decoded size.
+MAX_INPUT_CHANNELS = 8
 
 # Speaking rate.
 MIN_SPEED = 0.5
@@ -42,6 +44,9 @@ MAX_SPEED = 2.0
 
 # The reference REST API's output rate, which its clients assume.
 REST_DEFAULT_SAMPLE_RATE = 22050
+
+# Open client connections the gateway (Envoy) accepts at once; it refuses new ones beyond.
+MAX_GATEWAY_CONNECTIONS = 1024
 
 # Server capacity defaults (overridable on the command line).
 DEFAULT_MAX_CONCURRENT = 2

@@ -6,20 +6,27 @@ it cannot serve, NOT_FOUND 404 for an unknown speaker) -> admission (RESOURCE_EX
 503 when max_concurrent + max_queue syntheses are already running or waiting) -> audio. Nothing
 is sent before the first chunk is ready, so every failure up to there is a clean status.
 SynthesizeTextStream follows the same path with its first message (the config); its text pieces
-are fed to the engine while it speaks.
+are fed to the engine while it speaks. Registering a speaker is engine work as heavy as a short
+synthesis, so it takes a slot (and may be refused) like one. Decoding a request (multipart
+parsing, audio decoding, resampling: up to ~0.1 s of CPU for full-size uploads) runs in a
+thread, so the event loop keeps streaming the other calls meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from google.api import httpbody_pb2
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -42,15 +49,31 @@ _MODE_TO_PROTO = {
 }
 
 
-@dataclass
-class _Result:
-    """What one synthesis produced, for the final stats message and the log line."""
+T = TypeVar("T")
 
+
+@dataclass
+class _Call:
+    """One synthesis call: what it asked for and produced, for the stats message and the log."""
+
+    name: str  # the RPC, or the REST path
+    started: float = field(default_factory=time.monotonic)
+    request: SynthesisRequest | None = None  # set once the request decoded
+    text_feed: TextFeed | None = None  # SynthesizeTextStream only
     sample_rate: int = 0
     chunks: int = 0
     audio_seconds: float = 0.0
     first_chunk_at: float = 0.0
     finished_at: float = 0.0
+
+    def since_start(self) -> float:
+        return time.monotonic() - self.started
+
+    def stats(self, engine: str) -> tts_pb2.SynthesizeResponse:
+        return tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
+            audio_seconds=self.audio_seconds, time_to_first_chunk_seconds=self.first_chunk_at,
+            total_seconds=self.finished_at, engine=engine, chunks=self.chunks,
+            sample_rate=self.sample_rate))
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: errors.ServiceError) -> None:
@@ -63,6 +86,17 @@ async def _abort_unexpected(context: grpc.aio.ServicerContext, error: Exception)
     log.error("unexpected failure while serving a call", exc_info=error)
     await _abort(context, errors.ServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE,
                                               500))
+
+
+async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+    """The result of a unary call's ``work``, or the call ended with the right status."""
+    try:
+        return await work
+    except errors.ServiceError as error:
+        await _abort(context, error)
+    except Exception as error:
+        await _abort_unexpected(context, error)
+    raise AssertionError("unreachable: abort raises")
 
 
 # SynthesizeTextStream's text has not arrived when its config is checked: the engine checks
@@ -87,35 +121,57 @@ class Core:
         # presets).
         return self.engine.capabilities()
 
-    async def audio(self, request: SynthesisRequest, output: convert.OutputSpec,
-                    started: float, result: _Result, text: TextFeed | None = None
+    async def audio(self, call: _Call, output: convert.OutputSpec
                     ) -> AsyncIterator[tuple[bytes, OutputEncoder]]:
-        """Validate with the engine, then yield encoded audio as the engine produces it.
+        """Validate ``call.request`` with the engine, then yield encoded audio as it comes.
 
-        With ``text``, the engine speaks the pieces fed there (SynthesizeTextStream).
+        With ``call.text_feed``, the engine speaks the pieces fed there (SynthesizeTextStream).
         """
+        request, text = call.request, call.text_feed
         await self.synth.validate(request if text is None
                                   else dataclasses.replace(request, text=_STAND_IN_TEXT))
         encoder = OutputEncoder(self.sample_rate, output.sample_rate, output.encoding)
-        result.sample_rate = encoder.output_rate
+        call.sample_rate = encoder.output_rate
         produced = 0
-        async for chunk in self.synth.stream(request, text):
-            data = encoder.encode(chunk)
-            produced += len(chunk)
-            if not data:
-                continue
-            if not result.chunks:
-                result.first_chunk_at = time.monotonic() - started
-            result.chunks += 1
-            yield data, encoder
+        # aclosing: leaving early (client gone) stops the engine now, not when GC runs.
+        async with aclosing(self.synth.stream(request, text)) as chunks:
+            async for chunk in chunks:
+                data = encoder.encode(chunk)
+                produced += len(chunk)
+                if not data:
+                    continue
+                if not call.chunks:
+                    call.first_chunk_at = call.since_start()
+                call.chunks += 1
+                yield data, encoder
         tail = encoder.finish()
-        if tail or not result.chunks:  # always at least one message, so the stream has a type
-            if not result.chunks:
-                result.first_chunk_at = time.monotonic() - started
-            result.chunks += 1
+        if tail or not call.chunks:  # always at least one message, so the stream has a type
+            if not call.chunks:
+                call.first_chunk_at = call.since_start()
+            call.chunks += 1
             yield tail, encoder
-        result.finished_at = time.monotonic() - started
-        result.audio_seconds = produced / float(self.sample_rate)
+        call.finished_at = call.since_start()
+        call.audio_seconds = produced / float(self.sample_rate)
+
+    async def serve(self, call: _Call, context: grpc.aio.ServicerContext,
+                    replies: AsyncIterator[T]) -> AsyncIterator[T]:
+        """Pass ``replies`` on; end the call with the right status on failure; log it once."""
+        failure: BaseException | None = None
+        try:
+            async with aclosing(replies):
+                async for reply in replies:
+                    yield reply
+        except errors.ServiceError as error:
+            failure = error
+            await _abort(context, error)
+        except Exception as error:
+            failure = error
+            await _abort_unexpected(context, error)
+        except BaseException as error:  # cancelled: the client went away
+            failure = error
+            raise
+        finally:
+            self.log_call(call, _outcome(failure))
 
     def require_registration(self) -> None:
         if not self.capabilities.supports_speaker_registration:
@@ -133,8 +189,9 @@ class Core:
                                      f"{limits.MAX_SPEAKER_ID_CHARS} characters")
         if not request.HasField("prompt_audio"):
             raise errors.bad_request("prompt_audio is required to register a speaker")
-        prompt = decode_audio(request.prompt_audio.data, request.prompt_audio.format,
-                              request.prompt_audio.sample_rate)
+        prompt = await asyncio.to_thread(decode_audio, request.prompt_audio.data,
+                                         request.prompt_audio.format,
+                                         request.prompt_audio.sample_rate)
         prompt_text = request.prompt_text
         if len(prompt_text) > limits.MAX_PROMPT_TEXT_CHARS:
             raise errors.too_large(f"prompt_text has {len(prompt_text)} characters; the "
@@ -147,7 +204,7 @@ class Core:
             raise errors.already_exists(f"speaker id {speaker_id!r} is already registered; "
                                         "choose another id, or set replace to overwrite it")
         try:
-            speaker = await asyncio.to_thread(
+            speaker = await self.synth.run(
                 self.engine.register_speaker, speaker_id, prompt, prompt_text,
                 language=request.language or None, description=request.description,
                 replace=request.replace)
@@ -157,15 +214,27 @@ class Core:
             id=speaker.id, language=speaker.language, description=speaker.description,
             registered=speaker.registered))
 
-    def log_call(self, call: str, request: SynthesisRequest | None, outcome: str,
-                 started: float, result: _Result, chars: int | None = None) -> None:
+    async def delete(self, speaker_id: str) -> tts_pb2.DeleteSpeakerResponse:
+        self.require_registration()
+        if not speaker_id.strip():
+            raise errors.bad_request("speaker_id is empty: name the registered speaker to delete")
+        try:
+            await asyncio.to_thread(self.engine.delete_speaker, speaker_id)
+        except EngineError as error:
+            raise errors.from_engine_error(error) from None
+        return tts_pb2.DeleteSpeakerResponse()
+
+    def log_call(self, call: _Call, outcome: str) -> None:
         # Never the text, the prompt or any metadata: only sizes and timings.
+        request = call.request
         mode = request.mode.value if request else "-"
-        if chars is None:
+        if call.text_feed is not None:
+            chars = call.text_feed.chars
+        else:
             chars = len(request.text) if request else 0
         log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
-                 call, mode, chars, result.sample_rate, outcome, result.chunks,
-                 result.first_chunk_at, time.monotonic() - started, result.audio_seconds)
+                 call.name, mode, chars, call.sample_rate, outcome, call.chunks,
+                 call.first_chunk_at, call.since_start(), call.audio_seconds)
 
 
 def _outcome(error: BaseException | None) -> str:
@@ -173,7 +242,7 @@ def _outcome(error: BaseException | None) -> str:
         return "OK"
     if isinstance(error, errors.ServiceError):
         return error.code.name
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     return type(error).__name__
 
@@ -183,81 +252,60 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
         self.core = core
 
     async def Synthesize(self, request: tts_pb2.SynthesizeRequest,
-                         context: grpc.aio.ServicerContext):
-        started = time.monotonic()
-        result = _Result()
-        engine_request = None
-        failure: BaseException | None = None
-        try:
-            engine_request, output = convert.to_engine_request(request)
-            index = 0
-            async for data, encoder in self.core.audio(engine_request, output, started, result):
-                yield tts_pb2.SynthesizeResponse(audio=tts_pb2.AudioChunk(
-                    data=data, sample_rate=encoder.output_rate, encoding=encoder.encoding,
-                    index=index))
-                index += 1
-            yield tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
-                audio_seconds=result.audio_seconds,
-                time_to_first_chunk_seconds=result.first_chunk_at,
-                total_seconds=result.finished_at, engine=self.core.engine.name,
-                chunks=result.chunks, sample_rate=result.sample_rate))
-        except errors.ServiceError as error:
-            failure = error
-            await _abort(context, error)
-        except Exception as error:
-            failure = error
-            await _abort_unexpected(context, error)
-        except BaseException as error:  # cancelled: the client went away
-            failure = error
-            raise
-        finally:
-            self.core.log_call("Synthesize", engine_request, _outcome(failure), started, result)
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
+        call = _Call("Synthesize")
+        async with aclosing(self.core.serve(call, context,
+                                            self._synthesize(request, call))) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def _synthesize(self, request: tts_pb2.SynthesizeRequest, call: _Call
+                          ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
+        call.request, output = await asyncio.to_thread(convert.to_engine_request, request)
+        async with aclosing(self._audio_and_stats(call, output)) as replies:
+            async for reply in replies:
+                yield reply
 
     async def SynthesizeTextStream(self, request_iterator: AsyncIterator,
-                                   context: grpc.aio.ServicerContext):
-        started = time.monotonic()
-        result = _Result()
-        engine_request = None
-        feed: TextFeed | None = None
-        reader: asyncio.Task | None = None
-        failure: BaseException | None = None
+                                   context: grpc.aio.ServicerContext
+                                   ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
+        call = _Call("SynthesizeTextStream")
+        async with aclosing(self.core.serve(call, context, self._text_stream(
+                request_iterator, call))) as replies:
+            async for reply in replies:
+                yield reply
+
+    async def _text_stream(self, messages: AsyncIterator, call: _Call
+                           ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
+        if not self.core.capabilities.supports_text_streaming:
+            raise errors.unimplemented(
+                f"the {self.core.engine.name} engine cannot speak text while it arrives: "
+                "send the whole text to Synthesize, or start the server with an engine "
+                "that can (--engine cosyvoice2)")
+        config = await _first_config(messages)
+        call.request, output = await asyncio.to_thread(convert.to_engine_request, config,
+                                                       streamed_text=True)
+        call.text_feed = TextFeed(idle_seconds=self.core.text_idle_seconds)
+        call.text_feed.put(call.request.text)
+        reader = asyncio.create_task(_read_text(messages, call.text_feed))
         try:
-            if not self.core.capabilities.supports_text_streaming:
-                raise errors.unimplemented(
-                    f"the {self.core.engine.name} engine cannot speak text while it arrives: "
-                    "send the whole text to Synthesize, or start the server with an engine "
-                    "that can (--engine cosyvoice2)")
-            config = await _first_config(request_iterator)
-            engine_request, output = convert.to_engine_request(config, streamed_text=True)
-            feed = TextFeed(idle_seconds=self.core.text_idle_seconds)
-            feed.put(engine_request.text)
-            reader = asyncio.create_task(_read_text(request_iterator, feed))
-            index = 0
-            async for data, encoder in self.core.audio(engine_request, output, started, result,
-                                                       text=feed):
+            async with aclosing(self._audio_and_stats(call, output)) as replies:
+                async for reply in replies:
+                    yield reply
+        finally:
+            reader.cancel()
+
+    async def _audio_and_stats(self, call: _Call, output: convert.OutputSpec
+                               ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
+        index = 0
+        async with aclosing(self.core.audio(call, output)) as audio:
+            async for data, encoder in audio:
                 yield tts_pb2.SynthesizeResponse(audio=tts_pb2.AudioChunk(
                     data=data, sample_rate=encoder.output_rate, encoding=encoder.encoding,
                     index=index))
                 index += 1
-            yield tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
-                audio_seconds=result.audio_seconds,
-                time_to_first_chunk_seconds=result.first_chunk_at,
-                total_seconds=result.finished_at, engine=self.core.engine.name,
-                chunks=result.chunks, sample_rate=result.sample_rate))
-        except errors.ServiceError as error:
-            failure = error
-            await _abort(context, error)
-        except Exception as error:
-            failure = error
-            await _abort_unexpected(context, error)
-        except BaseException as error:  # cancelled: the client went away
-            failure = error
-            raise
-        finally:
-            if reader is not None:
-                reader.cancel()
-            self.core.log_call("SynthesizeTextStream", engine_request, _outcome(failure),
-                               started, result, chars=feed.chars if feed else 0)
+        yield call.stats(self.core.engine.name)
 
     async def ListSpeakers(self, request: tts_pb2.ListSpeakersRequest,
                            context: grpc.aio.ServicerContext) -> tts_pb2.ListSpeakersResponse:
@@ -300,28 +348,11 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     async def RegisterSpeaker(self, request: tts_pb2.RegisterSpeakerRequest,
                               context: grpc.aio.ServicerContext
                               ) -> tts_pb2.RegisterSpeakerResponse:
-        try:
-            return await self.core.register(request)
-        except errors.ServiceError as error:
-            await _abort(context, error)
-        except Exception as error:
-            await _abort_unexpected(context, error)
+        return await _answer(context, self.core.register(request))
 
     async def DeleteSpeaker(self, request: tts_pb2.DeleteSpeakerRequest,
                             context: grpc.aio.ServicerContext) -> tts_pb2.DeleteSpeakerResponse:
-        try:
-            self.core.require_registration()
-            if not request.speaker_id.strip():
-                raise errors.bad_request("speaker_id is empty: name the registered speaker to "
-                                         "delete")
-            await asyncio.to_thread(self.core.engine.delete_speaker, request.speaker_id)
-            return tts_pb2.DeleteSpeakerResponse()
-        except EngineError as error:
-            await _abort(context, errors.from_engine_error(error))
-        except errors.ServiceError as error:
-            await _abort(context, error)
-        except Exception as error:
-            await _abort_unexpected(context, error)
+        return await _answer(context, self.core.delete(request.speaker_id))
 
 
 class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
@@ -330,63 +361,41 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
     def __init__(self, core: Core):
         self.core = core
 
-    async def _run(self, kind: str, request, context: grpc.aio.ServicerContext):
-        started = time.monotonic()
-        result = _Result()
-        engine_request = None
-        failure: BaseException | None = None
-        try:
-            native = compat.decode(kind, request)
-            engine_request, output = convert.to_engine_request(native)
-            async for data, encoder in self.core.audio(engine_request, output, started, result):
+    async def _run(self, kind: str, request: Message, context: grpc.aio.ServicerContext
+                   ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        call = _Call(compat.ENDPOINTS[kind].path)
+        async with aclosing(self.core.serve(call, context,
+                                            self._bodies(kind, request, call))) as bodies:
+            async for body in bodies:
+                yield body
+
+    async def _bodies(self, kind: str, request: Message, call: _Call
+                      ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        call.request, output = await asyncio.to_thread(_decode_rest, kind, request)
+        async with aclosing(self.core.audio(call, output)) as audio:
+            async for data, encoder in audio:
                 yield httpbody_pb2.HttpBody(content_type=encoder.content_type, data=data)
-        except errors.ServiceError as error:
-            failure = error
-            await _abort(context, error)
-        except Exception as error:
-            failure = error
-            await _abort_unexpected(context, error)
-        except BaseException as error:  # cancelled: the client went away
-            failure = error
-            raise
-        finally:
-            self.core.log_call(compat.ENDPOINTS[kind].path, engine_request, _outcome(failure),
-                               started, result)
 
-    async def InferenceSft(self, request: compat_pb2.InferenceSftRequest, context):
-        async for body in self._run("sft", request, context):
-            yield body
-
-    async def InferenceZeroShot(self, request: compat_pb2.InferenceZeroShotRequest, context):
-        async for body in self._run("zero_shot", request, context):
-            yield body
-
-    async def InferenceCrossLingual(self, request: compat_pb2.InferenceCrossLingualRequest,
-                                    context):
-        async for body in self._run("cross_lingual", request, context):
-            yield body
-
-    async def InferenceInstruct(self, request: compat_pb2.InferenceInstructRequest, context):
-        async for body in self._run("instruct", request, context):
-            yield body
-
-    async def InferenceInstruct2(self, request: compat_pb2.InferenceInstruct2Request, context):
-        async for body in self._run("instruct2", request, context):
-            yield body
-
-    async def InferenceVc(self, request: compat_pb2.InferenceVcRequest, context):
-        async for body in self._run("vc", request, context):
-            yield body
+    # One handler per endpoint, all the same call with the endpoint's kind.
+    InferenceSft = functools.partialmethod(_run, "sft")
+    InferenceZeroShot = functools.partialmethod(_run, "zero_shot")
+    InferenceCrossLingual = functools.partialmethod(_run, "cross_lingual")
+    InferenceInstruct = functools.partialmethod(_run, "instruct")
+    InferenceInstruct2 = functools.partialmethod(_run, "instruct2")
+    InferenceVc = functools.partialmethod(_run, "vc")
 
     async def RegisterSpeakerUpload(self, request: compat_pb2.RegisterSpeakerUploadRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> tts_pb2.RegisterSpeakerResponse:
-        try:
-            return await self.core.register(compat.decode_register(request))
-        except errors.ServiceError as error:
-            await _abort(context, error)
-        except Exception as error:
-            await _abort_unexpected(context, error)
+        async def register() -> tts_pb2.RegisterSpeakerResponse:
+            native = await asyncio.to_thread(compat.decode_register, request)
+            return await self.core.register(native)
+
+        return await _answer(context, register())
+
+
+def _decode_rest(kind: str, request: Message) -> tuple[SynthesisRequest, convert.OutputSpec]:
+    return convert.to_engine_request(compat.decode(kind, request))
 
 
 async def _first_config(messages: AsyncIterator) -> tts_pb2.SynthesizeRequest:

@@ -13,13 +13,15 @@ as an iterator).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -29,13 +31,19 @@ from tts_core.engine import Engine, EngineError, SynthesisRequest
 
 log = logging.getLogger("service.synthesis")
 
+T = TypeVar("T")
 LOOKAHEAD = 2  # chunks the worker may hold ready before the client has taken them
 _END = object()
 
 
 @dataclass
 class Counters:
-    """Server-wide counters (GetServerStatus reports them)."""
+    """Server-wide counters (GetServerStatus reports them).
+
+    All but ``engine_chunks_total`` change on the event loop only (admission, and the done
+    callbacks of the worker futures), so they need no lock; the worker threads count engine
+    chunks under ``lock``.
+    """
 
     started: float = field(default_factory=time.monotonic)
     active: int = 0
@@ -149,6 +157,19 @@ class Synthesizer:
         c.active += 1
         c.started_total += 1
 
+    async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run other engine work (speaker registration) in a synthesis slot.
+
+        It is as heavy as a short synthesis, so it is admitted, queued and counted like one;
+        the slot is freed when ``fn`` has returned, even if the caller went away before.
+        """
+        await self._admit()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._workers, functools.partial(fn, *args, **kwargs))
+        future.add_done_callback(lambda done: self._release(
+            "completed" if not done.cancelled() and done.exception() is None else "failed"))
+        return await asyncio.shield(future)
+
     def _release(self, outcome: str) -> None:
         c = self.counters
         c.active -= 1
@@ -219,6 +240,10 @@ class Synthesizer:
         try:
             while True:
                 item = await queue.get()
+                if item is _END or isinstance(item, _Failure):
+                    # The worker is returning: wait for it (and so for ``done``), so that the
+                    # slot is free before the client hears that the call has ended.
+                    await asyncio.shield(future)
                 if item is _END:
                     return
                 if isinstance(item, _Failure):

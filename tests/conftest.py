@@ -138,6 +138,30 @@ def stop_stack(stack: Stack, timeout: float = 20.0) -> int | None:
     return stack.process.returncode
 
 
+def collect_replies(replies) -> tuple[list, object]:
+    """(audio chunks, stats) of a Synthesize or SynthesizeTextStream call, checking its shape:
+    audio chunks, then exactly one stats message at the end."""
+    chunks, stats = [], None
+    for reply in replies:
+        if reply.HasField("audio"):
+            assert stats is None, "audio after the stats message"
+            chunks.append(reply.audio)
+        else:
+            stats = reply.stats
+    assert stats is not None, "the stream did not end with stats"
+    return chunks, stats
+
+
+def rpc_error(call):
+    """The grpc.RpcError that ends the streaming ``call`` (fails if it ends without one)."""
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in call:
+            pass
+    return caught.value
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = start_stack(tmp_path_factory.mktemp("stack"))

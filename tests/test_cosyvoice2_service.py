@@ -21,7 +21,7 @@ import pytest
 import requests
 import soundfile
 import torch
-from conftest import AUDIO_DIR, Stack, start_stack, stop_stack
+from conftest import AUDIO_DIR, Stack, collect_replies, rpc_error, start_stack, stop_stack
 
 from service import limits
 from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc
@@ -116,16 +116,7 @@ def rest_error(response: requests.Response, status: int, fragment: str) -> None:
     assert fragment in response.json()["message"], response.json()
 
 
-def collect(responses) -> tuple[list[tts_pb2.AudioChunk], tts_pb2.SynthesisStats]:
-    chunks, stats = [], None
-    for reply in responses:
-        if reply.HasField("audio"):
-            assert stats is None, "audio after the stats message"
-            chunks.append(reply.audio)
-        else:
-            stats = reply.stats
-    assert stats is not None, "the stream did not end with stats"
-    return chunks, stats
+collect = collect_replies
 
 
 def assert_grpc_audio(chunks: list[tts_pb2.AudioChunk], stats: tts_pb2.SynthesisStats) -> int:
@@ -145,13 +136,6 @@ def synthesize(stub, stack: Stack, **fields) -> tuple[list[tts_pb2.AudioChunk],
                                                       tts_pb2.SynthesisStats]:
     request = tts_pb2.SynthesizeRequest(**fields)
     return collect(stub.Synthesize(request, metadata=stack.metadata, timeout=300))
-
-
-def rpc_error(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        for _ in call:
-            pass
-    return caught.value
 
 
 def audio(path: Path) -> tts_pb2.PromptAudio:
@@ -343,10 +327,16 @@ def test_registered_speakers_serve_every_prompt_mode_and_survive_a_restart(
 
 
 def test_grpc_registration_and_its_errors(cv2, stub, tmp_path):
+    before = cv2.wait_idle()
     registered = stub.RegisterSpeaker(tts_pb2.RegisterSpeakerRequest(
         speaker_id="grpc-voice", prompt_audio=audio(PROMPT_WAV), prompt_text=PROMPT_TEXT),
         metadata=cv2.metadata, timeout=120)
     assert registered.speaker.id == "grpc-voice" and registered.speaker.registered
+    # Registration is engine work: it took (and gave back) a synthesis slot.
+    after = cv2.status()
+    assert int(after["started_total"]) == int(before["started_total"]) + 1
+    assert int(after["completed_total"]) == int(before["completed_total"]) + 1
+    assert after["active_syntheses"] == 0
     try:
         assert_grpc_audio(*synthesize(stub, cv2, text=TEXT,
                                       zero_shot=tts_pb2.ZeroShotMode(speaker_id="grpc-voice")))

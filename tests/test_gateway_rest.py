@@ -365,13 +365,25 @@ def test_server_keeps_serving_after_errors(stack):
     assert ok.status_code == 200 and len(ok.content) > 1000
 
 
+def wait_for_log(stack, fragment: str, timeout: float = 30.0) -> str:
+    """The stack's logs once ``fragment`` is in them (Envoy writes its access log late)."""
+    deadline = time.monotonic() + timeout
+    while fragment not in (logs := stack.logs()):
+        assert time.monotonic() < deadline, f"{fragment!r} never reached the log"
+        time.sleep(0.1)
+    return logs
+
+
 def test_api_key_never_reaches_logs_and_config_is_private(stack):
     # Make sure wrong keys were tried too, then look at everything the stack has logged.
     requests.get(url(stack, "/v1/speakers"), headers={"X-API-TOKEN": "wrong-key-xyz-987654321"},
                  timeout=30)
     requests.get(url(stack, "/v1/speakers"), headers=stack.headers, timeout=30)
-    time.sleep(0.5)  # Envoy's access log is written asynchronously
-    logs = stack.logs()
+    # A last request whose path marks the end: once it is logged, so are the ones above.
+    marker = f"/log-marker-{time.monotonic_ns()}"
+    requests.get(url(stack, marker), headers={"X-API-TOKEN": "wrong-key-xyz-987654321"},
+                 timeout=30)
+    logs = wait_for_log(stack, marker)
     assert "/v1/speakers" in logs, "the access log should record requests"
     assert stack.api_key not in logs
     assert "wrong-key-xyz-987654321" not in logs
@@ -380,6 +392,23 @@ def test_api_key_never_reaches_logs_and_config_is_private(stack):
     assert stack.api_key in config.read_text()
     assert oct(config.stat().st_mode & 0o777) == "0o600"
     assert oct(stack.state_dir.stat().st_mode & 0o777) == "0o700"
+
+
+def test_envoy_admin_is_loopback_only_and_hides_the_keys(stack):
+    admin_port = int(stack.admin_url.rsplit(":", 1)[1])
+    dump = requests.get(stack.admin_url + "/config_dump", timeout=30)
+    assert dump.status_code == 200
+    assert stack.api_key not in dump.text, "config_dump must redact the API keys"
+    bootstrap = next(c["bootstrap"] for c in dump.json()["configs"] if "bootstrap" in c)
+    assert bootstrap["admin"]["address"]["socket_address"] == {"address": "127.0.0.1",
+                                                               "port_value": admin_port}
+    monitors = {m["name"]: m["typed_config"]
+                for m in bootstrap["overload_manager"]["resource_monitors"]}
+    limit = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert int(limit["max_active_downstream_connections"]) == limits.MAX_GATEWAY_CONNECTIONS
+    # Envoy warns at start-up about production settings it finds missing (such as that one).
+    start_up = stack.logs().split("Ready.", 1)[0]
+    assert "[envoy][warning]" not in start_up and "[envoy][error]" not in start_up
 
 
 def test_launcher_generates_a_key_and_stops_both_processes_on_sigterm(launch_stack):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+from conftest import collect_replies, rpc_error
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -52,22 +53,10 @@ def prompt_audio(path: Path) -> tts_pb2.PromptAudio:
 
 
 def collect(stub, request, metadata) -> tuple[list[tts_pb2.AudioChunk], tts_pb2.SynthesisStats]:
-    chunks, stats = [], None
-    for reply in stub.Synthesize(request, metadata=metadata, timeout=300):
-        if reply.HasField("audio"):
-            assert stats is None, "audio after the stats message"
-            chunks.append(reply.audio)
-        else:
-            stats = reply.stats
-    assert stats is not None, "the stream did not end with stats"
-    return chunks, stats
+    return collect_replies(stub.Synthesize(request, metadata=metadata, timeout=300))
 
 
-def error_of(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        for _ in call:
-            pass
-    return caught.value
+error_of = rpc_error
 
 
 def http_hint(error: grpc.RpcError) -> str | None:
@@ -116,10 +105,13 @@ def test_descriptor_set_carries_http_rules_imports_and_source_info(tmp_path):
                         ("InferenceZeroShot", "/inference_zero_shot"),
                         ("InferenceCrossLingual", "/inference_cross_lingual"),
                         ("InferenceInstruct", "/inference_instruct"),
-                        ("InferenceInstruct2", "/inference_instruct2")]:
+                        ("InferenceInstruct2", "/inference_instruct2"),
+                        ("InferenceVc", "/inference_vc")]:
         rule = rules[name]
         assert rule.get == path_ and rule.body == "body"
         assert [b.post for b in rule.additional_bindings] == [path_]
+    upload = rules["RegisterSpeakerUpload"]
+    assert upload.post == "/register_speaker" and upload.body == "body"
 
 
 # ------------------------------------------------------------------------------ health, auth
@@ -337,6 +329,31 @@ def test_prompt_longer_than_30_s_is_refused_as_too_large(stub, stack, prompt_wav
     error = error_of(stub.Synthesize(request, metadata=stack.metadata, timeout=30))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "40.0 s long; the limit is 30 s" in error.details() and http_hint(error) == "413"
+
+
+def silence(seconds: float, channels: int, rate: int = 48000, format: str = "FLAC") -> bytes:
+    """A file of silence (as FLAC: a few bytes per second, up to 8 channels)."""
+    out = io.BytesIO()
+    block = np.zeros((rate * 60, channels), np.float32)
+    with soundfile.SoundFile(out, "w", rate, channels, format=format, subtype="PCM_16") as f:
+        for _ in range(int(seconds // 60)):
+            f.write(block)
+        f.write(block[: int(seconds % 60 * rate)])
+    return out.getvalue()
+
+
+def test_compressed_uploads_are_judged_by_their_header_before_decoding(stub, stack):
+    # An hour of 8-channel 48 kHz audio is 1.4 MB as FLAC but 5.5 GB decoded to float32.
+    hour = silence(3600, 8)
+    assert len(hour) < limits.MAX_UPLOAD_BYTES
+    many_channels = silence(2, limits.MAX_INPUT_CHANNELS + 4, format="WAV")
+    for data, http_status, fragment in [(hour, "413", "3600.0 s long; the limit is 30 s"),
+                                        (many_channels, "400", "12 channels; at most 8")]:
+        request = tts_pb2.SynthesizeRequest(text="hi", cross_lingual=tts_pb2.CrossLingualMode(
+            prompt_audio=tts_pb2.PromptAudio(data=data)))
+        error = error_of(stub.Synthesize(request, metadata=stack.metadata, timeout=30))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in error.details() and http_hint(error) == http_status
 
 
 def test_server_keeps_serving_after_bad_requests(stub, stack):

@@ -19,21 +19,26 @@ const EXAMPLES = {
 
 const $ = (id) => document.getElementById(id);
 
+/** What is known of a synthesis before it starts. */
+function emptyStats() {
+  return {
+    state: "idle", // idle | connecting | streaming | playing | done | stopped | error
+    mode: null,
+    endpoint: null,
+    sampleRate: null,
+    chunksReceived: 0,
+    bytesReceived: 0,
+    chunksScheduled: 0,
+    secondsScheduled: 0,
+    underruns: 0,
+    firstAudioMs: null,
+    totalMs: null,
+    lastError: null, // { status, message } of the last failure
+  };
+}
+
 // State the end-to-end tests read; also handy in the browser console.
-const stats = {
-  state: "idle", // idle | connecting | streaming | playing | done | stopped | error
-  mode: null,
-  endpoint: null,
-  sampleRate: null,
-  chunksReceived: 0,
-  bytesReceived: 0,
-  chunksScheduled: 0,
-  secondsScheduled: 0,
-  underruns: 0,
-  firstAudioMs: null,
-  totalMs: null,
-  lastError: null, // { status, message } of the last failure
-};
+const stats = emptyStats();
 window.ttsStats = stats;
 
 let apiKey = readStoredKey();
@@ -143,7 +148,7 @@ async function loadCapabilities() {
   const { engine, sampleRate, speakers } = capabilities;
   const rate = sampleRate ? ` · native ${sampleRate.toLocaleString("en")} Hz` : "";
   const plural = speakers.length === 1 ? "" : "s";
-  $("engine-info").textContent = `Engine “${engine}”${rate} · ${speakers.length} preset speaker${plural}`;
+  $("engine-info").textContent = `Engine “${engine}”${rate} · ${speakers.length} speaker${plural}`;
   setStatus("Ready.");
 }
 
@@ -153,7 +158,7 @@ function renderSpeakers() {
   select.replaceChildren();
   const { speakers } = capabilities;
   if (speakers.length === 0) {
-    select.append(new Option("No preset speakers on this server", ""));
+    select.append(new Option("No speakers on this server", ""));
     select.disabled = true;
     return;
   }
@@ -342,19 +347,11 @@ function buildRequest() {
 }
 
 function resetStats(request) {
-  Object.assign(stats, {
+  Object.assign(stats, emptyStats(), {
     state: "connecting",
     mode: currentMode,
     endpoint: request.endpoint,
     sampleRate: Number(request.fields.sample_rate),
-    chunksReceived: 0,
-    bytesReceived: 0,
-    chunksScheduled: 0,
-    secondsScheduled: 0,
-    underruns: 0,
-    firstAudioMs: null,
-    totalMs: null,
-    lastError: null,
   });
 }
 

@@ -30,17 +30,6 @@ export function encodeWav(int16Samples, sampleRate) {
   return new Blob([view.buffer], { type: "audio/wav" });
 }
 
-/** Concatenate Int16Array pieces into one array. */
-export function concatInt16(pieces, totalLength) {
-  const out = new Int16Array(totalLength);
-  let offset = 0;
-  for (const piece of pieces) {
-    out.set(piece, offset);
-    offset += piece.length;
-  }
-  return out;
-}
-
 /** Float samples in [-1, 1] to 16-bit integers, clipping what is outside. */
 export function floatToInt16(floats) {
   const out = new Int16Array(floats.length);
