@@ -83,17 +83,18 @@ PRESETS: dict[str, Sizes] = {
                   estimator_heads=8, hift_channels=512, f0_channels=512),
 }
 
-# The official cosyvoice2.yaml (examples/libritts/cosyvoice2/conf/cosyvoice2.yaml), with the
-# sizes as fields. Everything else — the seeds set with !apply:, the training sections — is kept
-# because a loader of official directories meets them and must leave them alone.
+# A cosyvoice2.yaml with the keys and hyperpyyaml tags of the official file and the sizes as
+# fields. Besides the model sections it carries entries of the kinds an official file also has
+# (seeding calls with !apply:, function references with !name:, lists of !ref, plain training
+# settings) so the loader meets them here too and must leave them alone.
 _YAML = """\
-# set random seed, so that you may reproduce your result.
+# seeding calls: a safe reader must never run these
 __set_seed1: !apply:random.seed [1986]
 __set_seed2: !apply:numpy.random.seed [1986]
 __set_seed3: !apply:torch.manual_seed [1986]
 __set_seed4: !apply:torch.cuda.manual_seed_all [1986]
 
-# fixed params
+# global settings
 sample_rate: 24000
 llm_input_size: {hidden_size}
 llm_output_size: {hidden_size}
@@ -102,11 +103,11 @@ qwen_pretrain_path: ''
 token_frame_rate: 25
 token_mel_ratio: 2
 
-# stream related params
-chunk_size: 25 # streaming inference chunk size, in token
-num_decoding_left_chunks: -1 # flow decoder left chunks when streaming, <0 means all
+# streaming: chunk size in tokens; -1 = the flow decoder attends to every earlier chunk
+chunk_size: 25
+num_decoding_left_chunks: -1
 
-# model params
+# the three networks
 llm: !new:cosyvoice.llm.llm.Qwen2LM
     llm_input_size: !ref <llm_input_size>
     llm_output_size: !ref <llm_output_size>
@@ -197,43 +198,7 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
         in_channels: 80
         cond_channels: {f0_channels}
 
-# gan related module
-mel_spec_transform1: !name:matcha.utils.audio.mel_spectrogram
-    n_fft: 1920
-    num_mels: 80
-    sampling_rate: !ref <sample_rate>
-    hop_size: 480
-    win_size: 1920
-    fmin: 0
-    fmax: null
-    center: False
-hifigan: !new:cosyvoice.hifigan.hifigan.HiFiGan
-    generator: !ref <hift>
-    discriminator: !new:cosyvoice.hifigan.discriminator.MultipleDiscriminator
-        mpd: !new:matcha.hifigan.models.MultiPeriodDiscriminator
-        mrd: !new:cosyvoice.hifigan.discriminator.MultiResSpecDiscriminator
-    mel_spec_transform: [
-        !ref <mel_spec_transform1>
-    ]
-
-# processor functions
-parquet_opener: !name:cosyvoice.dataset.processor.parquet_opener
-get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
-    token_path: !ref <qwen_pretrain_path>
-    skip_special_tokens: True
-allowed_special: 'all'
-tokenize: !name:cosyvoice.dataset.processor.tokenize
-    get_tokenizer: !ref <get_tokenizer>
-    allowed_special: !ref <allowed_special>
-filter: !name:cosyvoice.dataset.processor.filter
-    max_length: 6000
-    min_length: 100
-    token_max_length: 200
-    token_min_length: 1
-resample: !name:cosyvoice.dataset.processor.resample
-    resample_rate: !ref <sample_rate>
-truncate: !name:cosyvoice.dataset.processor.truncate
-    truncate_length: 24480 # must be a multiplier of hop_size
+# front-end feature settings (read by the loader) and other entries it must ignore
 feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     n_fft: 1920
     num_mels: 80
@@ -243,54 +208,26 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     fmin: 0
     fmax: 8000
     center: False
+get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer
+    token_path: !ref <qwen_pretrain_path>
+    skip_special_tokens: True
 compute_fbank: !name:cosyvoice.dataset.processor.compute_fbank
     feat_extractor: !ref <feat_extractor>
     num_frames: 960
-compute_whisper_fbank: !name:cosyvoice.dataset.processor.compute_whisper_fbank
-    num_frames: 960
-compute_f0: !name:cosyvoice.dataset.processor.compute_f0
-    sample_rate: !ref <sample_rate>
-    hop_size: 480
-parse_embedding: !name:cosyvoice.dataset.processor.parse_embedding
-    normalize: True
-shuffle: !name:cosyvoice.dataset.processor.shuffle
-    shuffle_size: 1000
-sort: !name:cosyvoice.dataset.processor.sort
-    sort_size: 500  # sort_size should be less than shuffle_size
-batch: !name:cosyvoice.dataset.processor.batch
-    batch_type: 'dynamic'
-    max_frames_in_batch: 2000
-padding: !name:cosyvoice.dataset.processor.padding
-    use_spk_embedding: False # change to True during sft
-
-# dataset processor pipeline
+hifigan: !new:cosyvoice.hifigan.hifigan.HiFiGan
+    generator: !ref <hift>
+    mel_spec_transform: [
+        !ref <feat_extractor>
+    ]
 data_pipeline: [
-    !ref <parquet_opener>,
-    !ref <tokenize>,
-    !ref <filter>,
-    !ref <resample>,
+    !ref <get_tokenizer>,
     !ref <compute_fbank>,
-    !ref <parse_embedding>,
-    !ref <compute_whisper_fbank>,
-    !ref <shuffle>,
-    !ref <sort>,
-    !ref <batch>,
-    !ref <padding>,
 ]
-
-# llm flow train conf
 train_conf:
     optim: adam
     optim_conf:
-        lr: 1e-5 # change to 1e-5 during sft
-    scheduler: constantlr # change to constantlr during sft
-    scheduler_conf:
-        warmup_steps: 2500
+        lr: 1e-5
     max_epoch: 200
-    grad_clip: 5
-    accum_grad: 2
-    log_interval: 100
-    save_per_step: -1
 """
 
 
