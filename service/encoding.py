@@ -209,7 +209,12 @@ class _CodecEncoder(StreamingEncoder):
         bit_rate = codec.bit_rate(self.sample_rate)
         if bit_rate:
             context.bit_rate = bit_rate
+        context.thread_count = 1  # a request is small; threads would only add start-up cost
         context.open()
+        # Held back until audio follows, so that the first non-empty chunk is playable on its
+        # own (FFmpeg refuses an Ogg stream of headers only); an empty stream is all header.
+        self._container.start_encoding()
+        self._header = self._sink.take()
         self._frame_size = context.frame_size or 4096
         self._format = codec.sample_format
         self._time_base = Fraction(1, self.sample_rate)
@@ -224,7 +229,10 @@ class _CodecEncoder(StreamingEncoder):
         for start in range(0, whole, self._frame_size):
             self._send(self._pending[start:start + self._frame_size])
         self._pending = self._pending[whole:]
-        return self._sink.take()
+        data = self._sink.take()
+        if data and self._header:
+            data, self._header = self._header + data, b""
+        return data
 
     def _finish(self) -> bytes:
         if self._resampler is not None:
@@ -236,7 +244,8 @@ class _CodecEncoder(StreamingEncoder):
         self._pending = self._pending[:0]
         self._container.mux(self._stream.encode(None))
         self._container.close()
-        return self._sink.take()
+        data, self._header = self._header + self._sink.take(), b""
+        return data
 
     def _send(self, samples: np.ndarray) -> None:
         if self._format == "s16":
