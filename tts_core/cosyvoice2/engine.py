@@ -160,7 +160,8 @@ class CosyVoice2Engine:
     name = "cosyvoice2"
 
     def __init__(self, models: CosyVoice2Models, state_dir: Path | None = None,
-                 seed: int | None = None, schedule: StreamSchedule | None = None) -> None:
+                 seed: int | None = None, schedule: StreamSchedule | None = None,
+                 max_batch: int = 1) -> None:
         if models.tokenizer is None or models.onnx is None:
             raise ValueError("the engine needs the tokenizer and the ONNX front end "
                              "(load the model directory with require_frontend=True)")
@@ -180,18 +181,28 @@ class CosyVoice2Engine:
             except SpeakerError as error:
                 log.warning("ignoring preset speaker: %s", error)
         self.registry = SpeakerRegistry(state_dir, presets)
+        # max_batch > 1: one scheduler thread steps all requests together (tts_core.batching);
+        # 1: each request runs on its caller's thread, as before.
+        self.max_batch = max_batch
+        self.scheduler = None
+        if max_batch > 1:
+            from ..batching.cosyvoice2_job import make_scheduler
+
+            self.scheduler = make_scheduler(models.lm, max_batch)
 
     @classmethod
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
                        seed: int | None = None,
-                       first_chunk_tokens: int | None = None) -> CosyVoice2Engine:
+                       first_chunk_tokens: int | None = None,
+                       max_batch: int = 1) -> CosyVoice2Engine:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
         available), "cpu" or "cuda[:N]"; state_dir: where registered speakers persist (None:
         they live in memory only); dtype: LM/flow precision override (see ``_resolve_dtype``);
-        first_chunk_tokens: speech tokens in the first streamed chunk (None: the default below).
+        first_chunk_tokens: speech tokens in the first streamed chunk (None: the default below);
+        max_batch: requests decoded together by the batch scheduler (1: no scheduler).
         """
         device = _resolve_device(device)
         if threads is not None:
@@ -206,7 +217,8 @@ class CosyVoice2Engine:
         schedule = None
         if first_chunk_tokens is not None:
             schedule = default_schedule(models.chunk_size, first_chunk_tokens)
-        return cls(models, state_dir=state_dir, seed=seed, schedule=schedule)
+        return cls(models, state_dir=state_dir, seed=seed, schedule=schedule,
+                   max_batch=max_batch)
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -246,6 +258,10 @@ class CosyVoice2Engine:
         voice = self._voice(request)
         if voice.tag_language:
             segments = [self.text.tag_language(s) for s in segments]
+        if self.scheduler is not None:
+            yield from self._batched(request, cancel, randomness, voice,
+                                     [self.tokenizer.encode(s) for s in segments])
+            return
         for segment in segments:
             if cancel.is_set():
                 return
@@ -524,7 +540,30 @@ class CosyVoice2Engine:
             raise InvalidRequest(str(error)) from error
         if cancel.is_set():
             return
+        if self.scheduler is not None:
+            yield from self._batched(request, cancel, randomness, voice, [],
+                                     tokens=[source.flatten().tolist()])
+            return
         yield from self._vocode(source.flatten().tolist(), voice, request, cancel, randomness)
+
+    def _batched(self, request: SynthesisRequest, cancel: threading.Event,
+                 randomness: _Randomness, voice: _Voice, segments: list[list[int]],
+                 tokens: list[list[int]] | None = None) -> Iterator[np.ndarray]:
+        """Run the request as a job of the batch scheduler and yield its chunks."""
+        from ..batching.cosyvoice2_job import CosyVoice2Job
+
+        assert self.scheduler is not None
+        job = CosyVoice2Job(self.models.lm, self.token2wav, voice, segments,
+                            lambda: self._sampler(randomness), randomness.vocoder, cancel,
+                            stream=request.stream, speed=request.speed, forced_tokens=tokens)
+        self.scheduler.submit(job)
+        yield from job.chunks()
+
+    def batch_occupancy(self) -> tuple[int, int]:
+        """(requests in the batch now, max_batch); (0, 1) without a scheduler."""
+        if self.scheduler is None:
+            return 0, 1
+        return self.scheduler.occupancy(), self.max_batch
 
 
 def _to_numpy(wav: torch.Tensor) -> np.ndarray:

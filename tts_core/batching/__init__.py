@@ -1,0 +1,1 @@
+"""Continuous batching of speech-LM requests (one scheduler per engine process)."""

@@ -1,0 +1,320 @@
+"""Continuous batching: one thread steps every active request of an engine together.
+
+The scheduler knows nothing of CosyVoice 2: it drives :class:`Job` objects, each of which says
+what rows its LM must take next, turns log-probabilities into its next token (with its own
+sampler and random generator), and has output work (flow + vocoder chunks) that becomes due as
+tokens accumulate. One loop iteration is:
+
+1. drop jobs that were cancelled or abandoned (so a cancelled request leaves within one step);
+2. run due output work, most urgent first: first chunks before all others, then the streams
+   whose audio lead over real time is smallest. While some request still waits for its first
+   audio, only urgent work runs (a stream with enough audio buffered can wait a step), so a
+   newcomer's first chunk is not held behind long streams;
+3. feed one prefill chunk (at most ``prefill_chunk`` rows) of one request, so a long prompt
+   delays the decoding requests by one chunk per step rather than by the whole prompt;
+4. one batched decode step (:mod:`.lm_batch`) for every request that takes a single row.
+
+Every call into a job is guarded: an exception fails that job alone (its consumer gets the
+error) and the others go on. What could make a batched decode step fail for one request (a
+row of the wrong width, a sequence past the LM's positions) is checked per request before the
+step, so the batch itself only fails on a bug, and then every job in it fails cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from tts_core.cosyvoice2.qwen2 import KVCache
+
+from .lm_batch import BackboneLM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 64
+# A stream with less audio than this ahead of real time gets its next chunk even while a
+# newcomer waits for its first audio.
+URGENT_LEAD_SECONDS = 0.6
+
+
+class Job(Protocol):
+    """One request as the scheduler drives it. Methods are called from the scheduler thread."""
+
+    def lm_inputs(self) -> torch.Tensor | None:
+        """Rows [L, D] the LM must take next, or None when the job needs no LM step now."""
+        ...
+
+    def lm_cache(self) -> KVCache:
+        """The KV cache the rows of :meth:`lm_inputs` extend."""
+        ...
+
+    def lm_accept(self, logp: torch.Tensor) -> None:
+        """Log-probabilities [V] (float32) after the last row fed: sample, keep the token."""
+        ...
+
+    def output_due(self) -> bool:
+        """Whether output work (a flow + vocoder chunk) can run now."""
+        ...
+
+    def output_rank(self, now: float) -> tuple[int, float]:
+        """Smaller runs first: (0 for a first chunk else 1, audio lead over real time in s)."""
+        ...
+
+    def run_output(self) -> None:
+        """Compute one chunk of output and hand it to the consumer."""
+        ...
+
+    def done(self) -> bool:
+        """True once everything was delivered (the scheduler then drops the job)."""
+        ...
+
+    def stopped(self) -> bool:
+        """True when the request was cancelled or its consumer went away."""
+        ...
+
+    def fail(self, error: BaseException) -> None:
+        """Deliver ``error`` to the consumer; the job is dropped after this."""
+        ...
+
+
+@dataclass
+class _Entry:
+    job: Job
+    pending: torch.Tensor | None = None  # prefill rows not yet fed
+    seq: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for status pages and benchmarks (read without a lock: approximate)."""
+
+    active: int = 0
+    max_batch: int = 0
+    steps: int = 0
+    decoded_rows: int = 0  # sum of batch sizes over decode steps
+    prefill_rows: int = 0
+    outputs: int = 0
+    failed: int = 0
+    peak_batch: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.decoded_rows / self.steps if self.steps else 0.0
+
+
+class BatchScheduler:
+    """Owns one compute thread that steps all submitted jobs together.
+
+    ``max_batch`` bounds the jobs running at once; :meth:`submit` beyond it waits for a free
+    place (the service's admission keeps callers below it, so that wait is short).
+    """
+
+    def __init__(self, lm: BackboneLM, max_batch: int,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, name: str = "batch-scheduler"):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.lm = lm
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.stats = SchedulerStats(max_batch=max_batch)
+        self._lock = threading.Condition()
+        self._inbox: list[Job] = []
+        self._entries: list[_Entry] = []
+        self._seq = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the batch scheduler is closed")
+            while len(self._inbox) + self.stats.active >= self.max_batch and not self._closed:
+                self._lock.wait(0.05)
+                if job.stopped():
+                    return
+            self._inbox.append(job)
+            self._lock.notify_all()
+
+    def occupancy(self) -> int:
+        """Jobs running or about to run."""
+        with self._lock:
+            return self.stats.active + len(self._inbox)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join(timeout=5.0)
+
+    # ------------------------------------------------------------------ loop
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._inbox and not self._has_work():
+                    self._lock.wait(0.05)
+                    self._drop_stopped()
+                if self._closed:
+                    for entry in self._entries:
+                        self._fail(entry, RuntimeError("the engine is shutting down"))
+                    return
+                for job in self._inbox:
+                    self._seq += 1
+                    self._entries.append(_Entry(job, seq=self._seq))
+                self._inbox.clear()
+                self._drop_stopped()
+                self.stats.active = len(self._entries)
+                self._lock.notify_all()
+            try:
+                self._step()
+            except Exception:  # a bug in the loop itself: log, never kill the thread
+                log.exception("batch scheduler step failed")
+                time.sleep(0.01)
+
+    def _has_work(self) -> bool:
+        return bool(self._entries)
+
+    def _drop_stopped(self) -> None:
+        keep = []
+        for entry in self._entries:
+            try:
+                gone = entry.job.stopped() or entry.job.done()
+            except Exception as error:
+                self._fail(entry, error)
+                continue
+            if not gone:
+                keep.append(entry)
+        self._entries = keep
+        self.stats.active = len(keep)
+
+    def _fail(self, entry: _Entry, error: BaseException) -> None:
+        self.stats.failed += 1
+        log.debug("job failed: %r", error)
+        try:
+            entry.job.fail(error)
+        except Exception:
+            log.exception("job.fail raised")
+        if entry in self._entries:
+            self._entries.remove(entry)
+
+    def _guard(self, entry: _Entry, fn, *args) -> bool:  # noqa: ANN001 - any job method
+        try:
+            fn(*args)
+            return True
+        except Exception as error:
+            self._fail(entry, error)
+            return False
+
+    def _step(self) -> None:
+        entries = list(self._entries)
+        if not entries:
+            return
+        self.stats.steps += 1
+        self._outputs(entries)
+        live = [e for e in entries if e in self._entries]
+        self._prefill(live)
+        self._decode([e for e in live if e in self._entries])
+        with self._lock:
+            self._drop_stopped()
+
+    def _outputs(self, entries: Iterable[_Entry]) -> None:
+        now = time.monotonic()
+        due: list[tuple[tuple[int, float], int, _Entry]] = []
+        waiting_first = False
+        for entry in entries:
+            try:
+                if entry.job.stopped():
+                    continue
+                rank = entry.job.output_rank(now)
+                waiting_first |= rank[0] == 0
+                if entry.job.output_due():
+                    due.append((rank, entry.seq, entry))
+            except Exception as error:
+                self._fail(entry, error)
+        due.sort(key=lambda item: (item[0], item[1]))
+        for rank, _, entry in due:
+            urgent = rank[0] == 0 or rank[1] < URGENT_LEAD_SECONDS
+            if waiting_first and not urgent:
+                continue  # a newcomer's first audio goes first; this stream has audio buffered
+            if self._guard(entry, entry.job.run_output):
+                self.stats.outputs += 1
+
+    def _rows(self, entry: _Entry) -> torch.Tensor | None:
+        if entry.pending is not None:
+            return entry.pending
+        rows = entry.job.lm_inputs()
+        if rows is None:
+            return None
+        if rows.dim() != 2 or rows.shape[0] < 1:
+            raise ValueError(f"lm_inputs must be rows [L, D], got {list(rows.shape)}")
+        width = self.lm.backbone.config.hidden_size
+        if rows.shape[1] != width:
+            raise ValueError(f"lm_inputs rows are {rows.shape[1]} wide, the LM takes {width}")
+        cache = entry.job.lm_cache()
+        if len(cache) + rows.shape[0] > self.lm.max_positions:
+            raise ValueError(f"the request needs more than the LM's {self.lm.max_positions} "
+                             "positions")
+        return rows
+
+    def _prefill(self, entries: list[_Entry]) -> None:
+        # oldest first: a prompt being fed in chunks finishes before the next one starts
+        for entry in sorted(entries, key=lambda e: e.seq):
+            try:
+                rows = self._rows(entry)
+            except Exception as error:
+                self._fail(entry, error)
+                continue
+            if rows is None or (rows.shape[0] == 1 and entry.pending is None):
+                continue
+            head, rest = rows[:self.prefill_chunk], rows[self.prefill_chunk:]
+            entry.pending = rest if rest.shape[0] else None
+            try:
+                logp = self.lm.prefill(head, entry.job.lm_cache())
+                self.stats.prefill_rows += head.shape[0]
+                if entry.pending is None:
+                    entry.job.lm_accept(logp)
+            except Exception as error:
+                self._fail(entry, error)
+                continue
+            return  # one prefill chunk per step
+
+    def _decode(self, entries: list[_Entry]) -> None:
+        batch: list[tuple[_Entry, torch.Tensor]] = []
+        for entry in entries:
+            if entry.pending is not None:
+                continue
+            try:
+                rows = self._rows(entry)
+            except Exception as error:
+                self._fail(entry, error)
+                continue
+            if rows is not None and rows.shape[0] == 1:
+                batch.append((entry, rows[0]))
+        if not batch:
+            return
+        self.stats.decoded_rows += len(batch)
+        self.stats.peak_batch = max(self.stats.peak_batch, len(batch))
+        try:
+            logps = self.lm.decode(torch.stack([r for _, r in batch]),
+                                   [e.job.lm_cache() for e, _ in batch])
+        except Exception:
+            # Rows and lengths were checked per request above, so this is a bug; the caches may
+            # hold part of this step, so no job of the batch can go on.
+            log.exception("batched decode failed")
+            for entry, _ in batch:
+                self._fail(entry, RuntimeError("the batched LM step failed"))
+            return
+        for (entry, _), logp in zip(batch, logps, strict=True):
+            self._guard(entry, entry.job.lm_accept, logp)
