@@ -1,0 +1,377 @@
+"""Continuous batching (tts_core.batching): a request inside a batch gives what it gives alone.
+
+LM-level tests drive the scheduler with teacher-forced jobs on the parity directory's LM and
+compare every step's log-probabilities with the sequential path (``CosyVoice2LM.inference``) and
+with the reference vectors. Engine-level tests run the CosyVoice 2 engine on a generated
+directory with ``max_batch`` > 1 against the same engine at ``max_batch`` 1 (same seed).
+
+Tolerance: in float32 a batched [B, D] matmul may sum in another order than the [1, D] one
+(other GEMM kernels and blockings), so log-probabilities may differ in the last bits. Measured on
+this machine (torch 2.13 CPU, parity LM, chunked prefill included): at most 1.2e-5 on
+log-probabilities of magnitude ~9, i.e. about 12 float32 ulps (one ulp there is 9.5e-7). We allow
+``BATCH_LOGP_ATOL`` = 5e-5, four times that and still half the 1e-4 the parity README suggests
+for an independent implementation; tokens under teacher forcing must be identical.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from tests.cv2_parity import parity_models, vectors
+from tts_core.batching.lm_batch import BackboneLM, batched_decode
+from tts_core.batching.scheduler import BatchScheduler
+from tts_core.cosyvoice2.engine import CosyVoice2Engine
+from tts_core.cosyvoice2.llm import SOS_ROW, TASK_ID_ROW, CosyVoice2LM, DecodeStep
+from tts_core.cosyvoice2.sampling import RasSampler
+from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
+from tts_core.engine import Audio, Mode, SynthesisRequest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BATCH_LOGP_ATOL = 5e-5
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- LM level
+
+
+class TeacherJob:
+    """An LM-only job: fixed prompt rows, then forced tokens (or its own seeded sampler)."""
+
+    def __init__(self, lm: CosyVoice2LM, prompt_rows: torch.Tensor, tokens: list[int],
+                 sampler: RasSampler | None = None, steps: int | None = None,
+                 start_step: int = 0, fail_at: int | None = None) -> None:
+        self.lm = lm
+        self.cache = lm.llm.model.model.new_cache()
+        self.rows: torch.Tensor | None = prompt_rows
+        self.tokens = tokens
+        self.sampler = sampler
+        self.steps = steps if steps is not None else len(tokens)
+        self.start_step = start_step
+        self.fail_at = fail_at
+        self.scheduler: BatchScheduler | None = None
+        self.logps: list[torch.Tensor] = []
+        self.out: list[int] = []
+        self.accept_steps: list[int] = []
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self.cancelled = False
+
+    def lm_inputs(self) -> torch.Tensor | None:
+        assert self.scheduler is not None
+        if self.scheduler.stats.steps < self.start_step:
+            return None
+        return self.rows
+
+    def lm_cache(self):
+        return self.cache
+
+    def lm_accept(self, logp: torch.Tensor) -> None:
+        assert self.scheduler is not None
+        index = len(self.logps)
+        if self.fail_at is not None and index == self.fail_at:
+            raise ValueError(f"this request breaks at step {index}")
+        self.logps.append(logp.clone())
+        self.accept_steps.append(self.scheduler.stats.steps)
+        if self.sampler is not None:
+            token = self.sampler(logp, self.out, True)
+        else:
+            token = self.tokens[index]
+        self.out.append(token)
+        if len(self.out) >= self.steps:
+            self.rows = None
+            self.finished.set()
+        else:
+            self.rows = self.lm.speech_embedding.weight.detach()[token][None]
+
+    def output_due(self) -> bool:
+        return False
+
+    def output_rank(self, now: float) -> tuple[int, float]:
+        return (1, float("inf"))
+
+    def run_output(self) -> None:
+        raise AssertionError("no output work")
+
+    def done(self) -> bool:
+        return self.finished.is_set()
+
+    def stopped(self) -> bool:
+        return self.cancelled
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.finished.set()
+
+
+def prompt_rows(lm: CosyVoice2LM, text: list[int], prompt_text: list[int],
+                prompt_speech: list[int]) -> torch.Tensor:
+    table = lm.llm_embedding.weight.detach()
+    parts = [table[SOS_ROW][None], lm.embed_text(prompt_text + text)[0], table[TASK_ID_ROW][None]]
+    if prompt_speech:
+        parts.append(lm.embed_speech(prompt_speech)[0])
+    return torch.cat(parts)
+
+
+def sequential_logps(lm: CosyVoice2LM, text: list[int], prompt_text: list[int],
+                     prompt_speech: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """The sequential path's log-probabilities under teacher forcing (one per token)."""
+    steps: list[DecodeStep] = []
+    forced = iter(tokens)
+
+    def sampler(logp: torch.Tensor, decoded: list[int], ignore_eos: bool) -> int:
+        return next(forced, lm.config.eos_token)
+
+    out = list(lm.inference(text, prompt_text, prompt_speech, sampler,
+                            min_token_text_ratio=0, max_token_text_ratio=1000,
+                            on_step=steps.append))
+    assert out == tokens
+    return [s.logp for s in steps[:len(tokens)]]
+
+
+def run_jobs(lm: CosyVoice2LM, jobs: list[TeacherJob], max_batch: int | None = None,
+             prefill_chunk: int = 64) -> BatchScheduler:
+    head = lm.llm_decoder
+    scheduler = BatchScheduler(BackboneLM(lm.llm.model.model, head), max_batch or len(jobs),
+                               prefill_chunk=prefill_chunk)
+    try:
+        for job in jobs:
+            job.scheduler = scheduler
+            scheduler.submit(job)
+        for job in jobs:
+            assert job.finished.wait(60), "job did not finish"
+    finally:
+        scheduler.close()
+    return scheduler
+
+
+def ids(t: torch.Tensor) -> list[int]:
+    return [int(i) for i in t.flatten()]
+
+
+@pytest.fixture(scope="module")
+def lm() -> CosyVoice2LM:
+    return parity_models().lm
+
+
+@pytest.fixture(scope="module")
+def requests(lm: CosyVoice2LM) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """(text, prompt text, prompt speech, forced tokens) of requests with different lengths."""
+    v = vectors("llm_teacher_forced")
+    text, ptext, pspeech = ids(v["text"]), ids(v["prompt_text"]), ids(v["prompt_speech_token"])
+    forced = ids(v["forced_speech_token"])
+    return [(text, ptext, pspeech, forced),
+            (text[:4], [], [], forced[:12]),
+            (text + text, ptext, pspeech[:7], forced[::-1] + forced[:9]),
+            (text[3:], ptext[:2], pspeech, forced[5:])]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def test_batched_decode_step_equals_single_steps(lm: CosyVoice2LM) -> None:
+    """The batched step against Qwen2Model.forward, one request at a time, 3 cache lengths."""
+    backbone = lm.llm.model.model
+    gen = torch.Generator().manual_seed(0)
+    d = backbone.config.hidden_size
+    prompts = [torch.randn(1, n, d, generator=gen) for n in (3, 17, 40)]
+    alone, batched = [], []
+    for p in prompts:
+        for caches in (alone, batched):
+            cache = backbone.new_cache()
+            backbone(p, cache)
+            caches.append(cache)
+    for _ in range(5):
+        rows = torch.randn(3, d, generator=gen)
+        got = batched_decode(backbone, rows, batched)
+        want = torch.cat([backbone(rows[i][None, None], alone[i])[0] for i in range(3)])
+        torch.testing.assert_close(got, want, atol=BATCH_LOGP_ATOL, rtol=0)
+    assert [len(c) for c in batched] == [len(c) for c in alone] == [8, 22, 45]
+
+
+def test_batch_equals_alone_teacher_forced_with_interleaved_starts(lm: CosyVoice2LM,
+                                                                   requests) -> None:
+    jobs = [TeacherJob(lm, prompt_rows(lm, t, pt, ps), f, start_step=3 * i)
+            for i, (t, pt, ps, f) in enumerate(requests)]
+    scheduler = run_jobs(lm, jobs)
+    assert scheduler.stats.peak_batch == len(jobs)  # they really ran together
+    diffs = []
+    for job, (t, pt, ps, f) in zip(jobs, requests, strict=True):
+        assert job.error is None and job.out == f
+        diffs.append(max_diff(job.logps, sequential_logps(lm, t, pt, ps, f)))
+    assert max(diffs) <= BATCH_LOGP_ATOL, diffs
+    # and the request of the reference vectors matches the reference itself
+    v = vectors("llm_teacher_forced")
+    torch.testing.assert_close(torch.stack(jobs[0].logps), v["logp"][:len(jobs[0].logps)],
+                               atol=1e-4, rtol=0)
+
+
+def test_per_request_randomness(lm: CosyVoice2LM, requests) -> None:
+    """Same seed => same tokens, in a batch or alone; other seeds in the same batch differ."""
+    t, pt, ps, _ = requests[0]
+
+    def job(seed: int) -> TeacherJob:
+        sampler = RasSampler.seeded(lm.config.sampling, lm.config.speech_token_size, seed)
+        return TeacherJob(lm, prompt_rows(lm, t, pt, ps), [], sampler=sampler, steps=25)
+
+    alone = job(7)
+    run_jobs(lm, [alone])
+    batch = [job(7), job(8), job(7)]
+    run_jobs(lm, batch)
+    assert batch[0].out == batch[2].out == alone.out
+    assert batch[1].out != alone.out
+
+
+def test_bad_request_joining_a_running_batch_fails_alone(lm: CosyVoice2LM, requests) -> None:
+    t, pt, ps, f = requests[0]
+    good = TeacherJob(lm, prompt_rows(lm, t, pt, ps), f)
+    breaks = TeacherJob(lm, prompt_rows(lm, t, pt, ps), f, start_step=4, fail_at=3)
+    wrong_width = TeacherJob(lm, torch.zeros(5, lm.config.qwen.hidden_size + 1), f, start_step=6)
+    too_long = TeacherJob(lm, torch.zeros(lm.config.qwen.max_position_embeddings + 1,
+                                          lm.config.qwen.hidden_size), f, start_step=8)
+    run_jobs(lm, [good, breaks, wrong_width, too_long])
+    assert isinstance(breaks.error, ValueError) and "step 3" in str(breaks.error)
+    assert len(breaks.logps) == 3
+    assert wrong_width.error is not None and "wide" in str(wrong_width.error)
+    assert too_long.error is not None and "positions" in str(too_long.error)
+    assert good.error is None and good.out == f
+    assert max_diff(good.logps, sequential_logps(lm, t, pt, ps, f)) <= BATCH_LOGP_ATOL
+
+
+def test_long_prefill_is_chunked_and_does_not_stall_decoding(lm: CosyVoice2LM,
+                                                              requests) -> None:
+    t, pt, ps, f = requests[0]
+    long_text = (t * 8)[:70]
+    decoding = TeacherJob(lm, prompt_rows(lm, t, pt, ps), f)
+    long_job = TeacherJob(lm, prompt_rows(lm, long_text, pt, ps), f[:10], start_step=5)
+    chunk = 8
+    rows = long_job.rows.shape[0]
+    run_jobs(lm, [decoding, long_job], prefill_chunk=chunk)
+    # while the long prompt went in chunk by chunk, the other request took a token every step
+    first = long_job.accept_steps[0]
+    feeding = range(first - (rows + chunk - 1) // chunk + 1, first + 1)
+    during = [s for s in decoding.accept_steps if s in feeding]
+    assert len(during) == len(feeding), (decoding.accept_steps, list(feeding))
+    assert decoding.out == f and long_job.out == f[:10]
+    assert max_diff(decoding.logps, sequential_logps(lm, t, pt, ps, f)) <= BATCH_LOGP_ATOL
+    assert max_diff(long_job.logps, sequential_logps(lm, long_text, pt, ps, f[:10])
+                    ) <= BATCH_LOGP_ATOL
+
+
+def test_cancelled_job_leaves_within_one_step(lm: CosyVoice2LM, requests) -> None:
+    t, pt, ps, f = requests[0]
+    keep = TeacherJob(lm, prompt_rows(lm, t, pt, ps), f)
+    leave = TeacherJob(lm, prompt_rows(lm, t, pt, ps), f)
+    head = lm.llm_decoder
+    scheduler = BatchScheduler(BackboneLM(lm.llm.model.model, head), 2)
+    try:
+        for job in (keep, leave):
+            job.scheduler = scheduler
+            scheduler.submit(job)
+        while len(leave.out) < 5:
+            time.sleep(0.001)
+        leave.cancelled = True
+        at = len(leave.out)
+        assert keep.finished.wait(60)
+    finally:
+        scheduler.close()
+    assert len(leave.out) <= at + 1 and scheduler.stats.active == 0
+    assert keep.out == f
+
+
+# ----------------------------------------------------------------------------- engine level
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("cv2-batch") / "tiny", "tiny", seed=11)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir: Path) -> tuple[CosyVoice2Engine, CosyVoice2Engine]:
+    alone = CosyVoice2Engine.from_model_dir(model_dir, threads=1, device="cpu", seed=5)
+    batched = CosyVoice2Engine.from_model_dir(model_dir, threads=1, device="cpu", seed=5,
+                                              max_batch=4)
+    return alone, batched
+
+
+@pytest.fixture(scope="module")
+def prompt() -> Audio:
+    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
+    return Audio(samples, rate)
+
+
+def engine_requests(prompt: Audio) -> list[SynthesisRequest]:
+    source = Audio(prompt.samples[: prompt.sample_rate * 2], prompt.sample_rate)
+    return [
+        SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好，我们去公园散步吧！你好。",
+                         prompt=prompt, prompt_text=PROMPT_TEXT),
+        SynthesisRequest(Mode.CROSS_LINGUAL, text="Hello there, this is a test.", prompt=prompt,
+                         stream=False),
+        SynthesisRequest(Mode.VOICE_CONVERSION, prompt=prompt, source=source),
+        SynthesisRequest(Mode.ZERO_SHOT, text="一二三四五六七八九十。", prompt=prompt,
+                         prompt_text=PROMPT_TEXT, speed=1.5),
+    ]
+
+
+def audio(engine: CosyVoice2Engine, request: SynthesisRequest,
+          cancel: threading.Event | None = None) -> np.ndarray:
+    chunks = list(engine.synthesize(request, cancel or threading.Event()))
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def test_engine_batch_gives_the_audio_of_each_request_alone(engines, prompt: Audio) -> None:
+    alone, batched = engines
+    requests = engine_requests(prompt)
+    want = [audio(alone, r) for r in requests]
+    got: list[np.ndarray | None] = [None] * len(requests)
+
+    def run(i: int) -> None:
+        time.sleep(0.15 * i)  # interleaved starts
+        got[i] = audio(batched, requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert batched.scheduler is not None and batched.scheduler.stats.peak_batch >= 2
+    for w, g in zip(want, got, strict=True):
+        assert g is not None and len(g) == len(w) > 0
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_engine_cancel_in_the_middle_of_a_batch(engines, prompt: Audio) -> None:
+    alone, batched = engines
+    request = engine_requests(prompt)[0]
+    want = audio(alone, request)
+    cancel = threading.Event()
+    result: dict[str, np.ndarray] = {}
+
+    def other() -> None:
+        result["other"] = audio(batched, request)
+
+    th = threading.Thread(target=other)
+    th.start()
+    chunks = batched.synthesize(request, cancel)
+    first = next(chunks)
+    assert len(first) > 0
+    cancel.set()
+    rest = list(chunks)  # ends within a step, without more audio than was ready
+    assert len(rest) <= 2
+    th.join(120)
+    np.testing.assert_allclose(result["other"], want, atol=1e-5, rtol=0)
+    deadline = time.monotonic() + 5
+    while batched.batch_occupancy()[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batched.batch_occupancy() == (0, 4)
