@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cosyvoice2 engine: speech tokens in the first streamed chunk (default 10)")
     p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
                    help="syntheses running at once (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=limits.DEFAULT_MAX_BATCH,
+                   help="cosyvoice2 engine: requests decoded together by one batch scheduler "
+                        "(default %(default)s: none); above 1 it replaces --max-concurrent")
     p.add_argument("--max-queue", type=int, default=limits.DEFAULT_MAX_QUEUE,
                    help="syntheses waiting for a slot; beyond, HTTP 503 (default %(default)s)")
     p.add_argument("--api-key-file", type=Path, help=f"API keys, one per line (else ${ENV_KEYS}, "
@@ -149,7 +152,8 @@ def service_command(args: argparse.Namespace, state: Path) -> list[str]:
     cmd = [sys.executable, "-m", "service", "--engine", args.engine, "--host", args.grpc_host,
            "--state-dir", str(state),
            "--port", str(args.grpc_port), "--max-concurrent", str(args.max_concurrent),
-           "--max-queue", str(args.max_queue), "--device", args.device,
+           "--max-queue", str(args.max_queue), "--max-batch", str(args.max_batch),
+           "--device", args.device,
            "--log-level", args.log_level]
     if args.model_dir:
         cmd += ["--model-dir", str(args.model_dir)]

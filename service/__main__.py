@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 10; the reference uses 25)")
     p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
                    help="syntheses running at once (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=limits.DEFAULT_MAX_BATCH,
+                   help="cosyvoice2 engine: requests one batch scheduler steps together "
+                        "(default %(default)s: none, each synthesis on its own thread); above 1 "
+                        "it replaces --max-concurrent as the number of syntheses running at once")
     p.add_argument("--max-queue", type=int, default=limits.DEFAULT_MAX_QUEUE,
                    help="syntheses waiting for a slot before new ones get RESOURCE_EXHAUSTED "
                         "(default %(default)s)")
@@ -61,14 +65,18 @@ async def serve(args: argparse.Namespace) -> None:
     engine = await asyncio.to_thread(create_engine, args.engine, model_dir=args.model_dir,
                                      threads=args.threads, device=args.device,
                                      state_dir=args.state_dir or default_state_dir(),
-                                     first_chunk_tokens=args.first_chunk_tokens)
+                                     first_chunk_tokens=args.first_chunk_tokens,
+                                     max_batch=args.max_batch)
+    # With a batch scheduler, admission follows its capacity: max_batch running, then the queue.
+    max_concurrent = args.max_batch if args.max_batch > 1 else args.max_concurrent
     running = await start_server(engine, host=_listen_host(args.host), port=args.port,
-                                 api_keys=list(keys.keys), max_concurrent=args.max_concurrent,
+                                 api_keys=list(keys.keys), max_concurrent=max_concurrent,
                                  max_queue=args.max_queue)
     caps = engine.capabilities()
-    log.info("serving engine %s (%d Hz, modes: %s) on %s:%d, max_concurrent=%d max_queue=%d",
-             caps.engine, caps.sample_rate, ", ".join(sorted(m.value for m in caps.modes)),
-             args.host, running.port, args.max_concurrent, args.max_queue)
+    log.info("serving engine %s (%d Hz, modes: %s) on %s:%d, max_concurrent=%d max_queue=%d "
+             "max_batch=%d", caps.engine, caps.sample_rate,
+             ", ".join(sorted(m.value for m in caps.modes)), args.host, running.port,
+             max_concurrent, args.max_queue, args.max_batch)
     if args.port_file:
         args.port_file.write_text(f"{running.port}\n")
 

@@ -51,3 +51,6 @@ MAX_GATEWAY_CONNECTIONS = 1024
 # Server capacity defaults (overridable on the command line).
 DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_QUEUE = 4
+# Requests the cosyvoice2 engine's batch scheduler decodes together (1: no scheduler, each
+# synthesis on its own thread). Above 1 it is also the number of syntheses running at once.
+DEFAULT_MAX_BATCH = 1

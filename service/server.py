@@ -343,7 +343,7 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
             active_syntheses=c.active, queued_syntheses=c.queued, started_total=c.started_total,
             completed_total=c.completed_total, cancelled_total=c.cancelled_total,
             failed_total=c.failed_total, rejected_total=c.rejected_total,
-            engine_chunks_total=c.engine_chunks_total)
+            engine_chunks_total=c.engine_chunks_total, **_batch_status(self.core.engine))
 
     async def RegisterSpeaker(self, request: tts_pb2.RegisterSpeakerRequest,
                               context: grpc.aio.ServicerContext
@@ -431,6 +431,13 @@ SERVICE_NAMES = (
     tts_pb2.DESCRIPTOR.services_by_name["TextToSpeechService"].full_name,
     compat_pb2.DESCRIPTOR.services_by_name["RestCompatService"].full_name,
 )
+
+
+def _batch_status(engine: Engine) -> dict[str, int]:
+    """Batch occupancy of an engine with a batch scheduler (``batch_occupancy()``)."""
+    occupancy = getattr(engine, "batch_occupancy", None)
+    batch, max_batch = occupancy() if occupancy is not None else (0, 1)
+    return {"batch_occupancy": batch, "max_batch": max_batch}
 
 
 @dataclass

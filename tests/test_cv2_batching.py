@@ -375,3 +375,52 @@ def test_engine_cancel_in_the_middle_of_a_batch(engines, prompt: Audio) -> None:
     while batched.batch_occupancy()[0] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batched.batch_occupancy() == (0, 4)
+
+
+# ----------------------------------------------------------------------------- service level
+
+
+def test_service_admission_follows_max_batch(model_dir: Path, tmp_path: Path) -> None:
+    """--max-batch 3 through the real launcher: 3 run in one batch, 1 queues, the next gets 503
+    (RESOURCE_EXHAUSTED), and GetServerStatus shows the batch filling up."""
+    import grpc
+    from conftest import AUDIO_DIR, collect_replies, rpc_error, start_stack, stop_stack
+
+    from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+
+    stack = start_stack(tmp_path / "stack", max_concurrent=1, max_queue=1,
+                        extra_args=("--engine", "cosyvoice2", "--model-dir", str(model_dir),
+                                    "--max-batch", "3"))
+    try:
+        status = stack.status()
+        assert (status["max_batch"], status["max_concurrent"]) == (3, 3)
+        prompt = tts_pb2.PromptAudio(data=(AUDIO_DIR / "zero_shot_prompt.wav").read_bytes(),
+                                     format=tts_pb2.PROMPT_AUDIO_FORMAT_CONTAINER)
+        request = tts_pb2.SynthesizeRequest(
+            text="收到好友从远方寄来的生日礼物。" * 3,
+            zero_shot=tts_pb2.ZeroShotMode(prompt_audio=prompt, prompt_text=PROMPT_TEXT))
+        with grpc.insecure_channel(stack.grpc_target) as channel:
+            stub = tts_pb2_grpc.TextToSpeechServiceStub(channel)
+            calls = [stub.Synthesize(request, metadata=stack.metadata, timeout=300)
+                     for _ in range(4)]
+            peak = 0
+            deadline = time.monotonic() + 120
+            while True:
+                status = stack.status()
+                peak = max(peak, int(status.get("batch_occupancy", 0)))
+                if (status.get("active_syntheses"), status.get("queued_syntheses")) == (3, 1):
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(0.05)
+            extra = rpc_error(stub.Synthesize(request, metadata=stack.metadata, timeout=60))
+            assert extra.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            while peak < 2 and time.monotonic() < deadline:
+                peak = max(peak, int(stack.status().get("batch_occupancy", 0)))
+                time.sleep(0.05)
+            assert peak >= 2
+            for call in calls:
+                chunks, stats = collect_replies(call)
+                assert chunks and stats.audio_seconds > 0
+        assert int(stack.wait_idle().get("batch_occupancy", 0)) == 0
+    finally:
+        stop_stack(stack)

@@ -15,14 +15,20 @@ ENGINE_NAMES = ("embedded", "cosyvoice2")
 
 def create_engine(name: str, *, model_dir: Path | None = None, threads: int | None = None,
                   device: str = "auto", state_dir: Path | None = None,
-                  first_chunk_tokens: int | None = None) -> Engine:
+                  first_chunk_tokens: int | None = None, max_batch: int = 1) -> Engine:
     """Return a ready engine.
 
     ``threads`` bounds the engine's compute threads (None: its default); ``state_dir`` is where an
     engine keeps what must survive a restart (registered speakers); ``first_chunk_tokens`` sets
-    the size of the first streamed chunk of the cosyvoice2 engine (None: its default).
+    the size of the first streamed chunk of the cosyvoice2 engine (None: its default);
+    ``max_batch`` > 1 gives the cosyvoice2 engine a batch scheduler stepping that many requests
+    together (tts_core.batching).
     """
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
     if name == "embedded":
+        if max_batch != 1:
+            raise ValueError("--max-batch applies to the cosyvoice2 engine only")
         from tts_core.embedded.engine import EmbeddedEngine
 
         return EmbeddedEngine(threads=threads)
@@ -34,5 +40,6 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
 
         return CosyVoice2Engine.from_model_dir(Path(model_dir), threads=threads, device=device,
                                                state_dir=state_dir,
-                                               first_chunk_tokens=first_chunk_tokens)
+                                               first_chunk_tokens=first_chunk_tokens,
+                                               max_batch=max_batch)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -240,7 +240,7 @@ class GetServerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("engine", "uptime_seconds", "max_concurrent", "max_queue", "active_syntheses", "queued_syntheses", "started_total", "completed_total", "cancelled_total", "failed_total", "rejected_total", "engine_chunks_total")
+    __slots__ = ("engine", "uptime_seconds", "max_concurrent", "max_queue", "active_syntheses", "queued_syntheses", "started_total", "completed_total", "cancelled_total", "failed_total", "rejected_total", "engine_chunks_total", "max_batch", "batch_occupancy")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,8 @@ class GetServerStatusResponse(_message.Message):
     FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ENGINE_CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_OCCUPANCY_FIELD_NUMBER: _ClassVar[int]
     engine: str
     uptime_seconds: float
     max_concurrent: int
@@ -265,7 +267,9 @@ class GetServerStatusResponse(_message.Message):
     failed_total: int
     rejected_total: int
     engine_chunks_total: int
-    def __init__(self, engine: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., max_concurrent: _Optional[int] = ..., max_queue: _Optional[int] = ..., active_syntheses: _Optional[int] = ..., queued_syntheses: _Optional[int] = ..., started_total: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., engine_chunks_total: _Optional[int] = ...) -> None: ...
+    max_batch: int
+    batch_occupancy: int
+    def __init__(self, engine: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., max_concurrent: _Optional[int] = ..., max_queue: _Optional[int] = ..., active_syntheses: _Optional[int] = ..., queued_syntheses: _Optional[int] = ..., started_total: _Optional[int] = ..., completed_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ..., failed_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., engine_chunks_total: _Optional[int] = ..., max_batch: _Optional[int] = ..., batch_occupancy: _Optional[int] = ...) -> None: ...
 
 class RegisterSpeakerRequest(_message.Message):
     __slots__ = ("speaker_id", "prompt_audio", "prompt_text", "language", "description", "replace")
