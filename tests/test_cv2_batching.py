@@ -146,8 +146,10 @@ def run_jobs(lm: CosyVoice2LM, jobs: list[TeacherJob], max_batch: int | None = N
         for job in jobs:
             job.scheduler = scheduler
             scheduler.submit(job)
-        for job in jobs:
-            assert job.finished.wait(60), "job did not finish"
+        deadline = time.monotonic() + 60
+        while not all(job.done() or job.error is not None for job in jobs):
+            assert time.monotonic() < deadline, "jobs did not finish"
+            time.sleep(0.002)
     finally:
         scheduler.close()
     return scheduler
@@ -424,3 +426,44 @@ def test_service_admission_follows_max_batch(model_dir: Path, tmp_path: Path) ->
         assert int(stack.wait_idle().get("batch_occupancy", 0)) == 0
     finally:
         stop_stack(stack)
+
+
+class OutputJob(TeacherJob):
+    """A teacher-forced job with output work: one chunk due every ``hop`` tokens."""
+
+    def __init__(self, *args, hop: int, lead: float, log: list, name: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.hop, self.lead, self.log, self.name = hop, lead, log, name
+        self.emitted = 0
+
+    def output_due(self) -> bool:
+        return len(self.out) // self.hop > self.emitted
+
+    def output_rank(self, now: float) -> tuple[int, float]:
+        return (0, 0.0) if self.emitted == 0 else (1, self.lead)
+
+    def run_output(self) -> None:
+        assert self.scheduler is not None
+        self.emitted += 1
+        self.log.append((self.name, self.scheduler.stats.steps, len(self.out)))
+
+    def done(self) -> bool:
+        return self.finished.is_set() and not self.output_due()
+
+
+def test_first_chunks_go_before_streams_with_audio_buffered(lm: CosyVoice2LM, requests) -> None:
+    t, pt, ps, f = requests[0]
+    log: list[tuple[str, int, int]] = []
+    # "old" has 10 s of audio buffered after its first chunk; "new" joins while old has due work
+    old = OutputJob(lm, prompt_rows(lm, t, pt, ps), f, hop=2, lead=10.0, log=log, name="old")
+    new = OutputJob(lm, prompt_rows(lm, t, pt, ps), f, hop=6, lead=10.0, log=log, name="new",
+                    start_step=8)
+    run_jobs(lm, [old, new])
+    new_first = next(i for i, entry in enumerate(log) if entry[0] == "new")
+    # the newcomer's first chunk ran in the step where it became due ...
+    assert log[new_first][2] == 6
+    # ... and while it waited for it, the long stream's non-urgent chunks were held back
+    waiting = [e for e in log[:new_first] if e[0] == "old" and e[1] > new.accept_steps[0]]
+    assert waiting == [], log
+    # nothing starves: every chunk of both was produced in the end
+    assert old.emitted == len(f) // 2 and new.emitted == len(f) // 6

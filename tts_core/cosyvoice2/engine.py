@@ -24,7 +24,9 @@ directory's ``spk2info.pt`` and speakers registered with :meth:`CosyVoice2Engine
 which persist under ``state_dir``.
 
 Concurrency: requests may run in parallel threads. The modules are shared read-only; each request
-owns its KV cache, its streaming driver state and its random generator.
+owns its KV cache, its streaming driver state and its random generator. With ``max_batch`` > 1
+:meth:`synthesize` hands each request to one batch scheduler (:mod:`tts_core.batching`) that steps
+all of them together; the caller's thread only waits for its chunks.
 """
 
 from __future__ import annotations

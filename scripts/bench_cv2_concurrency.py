@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Many streams at once through the real gRPC server: throughput, first audio, stalls.
+
+    scripts/bench_cv2_concurrency.py (--model-dir DIR | --preset tiny) [--streams 1,2,4,8]
+        [--tokens 100] [--rounds 2] [--threads 2] [--max-batch 8] [--baseline]
+
+The model directory is loaded once; for each server setting (the batch scheduler with
+``--max-batch``, and with ``--baseline`` also today's thread-per-request server at
+``--max-concurrent 2``) an in-process gRPC server is started on a real socket and 1, 2, 4, 8
+concurrent streaming Synthesize calls are sent from client threads. Every request speaks
+exactly ``--tokens`` speech tokens (the sampler refuses stop ids until then, then stops, as the
+speed benchmark does), so every setting makes the same audio. The voice is a speaker registered
+once from shared/audio/zero_shot_prompt.wav, so no request pays for prompt encoding.
+
+Per concurrency level it prints: aggregate audio seconds per wall second (and its ratio to one
+stream), p50/p95 time to first audio over all streams of all rounds, stalls per stream (a chunk
+arriving after the audio before it would have finished playing, playback starting at the first
+chunk), seconds stalled per stream, the longest gap between two chunks of a stream, and the mean
+decode batch of the scheduler. ``uptime`` load is printed before and after: the figures depend
+on what else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc  # noqa: E402
+import soundfile  # noqa: E402
+import torch  # noqa: E402
+
+from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc  # noqa: E402
+from service.server import start_server  # noqa: E402
+from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E402
+from tts_core.cosyvoice2.model_dir import load_model_dir  # noqa: E402
+from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir  # noqa: E402
+from tts_core.engine import Audio  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
+TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜让我心中充满了快乐。"
+
+
+class ForcedLength:
+    """Refuses stop ids until ``n`` tokens, then stops: every request makes ``n`` tokens."""
+
+    def __init__(self, inner, n: int, eos: int) -> None:  # noqa: ANN001 - any sampler
+        self.inner, self.n, self.eos = inner, n, eos
+
+    def __call__(self, logp: torch.Tensor, decoded: list[int], ignore_eos: bool) -> int:
+        if len(decoded) >= self.n:
+            return self.eos
+        return self.inner(logp, decoded, True)
+
+
+class BenchEngine(CosyVoice2Engine):
+    forced_tokens = 100
+
+    def _sampler(self, randomness: _Randomness):  # noqa: ANN202
+        return ForcedLength(super()._sampler(randomness), self.forced_tokens,
+                            self.models.lm.config.eos_token)
+
+
+@dataclass
+class StreamResult:
+    start: float
+    arrivals: list[tuple[float, float]]  # (time, seconds of audio in the chunk)
+    error: str = ""
+
+    @property
+    def audio(self) -> float:
+        return sum(a for _, a in self.arrivals)
+
+    @property
+    def first(self) -> float:
+        return self.arrivals[0][0] - self.start if self.arrivals else float("nan")
+
+    def stalls(self) -> tuple[int, float, float]:
+        """(stalls, seconds stalled, longest gap between chunks) of real-time playback."""
+        if not self.arrivals:
+            return 0, 0.0, 0.0
+        played_until = self.arrivals[0][0]  # wall time at which the buffer runs dry
+        count, stalled, gap = 0, 0.0, 0.0
+        previous = self.arrivals[0][0]
+        for when, seconds in self.arrivals:
+            gap = max(gap, when - previous)
+            previous = when
+            if when > played_until + 1e-3:
+                count += 1
+                stalled += when - played_until
+                played_until = when
+            played_until += seconds
+        return count, stalled, gap
+
+
+def one_stream(target: str, key: str, request: tts_pb2.SynthesizeRequest,
+               result: StreamResult) -> None:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = tts_pb2_grpc.TextToSpeechServiceStub(channel)
+            result.start = time.perf_counter()
+            for reply in stub.Synthesize(request, metadata=(("x-api-token", key),),
+                                         timeout=3600):
+                if reply.HasField("audio"):
+                    chunk = reply.audio
+                    result.arrivals.append((time.perf_counter(),
+                                            len(chunk.data) / 2 / chunk.sample_rate))
+    except grpc.RpcError as error:
+        result.error = f"{error.code().name}: {error.details()}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_level(target: str, key: str, request: tts_pb2.SynthesizeRequest, streams: int
+              ) -> tuple[float, list[StreamResult]]:
+    results = [StreamResult(0.0, []) for _ in range(streams)]
+    threads = [threading.Thread(target=one_stream, args=(target, key, request, r))
+               for r in results]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, results
+
+
+def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
+                 levels: list[int], rounds: int, request: tts_pb2.SynthesizeRequest,
+                 expected_audio: float) -> None:
+    key = secrets.token_urlsafe(24)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    running = asyncio.run_coroutine_threadsafe(start_server(
+        engine, host="127.0.0.1", port=0, api_keys=[key], max_concurrent=max_concurrent,
+        max_queue=64), loop).result()
+    target = f"127.0.0.1:{running.port}"
+    try:
+        run_level(target, key, request, 1)  # warm-up
+        print(f"\n{label}  ({load()})")
+        print("streams  audio s/s  x1-stream  first audio p50 / p95 (s)  stalls/stream  "
+              "stalled s/stream  max gap s  mean batch")
+        base = None
+        for streams in levels:
+            rates, firsts, stalls, stalled, gaps = [], [], [], [], []
+            scheduler = engine.scheduler
+            steps0 = scheduler.stats.steps if scheduler else 0
+            rows0 = scheduler.stats.decoded_rows if scheduler else 0
+            for _ in range(rounds):
+                wall, results = run_level(target, key, request, streams)
+                errors = [r.error for r in results if r.error]
+                if errors:
+                    raise SystemExit(f"{streams} streams: {errors[0]}")
+                short = [r.audio for r in results if abs(r.audio - expected_audio) > 0.05]
+                if short:
+                    raise SystemExit(f"a stream starved: {short[0]:.2f} s of audio instead of "
+                                     f"{expected_audio:.2f} s")
+                rates.append(sum(r.audio for r in results) / wall)
+                for r in results:
+                    firsts.append(r.first)
+                    count, seconds, gap = r.stalls()
+                    stalls.append(count)
+                    stalled.append(seconds)
+                    gaps.append(gap)
+            rate = statistics.median(rates)
+            base = base or rate
+            batch = "-"
+            if scheduler:
+                steps = scheduler.stats.steps - steps0
+                batch = f"{(scheduler.stats.decoded_rows - rows0) / max(steps, 1):.2f}"
+            print(f"{streams:7d}  {rate:9.3f}  {rate / base:9.2f}  "
+                  f"{percentile(firsts, 50):12.2f} / {percentile(firsts, 95):5.2f}  "
+                  f"{statistics.mean(stalls):13.2f}  {statistics.mean(stalled):16.2f}  "
+                  f"{max(gaps):9.2f}  {batch:>10s}", flush=True)
+        print(f"({load()})")
+    finally:
+        asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--preset", choices=("tiny",), help="generate a tiny random directory")
+    parser.add_argument("--streams", default="1,2,4,8")
+    parser.add_argument("--tokens", type=int, default=100,
+                        help="speech tokens per request (25 per second of audio)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-batch", type=int, default=0, help="default: the most streams")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also measure today's thread-per-request server (max_concurrent 2)")
+    args = parser.parse_args()
+    levels = [int(s) for s in args.streams.split(",")]
+    torch.set_num_threads(args.threads)
+    tmp = None
+    model_dir = args.model_dir
+    if model_dir is None:
+        if args.preset is None:
+            parser.error("give --model-dir or --preset tiny")
+        tmp = tempfile.TemporaryDirectory(prefix="cv2-bench-")
+        model_dir = make_model_dir(Path(tmp.name), args.preset, seed=0)
+    print(f"uptime: {load()}; {os.cpu_count()} cores, torch threads {args.threads}")
+    started = time.perf_counter()
+    models = load_model_dir(model_dir, device=args.device, onnx_threads=1)
+    print(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s ({models.dtype})")
+    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
+    request = tts_pb2.SynthesizeRequest(text=TEXT, zero_shot=tts_pb2.ZeroShotMode(
+        speaker_id="bench"))
+    expected = args.tokens * models.token_mel_ratio * models.hift.config.upsample_factor
+    expected_audio = expected / models.sample_rate
+    print(f"{args.tokens} speech tokens per request = {expected_audio:.2f} s of audio; "
+          f"{args.rounds} rounds per level (medians of throughput)")
+
+    settings = [(f"batch scheduler, max_batch {args.max_batch or max(levels)}",
+                 args.max_batch or max(levels))]
+    if args.baseline:
+        settings.insert(0, ("thread per request, max_concurrent 2 (before)", 1))
+    for label, max_batch in settings:
+        engine = BenchEngine(models, seed=1, max_batch=max_batch)
+        engine.forced_tokens = args.tokens
+        engine.register_speaker("bench", Audio(samples, rate), prompt_text=PROMPT_TEXT)
+        bench_server(engine, label, max_batch if max_batch > 1 else 2, levels, args.rounds,
+                     request, expected_audio)
+        if engine.scheduler is not None:
+            engine.scheduler.close()
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
