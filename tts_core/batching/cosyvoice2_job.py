@@ -111,8 +111,8 @@ class CosyVoice2Job:
                     if self._cancel.is_set():
                         return
                     continue
-                if item is _END:
-                    return
+                if item is _END or self._cancel.is_set():
+                    return  # a cancelled request yields nothing more, even what was ready
                 if isinstance(item, _Failure):
                     raise item.error
                 yield item
