@@ -2,57 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 
-from service import limits
-from service.auth import ENV_KEYS, default_state_dir, load_api_keys
-from tts_core.registry import ENGINE_NAMES, create_engine
+from service.auth import default_state_dir, load_api_keys
+from service.options import ServerOptions, parse_server_options
+from tts_core.registry import create_engine
 
 log = logging.getLogger("service")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m service",
-                                description="Run the gRPC text-to-speech server.")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="embedded")
-    p.add_argument("--model-dir", type=Path, help="model directory (cosyvoice2 engine)")
-    p.add_argument("--device", default="auto", help="cosyvoice2 engine: cpu, cuda or auto")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any)")
-    p.add_argument("--threads", type=int, default=None, help="engine compute threads")
-    p.add_argument("--first-chunk-tokens", type=int, default=None,
-                   help="cosyvoice2 engine: speech tokens in the first streamed chunk "
-                        "(default 10; the reference uses 25)")
-    p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
-                   help="syntheses running at once (default %(default)s)")
-    p.add_argument("--max-batch", type=int, default=limits.DEFAULT_MAX_BATCH,
-                   help="cosyvoice2 engine: requests one batch scheduler steps together "
-                        "(default %(default)s: none, each synthesis on its own thread); above 1 "
-                        "it replaces --max-concurrent as the number of syntheses running at once")
-    p.add_argument("--max-queue", type=int, default=limits.DEFAULT_MAX_QUEUE,
-                   help="syntheses waiting for a slot before new ones get RESOURCE_EXHAUSTED "
-                        "(default %(default)s)")
-    p.add_argument("--api-key-file", type=Path,
-                   help=f"file with API keys, one per line (else ${ENV_KEYS}, else a key "
-                        "generated into the state directory)")
-    p.add_argument("--state-dir", type=Path, help="where a generated key and registered "
-                   "speakers are kept (default $COSYVOICE_STATE_DIR or var/ in the repository)")
-    p.add_argument("--port-file", type=Path,
-                   help="write the bound port here once serving (useful with --port 0)")
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
 
 
 def _listen_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: ServerOptions) -> None:
     from service.server import start_server
 
     keys = load_api_keys(args.api_key_file, args.state_dir)
@@ -66,16 +32,16 @@ async def serve(args: argparse.Namespace) -> None:
                                      threads=args.threads, device=args.device,
                                      state_dir=args.state_dir or default_state_dir(),
                                      first_chunk_tokens=args.first_chunk_tokens,
-                                     max_batch=args.max_batch)
+                                     precision=args.precision, max_batch=args.max_batch)
     # With a batch scheduler, admission follows its capacity: max_batch running, then the queue.
     max_concurrent = args.max_batch if args.max_batch > 1 else args.max_concurrent
-    running = await start_server(engine, host=_listen_host(args.host), port=args.port,
+    running = await start_server(engine, host=_listen_host(args.grpc_host), port=args.grpc_port,
                                  api_keys=list(keys.keys), max_concurrent=max_concurrent,
                                  max_queue=args.max_queue)
     caps = engine.capabilities()
     log.info("serving engine %s (%d Hz, modes: %s) on %s:%d, max_concurrent=%d max_queue=%d "
              "max_batch=%d", caps.engine, caps.sample_rate,
-             ", ".join(sorted(m.value for m in caps.modes)), args.host, running.port,
+             ", ".join(sorted(m.value for m in caps.modes)), args.grpc_host, running.port,
              max_concurrent, args.max_queue, args.max_batch)
     if args.port_file:
         args.port_file.write_text(f"{running.port}\n")
@@ -90,7 +56,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_server_options(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
