@@ -16,7 +16,8 @@ Per concurrency level it prints: aggregate audio seconds per wall second (and it
 stream), p50/p95 time to first audio over all streams of all rounds, stalls per stream (a chunk
 arriving after the audio before it would have finished playing, playback starting at the first
 chunk), seconds stalled per stream, the longest gap between two chunks of a stream, and the mean
-decode batch of the scheduler. ``uptime`` load is printed before and after: the figures depend
+decode batch of the scheduler and the share of its time spent in LM steps (the rest is flow +
+vocoder chunks). ``uptime`` load is printed before and after: the figures depend
 on what else runs on the machine.
 """
 
@@ -158,13 +159,15 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
         run_level(target, key, request, 1)  # warm-up
         print(f"\n{label}  ({load()})")
         print("streams  audio s/s  x1-stream  first audio p50 / p95 (s)  stalls/stream  "
-              "stalled s/stream  max gap s  mean batch")
+              "stalled s/stream  max gap s  mean batch  LM share")
         base = None
         for streams in levels:
             rates, firsts, stalls, stalled, gaps = [], [], [], [], []
             scheduler = engine.scheduler
             steps0 = scheduler.stats.steps if scheduler else 0
             rows0 = scheduler.stats.decoded_rows if scheduler else 0
+            lm0 = scheduler.stats.lm_seconds if scheduler else 0.0
+            out0 = scheduler.stats.output_seconds if scheduler else 0.0
             for _ in range(rounds):
                 wall, results = run_level(target, key, request, streams)
                 errors = [r.error for r in results if r.error]
@@ -183,14 +186,16 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
                     gaps.append(gap)
             rate = statistics.median(rates)
             base = base or rate
-            batch = "-"
+            batch = share = "-"
             if scheduler:
                 steps = scheduler.stats.steps - steps0
                 batch = f"{(scheduler.stats.decoded_rows - rows0) / max(steps, 1):.2f}"
+                lm = scheduler.stats.lm_seconds - lm0
+                share = f"{lm / max(lm + scheduler.stats.output_seconds - out0, 1e-9):.0%}"
             print(f"{streams:7d}  {rate:9.3f}  {rate / base:9.2f}  "
                   f"{percentile(firsts, 50):12.2f} / {percentile(firsts, 95):5.2f}  "
                   f"{statistics.mean(stalls):13.2f}  {statistics.mean(stalled):16.2f}  "
-                  f"{max(gaps):9.2f}  {batch:>10s}", flush=True)
+                  f"{max(gaps):9.2f}  {batch:>10s}  {share:>8s}", flush=True)
         print(f"({load()})")
     finally:
         asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result()

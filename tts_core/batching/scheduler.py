@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -102,7 +102,8 @@ class SchedulerStats:
     outputs: int = 0
     failed: int = 0
     peak_batch: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    lm_seconds: float = 0.0  # wall time in prefill and decode steps
+    output_seconds: float = 0.0  # wall time in output work (flow + vocoder)
 
     @property
     def mean_batch(self) -> float:
@@ -222,10 +223,14 @@ class BatchScheduler:
         if not entries:
             return
         self.stats.steps += 1
+        started = time.perf_counter()
         self._outputs(entries)
+        outputs_done = time.perf_counter()
         live = [e for e in entries if e in self._entries]
         self._prefill(live)
         self._decode([e for e in live if e in self._entries])
+        self.stats.output_seconds += outputs_done - started
+        self.stats.lm_seconds += time.perf_counter() - outputs_done
         with self._lock:
             self._drop_stopped()
 
