@@ -445,3 +445,54 @@ def test_blocked_token_features_are_length_independent(flow: CausalFlowDiT,
         for finalize in (False, True):
             whole = flow.token_features(tokens, finalize)
             assert max_err(flow.token_features(tokens, finalize, block), whole) <= ATOL
+
+
+# --- other sizes (random weights): nothing may depend on the reduced sizes --------------------
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(noise / (p[0].numel() ** 0.5) if p.dim() > 1 else 0.1 * noise)
+
+
+@pytest.mark.parametrize("chunk, ratio, cfg_rate", [(15, 3, 0.7), (8, 2, 0.0), (40, 4, 0.5)])
+def test_other_sizes_stream_and_cache(chunk: int, ratio: int, cfg_rate: float) -> None:
+    from tts_core.cosyvoice2.flow_matching import CFMConfig
+    from tts_core.cosyvoice3.dit import DiTConfig
+
+    config = FlowConfig(input_size=32, output_size=32, spk_embed_dim=24, vocab_size=97,
+                        token_mel_ratio=ratio, pre_lookahead_len=2, lookahead_channels=40,
+                        estimator=DiTConfig(dim=32, depth=2, heads=2, dim_head=8, ff_mult=3,
+                                            mel_dim=32, mu_dim=32, spk_dim=32,
+                                            static_chunk_size=chunk),
+                        cfm=CFMConfig(n_feats=32, inference_cfg_rate=cfg_rate, n_timesteps=3))
+    model = CausalFlowDiT(config).eval()
+    _randomize(model, chunk)
+    generator = torch.Generator().manual_seed(1)
+    token = torch.randint(0, 97, (1, 60), generator=generator)
+    prompt = torch.randint(0, 97, (1, 7), generator=generator)
+    prompt_feat = torch.randn(1, 7 * ratio, 32, generator=generator)
+    embedding = torch.randn(1, 24, generator=generator)
+    args = (prompt, prompt_feat, embedding)
+    full = model.inference(token, *args)
+    assert full.shape == (1, 32, 60 * ratio) and torch.isfinite(full).all()
+    cache = model.new_stream_cache()
+    for n in (5, 9, 23, 24, 41, 60):
+        cached = model.inference(token[:, :n], *args, streaming=True, finalize=False, cache=cache)
+        plain = model.inference(token[:, :n], *args, streaming=True, finalize=False)
+        assert cached.shape == (1, 32, (n - 2) * ratio)
+        assert torch.equal(cached, plain), n
+        assert cache.frames % chunk == 0
+    streamed = model.inference(token, *args, streaming=True, finalize=True)
+    dit = model.decoder.estimator
+    with torch.inference_mode():
+        mu, _, spks, cond = model.conditions(token, *args, finalize=True)
+        x = model.decoder.initial_noise(mu.shape[2])
+        t = torch.full((1,), 0.3)
+        masked = one_pass_masked(dit, x, mu, t, spks, cond)
+        chunked = dit(x, None, mu, t, spks, cond, streaming=True)
+    assert max_err(chunked, masked) <= ATOL
+    assert streamed.shape == full.shape and torch.isfinite(streamed).all()

@@ -303,3 +303,26 @@ def test_dit_cache_gives_the_same_stream_with_less_work(flow, hift, schedule, st
     assert work < 0.75 * plain_work
     print(f"\nDiT frames computed, streaming {v['token'].shape[1]} tokens: cached {work}, "
           f"uncached {plain_work}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda(schedule, nonstream_vec, stream_vec) -> None:
+    """On a GPU: same code path; end-to-end tolerances (TF32 convolutions, other kernels); the
+    stream cache stays bit-identical; the f0 predictor stays float64."""
+    import copy
+
+    flow = copy.deepcopy(parity_flow()).cuda()
+    hift = copy.deepcopy(parity_hift()).cuda()
+    assert hift.f0_predictor.classifier.weight.dtype == torch.float64
+    v = {k: t.cuda() for k, t in nonstream_vec.items()}
+    wav = Token2Wav(flow, hift).synthesize(v["token"], v["prompt_token"], v["prompt_feat"],
+                                           v["embedding"])
+    assert wav.device.type == "cuda"
+    assert max_abs(wav.cpu(), nonstream_vec["wav"]) <= 5e-2  # README end-to-end tolerance
+    s = {k: t.cuda() for k, t in stream_vec.items()}
+    streams = [run_stream(Token2Wav(flow, hift, schedule=schedule, dit_cache=cached), s)[0]
+               for cached in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*streams, strict=True))
+    streamed = torch.cat(streams[0], dim=1).cpu()
+    assert max_abs(streamed, stream_vec["wav"]) <= 5e-2
+    assert (streamed - stream_vec["wav"]).pow(2).mean().sqrt().item() <= 1e-2

@@ -13,6 +13,7 @@ Two quirks of the released checkpoint are reproduced on purpose:
   attend without position information (the convolutional embedding still carries order);
 * streaming attention uses static chunks of ``static_chunk_size`` frames counted from frame 0 of
   the whole sequence (prompt included): frame i sees every frame before the end of its chunk.
+  It is computed chunk by chunk, which also lets a stream keep the chunks it has (DiTCache).
 
 ``DiT.state_dict()`` has exactly the keys of ``decoder.estimator.*`` in the official ``flow.pt``,
 including the stored rotary buffer ``rotary_embed.inv_freq``.

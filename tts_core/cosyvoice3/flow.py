@@ -9,7 +9,8 @@ the prompt's mel frames placed at the start of ``cond``; the prompt's frames are
 output.
 
 ``CausalFlowDiT.state_dict()`` has exactly the keys of the official ``flow.pt``. The model keeps
-no state between calls, so one instance can serve concurrent requests.
+no state between calls, so one instance can serve concurrent requests; a streaming request may
+pass its own :class:`FlowStreamCache` so that the chunks of earlier calls are not recomputed.
 """
 
 from __future__ import annotations
