@@ -414,17 +414,26 @@ def test_stream_cache_refuses_other_tokens(flow: CausalFlowDiT,
         flow.inference(s["token"], *args, streaming=False, cache=cache)
 
 
-def test_stream_cache_over_many_chunks(flow: CausalFlowDiT,
-                                       stream: dict[str, torch.Tensor]) -> None:
-    """A longer stream in uneven steps: every call equals the uncached one, bit for bit."""
+@pytest.mark.parametrize("max_frames", [None, 100])
+def test_stream_cache_over_many_chunks(flow: CausalFlowDiT, stream: dict[str, torch.Tensor],
+                                       max_frames: int | None) -> None:
+    """A longer stream in uneven steps: every call equals the uncached one, bit for bit, with
+    or without a bound on the cache (frames past it are recomputed)."""
     s = stream
     token = torch.cat([s["token"]] * 3, dim=1)
-    cache = flow.new_stream_cache()
+    cache = flow.new_stream_cache(max_frames)
     args = (s["prompt_token"], s["prompt_feat"], s["embedding"])
     for n in (20, 31, 57, 58, 90, 140, 200, token.shape[1]):
         cached = flow.inference(token[:, :n], *args, streaming=True, finalize=False, cache=cache)
         uncached = flow.inference(token[:, :n], *args, streaming=True, finalize=False)
         assert torch.equal(cached, uncached), n
+        if max_frames is not None:
+            assert cache.frames <= max_frames
+    c = flow.config
+    frames = c.token_mel_ratio * (s["prompt_token"].shape[1] + token.shape[1]
+                                  - c.pre_lookahead_len)
+    complete = frames // c.estimator.static_chunk_size * c.estimator.static_chunk_size
+    assert cache.frames == min(complete, max_frames or complete)
 
 
 def test_blocked_token_features_are_length_independent(flow: CausalFlowDiT,

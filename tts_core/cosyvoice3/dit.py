@@ -266,15 +266,16 @@ class DiTBlock(nn.Module):
                 mask: torch.Tensor | None = None,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> (x, this block's keys and values of x's frames).
+        """x [B, T, D] -> (x, keys, values [B, heads, frames, dim_head]).
 
-        ``past``: keys/values of earlier frames that x's frames also attend to."""
+        ``past``: keys/values of earlier frames that x's frames also attend to; the returned
+        keys/values are ``past``'s followed by x's frames'."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.attn_norm(t_emb)
         q, k, v = self.attn.project(_layer_norm(x) * (1 + scale1) + shift1, rope)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2),
                                                     torch.cat([past[1], v], dim=2))
         x = x + gate1 * self.attn.attend(q, keys, values, mask)
-        return x + gate2 * self.ff(_layer_norm(x) * (1 + scale2) + shift2), k, v
+        return x + gate2 * self.ff(_layer_norm(x) * (1 + scale2) + shift2), keys, values
 
 
 @dataclass
@@ -287,6 +288,8 @@ class DiTCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     context: ConvContext | None = None
+    # stop growing past this many frames (memory bound; later chunks are then recomputed)
+    max_frames: int | None = None
 
 
 class DiT(nn.Module):
@@ -342,30 +345,27 @@ class DiT(nn.Module):
             raise ValueError(f"dit: a stream cache must end on a chunk boundary, got {start}")
         t_emb = self.time_embed(t)
         x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
+        # what the chunks so far leave to the next one: the cache's, then this call's
+        done = DiTCache(cache.frames, cache.keys, cache.values, cache.context or ConvContext(
+            x.new_zeros(x.shape[0], self.config.dim, CONV_POS_KERNEL - 1),
+            x.new_zeros(x.shape[0], self.config.dim, CONV_POS_KERNEL - 1)))
         outputs = []
         for c0 in range(start, total, chunk):  # chunks start at multiples of `chunk` frames
             c1 = min(c0 + chunk, total)
             rows = slice(c0 - start, c1 - start)
-            context = cache.context or ConvContext(
-                x.new_zeros(x.shape[0], self.config.dim, CONV_POS_KERNEL - 1),
-                x.new_zeros(x.shape[0], self.config.dim, CONV_POS_KERNEL - 1))
-            h, proj, mid = self.input_embed(x[:, rows], cond[:, rows], mu[:, rows], spks, context)
+            h, proj, mid = self.input_embed(x[:, rows], cond[:, rows], mu[:, rows], spks,
+                                            done.context)
             rope = self.rotary_embed(torch.arange(c0, c1, device=x.device))
             fresh = []
             for i, block in enumerate(self.transformer_blocks):
-                past = (cache.keys[i], cache.values[i]) if cache.frames else None
-                h, k, v = block(h, t_emb, rope, past=past)
-                fresh.append((k, v))
+                past = (done.keys[i], done.values[i]) if done.frames else None
+                h, keys, values = block(h, t_emb, rope, past=past)
+                fresh.append((keys, values))
             outputs.append(self.proj_out(self.norm_out(h, t_emb)))
-            if c1 - c0 == chunk:  # complete: later chunks and later calls attend to it
-                if cache.frames:
-                    cache.keys = [torch.cat([old, k], dim=2)
-                                  for old, (k, _) in zip(cache.keys, fresh, strict=True)]
-                    cache.values = [torch.cat([old, v], dim=2)
-                                    for old, (_, v) in zip(cache.values, fresh, strict=True)]
-                else:
-                    cache.keys = [k for k, _ in fresh]
-                    cache.values = [v for _, v in fresh]
-                cache.context = context.extend(proj, mid)
-                cache.frames = c1
+            if c1 - c0 == chunk:  # complete: later chunks (and calls) attend to it
+                done = DiTCache(c1, [k for k, _ in fresh], [v for _, v in fresh],
+                                done.context.extend(proj, mid))
+                if cache.max_frames is None or c1 <= cache.max_frames:
+                    cache.frames, cache.keys, cache.values, cache.context = \
+                        done.frames, done.keys, done.values, done.context
         return torch.cat(outputs, dim=1).transpose(1, 2)

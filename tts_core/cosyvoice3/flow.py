@@ -257,8 +257,11 @@ class CausalFlowDiT(nn.Module):
                                         cache or self.new_stream_cache())
         return mel[:, :, prompt_feat.shape[1]:].float()
 
-    def new_stream_cache(self) -> FlowStreamCache:
-        return FlowStreamCache([DiTCache() for _ in range(self.config.cfm.n_timesteps)])
+    def new_stream_cache(self, max_frames: int | None = None) -> FlowStreamCache:
+        """An empty cache for one request. ``max_frames``: keep at most this many frames
+        (prompt included; memory bound), recompute the later ones at every call."""
+        return FlowStreamCache([DiTCache(max_frames=max_frames)
+                                for _ in range(self.config.cfm.n_timesteps)])
 
     def _streaming_solve(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
                          cond: torch.Tensor, tokens: torch.Tensor, finalize: bool,

@@ -15,9 +15,10 @@ vocoder side, because the CosyVoice 3 vocoder is causal:
   values of every complete 50-frame chunk), so a chunk costs the DiT only its new frames and the
   partial chunk before them; the result is bit-identical to recomputing (``dit_cache=False``).
   The last call attends over all frames, as the reference's does, so it recomputes everything.
-  Memory: depth · steps · 2 rows · 2 (keys, values) · heads · dim_head floats per mel frame,
+  Memory: depth · steps · 2 rows · 2 (keys, values) · heads · dim_head values per mel frame,
   3.6 MB per frame (180 MB per second of prompt + speech) for the released model in float32,
-  released when the stream finishes.
+  freed by the final call; ``dit_cache_max_frames`` bounds it (frames past the bound are
+  recomputed at every chunk, still bit-identical).
 
 All streaming state lives in the per-request stream (the hop length included: the reference keeps
 it on the shared model object across requests, a defect not reproduced); the shared
@@ -48,6 +49,10 @@ from .hift import CausalHiFTGenerator
 __all__ = ["REFERENCE_SCHEDULE", "ChunkTrace", "StreamSchedule", "Token2Wav", "Token2WavStream"]
 
 
+# 30 s of prompt + speech: 5.4 GB for the released model in float32 (half in bfloat16)
+DIT_CACHE_MAX_FRAMES = 1500
+
+
 @dataclass
 class _StreamVocoderState:
     mel: torch.Tensor  # every mel frame of the request so far, [1, 80, frames]
@@ -58,10 +63,10 @@ class _StreamFlow:
     """The flow as one stream sees it: its chunk-masked calls share the stream's DiT cache,
     dropped after the final call."""
 
-    def __init__(self, flow: Any):
+    def __init__(self, flow: Any, max_frames: int | None):
         self.flow = flow
         self.config = flow.config
-        self.cache: FlowStreamCache | None = flow.new_stream_cache()
+        self.cache: FlowStreamCache | None = flow.new_stream_cache(max_frames)
 
     def inference(self, token: torch.Tensor, prompt_token: torch.Tensor,
                   prompt_feat: torch.Tensor, embedding: torch.Tensor, streaming: bool,
@@ -85,11 +90,15 @@ class Token2Wav(cv2_token2wav.Token2Wav):
         pre_lookahead_len: int | None = None,
         schedule: StreamSchedule = REFERENCE_SCHEDULE,
         dit_cache: bool = True,
+        dit_cache_max_frames: int | None = DIT_CACHE_MAX_FRAMES,
     ):
         """``dit_cache``: streams keep the DiT's per-chunk cache (see the module docstring);
-        False recomputes every chunk from the first frame (same output, more work)."""
+        False recomputes every chunk from the first frame (same output, more work).
+        ``dit_cache_max_frames``: the most mel frames (prompt included) a stream's cache holds
+        (None: no bound)."""
         self.hift: CausalHiFTGenerator
         self.dit_cache = dit_cache
+        self.dit_cache_max_frames = dit_cache_max_frames
         # mel_cache_len: the vocoder's right context, which the first chunk must exceed
         super().__init__(flow, hift, token_mel_ratio=token_mel_ratio,
                          pre_lookahead_len=pre_lookahead_len,
@@ -110,7 +119,7 @@ class Token2Wav(cv2_token2wav.Token2Wav):
         if self.dit_cache and hasattr(self.flow, "new_stream_cache"):
             # a per-stream view of this driver whose flow carries the stream's DiT cache
             driver = copy.copy(self)
-            driver.flow = _StreamFlow(self.flow)
+            driver.flow = _StreamFlow(self.flow, self.dit_cache_max_frames)
         return super(Token2Wav, driver).start_stream(prompt_token, prompt_feat, embedding,
                                                      **options)
 
