@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,10 @@ class LMConfig:
     sampling: SamplingConfig = SamplingConfig()
     min_token_text_ratio: float = 2.0
     max_token_text_ratio: float = 20.0
+
+    # The yaml class this config reads (CosyVoice 3's config overrides it).
+    yaml_class: ClassVar[str] = "Qwen2LM"
+    model_name: ClassVar[str] = "CosyVoice 2"
 
     def __post_init__(self) -> None:
         if self.llm_input_size != self.qwen.hidden_size:
@@ -64,9 +69,10 @@ class LMConfig:
     @classmethod
     def from_yaml(cls, node: Tagged, qwen: Qwen2Config) -> LMConfig:
         """Read the ``llm: !new:cosyvoice.llm.llm.Qwen2LM`` node of cosyvoice2.yaml."""
-        if not isinstance(node, Tagged) or not node.target.endswith(".Qwen2LM"):
+        if not isinstance(node, Tagged) or not node.target.endswith("." + cls.yaml_class):
             target = node.target if isinstance(node, Tagged) else type(node).__name__
-            raise ValueError(f"the yaml's llm must be a CosyVoice 2 Qwen2LM, got {target!r}")
+            raise ValueError(f"the yaml's llm must be a {cls.model_name} {cls.yaml_class}, "
+                             f"got {target!r}")
         args = node.args if isinstance(node.args, dict) else {}
         for key in ("llm_input_size", "llm_output_size", "speech_token_size"):
             if key not in args:
@@ -113,8 +119,12 @@ class CosyVoice2LM(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.llm_embedding = nn.Embedding(2, cfg.llm_input_size)
         self.llm = _Backbone(cfg.qwen)
+        self._build_speech_tables(cfg)
+
+    def _build_speech_tables(self, cfg: LMConfig) -> None:
+        """The speech-side tables around the backbone (CosyVoice 3 lays them out differently)."""
+        self.llm_embedding = nn.Embedding(2, cfg.llm_input_size)
         self.llm_decoder = nn.Linear(cfg.llm_output_size, cfg.num_speech_rows)
         self.speech_embedding = nn.Embedding(cfg.num_speech_rows, cfg.llm_input_size)
 
@@ -177,6 +187,10 @@ class CosyVoice2LM(nn.Module):
 
     def _token_row(self, token: int) -> torch.Tensor:
         return self.speech_embedding.weight.detach()[token].reshape(1, 1, -1)
+
+    def _bistream_start(self, prompt_text_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bistream's first input rows and the prompt text rows still to be interleaved."""
+        return self._special_row(SOS_ROW), self.embed_text(prompt_text_ids)
 
     def step(self, inputs: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed rows [1, L, D] after the cache; return (last hidden [D], float32 logp [V])."""
@@ -261,11 +275,11 @@ class CosyVoice2LM(nn.Module):
         text_seen = 0
         steps = 0
 
-        pending_text = self.embed_text(prompt_text_ids)  # X: text rows not yet fed
+        # B: rows for the next forward step; X: text rows not yet fed
+        inputs, pending_text = self._bistream_start(prompt_text_ids)
         # S: prompt speech rows not yet placed
         pending_speech = (self.embed_speech(prompt_speech_tokens) if prompt_speech_tokens
                           else self.speech_embedding.weight.detach()[:0][None])
-        inputs = self._special_row(SOS_ROW)  # B: rows for the next forward step
         # Position (in `decoded`) of the first fill: the prompt speech already filled part of
         # its last 15-token segment.
         prompt_len = len(prompt_speech_tokens)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tokenizers import (
     AddedToken,
@@ -82,13 +82,16 @@ def _config_added_tokens(config: dict[str, Any]) -> list[tuple[int, AddedToken]]
 class CosyVoice2Tokenizer:
     """Text -> Qwen2 ids with CosyVoice 2's special tokens kept whole. Safe to share."""
 
+    # The added tokens, in registration order (CosyVoice 3's tokenizer extends the list).
+    SPECIAL_TOKENS: tuple[str, ...] = COSYVOICE2_SPECIAL_TOKENS
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
         specials = [AddedToken(t, normalized=False, special=True)
-                    for t in (ENDOFTEXT, *COSYVOICE2_SPECIAL_TOKENS)]
+                    for t in (ENDOFTEXT, *self.SPECIAL_TOKENS)]
         self._tok.add_special_tokens(specials)  # tokens already present keep their ids
         self.special_token_ids: dict[str, int] = {}
-        for token in (ENDOFTEXT, *COSYVOICE2_SPECIAL_TOKENS):
+        for token in (ENDOFTEXT, *self.SPECIAL_TOKENS):
             token_id = self._tok.token_to_id(token)
             if token_id is None:  # pragma: no cover - add_special_tokens guarantees it
                 raise RuntimeError(f"special token {token} was not registered")
@@ -96,7 +99,7 @@ class CosyVoice2Tokenizer:
         self.max_token_id = max(self._tok.get_vocab(with_added_tokens=True).values())
 
     @classmethod
-    def from_dir(cls, blank_en_dir: Path) -> CosyVoice2Tokenizer:
+    def from_dir(cls, blank_en_dir: Path) -> Self:
         """Load from a ``CosyVoice-BlankEN`` directory (``tokenizer.json`` or vocab + merges)."""
         root = Path(blank_en_dir)
         config_path = root / "tokenizer_config.json"
@@ -115,7 +118,7 @@ class CosyVoice2Tokenizer:
         missing = [p.name for p in (vocab_path, merges_path) if not p.is_file()]
         if missing:
             raise FileNotFoundError(
-                f"tokenizer files missing in {root}: {', '.join(missing)} (a CosyVoice 2 model "
+                f"tokenizer files missing in {root}: {', '.join(missing)} (a CosyVoice model "
                 "directory needs CosyVoice-BlankEN/vocab.json and merges.txt, or tokenizer.json)")
         try:
             vocab, merges = models.BPE.read_file(str(vocab_path), str(merges_path))
@@ -164,14 +167,15 @@ Streaming speech synthesis turns text into audio while the text is still arrivin
 """
 
 
-def write_tiny_tokenizer(dir: Path, vocab_size: int) -> Path:
+def write_tiny_tokenizer(dir: Path, vocab_size: int,
+                         special_tokens: Sequence[str] = COSYVOICE2_SPECIAL_TOKENS) -> Path:
     """Write a small Qwen2-style tokenizer (vocab.json, merges.txt, tokenizer_config.json).
 
     Byte-level BPE trained on a built-in multilingual paragraph with Qwen2's pre-tokeniser, so any
-    text encodes. Every id — Qwen2's three added tokens and CosyVoice 2's special tokens included
-    — is below ``vocab_size``, so the result fits a Qwen2 embedding of that many rows.
+    text encodes. Every id — Qwen2's three added tokens and the model's ``special_tokens``
+    included — is below ``vocab_size``, so the result fits a Qwen2 embedding of that many rows.
     """
-    n_added = len(set(_QWEN2_BASE_ADDED) | set(COSYVOICE2_SPECIAL_TOKENS))
+    n_added = len(set(_QWEN2_BASE_ADDED) | set(special_tokens))
     base = vocab_size - n_added
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     if base < len(byte_alphabet):

@@ -1,0 +1,63 @@
+"""The CosyVoice 3 parity directory, shared by the ``test_cv3_*_parity.py`` files.
+
+The directory is ``$COSYVOICE3_PARITY_DIR`` or, by default, ``<repo>/../shared/parity/cosyvoice3``
+(layout: see the README there). Tests take every size and length from the loaded models and the
+vectors (other sets differ in sizes, seeds and lengths). A missing default directory skips the
+tests; a directory named in the environment that is missing or incomplete fails them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ENV_VAR = "COSYVOICE3_PARITY_DIR"
+DEFAULT_PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "cosyvoice3"
+
+VECTOR_NAMES = (
+    "frontend_mel80", "llm_teacher_forced", "llm_teacher_forced_crosslingual",
+    "llm_bistream_teacher_forced", "llm_bistream_no_prompt_speech", "flow_nonstream",
+    "flow_stream", "hift", "hift_fixed_noise", "token2wav_nonstream", "token2wav_stream",
+)
+REQUIRED_FILES = (
+    "cosyvoice3.yaml", "llm.pt", "flow.pt", "hift.pt", "CosyVoice-BlankEN/config.json",
+    "full_size_state_dict_keys.json",
+    *(f"vectors/{name}.safetensors" for name in VECTOR_NAMES),
+)
+
+
+def parity_dir() -> Path:
+    """The parity directory; skips (default location absent) or fails (env var set, incomplete)."""
+    env = os.environ.get(ENV_VAR)
+    path = Path(env) if env else DEFAULT_PARITY_DIR
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not missing:
+        return path
+    if env:
+        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6
+                                          else "")
+        pytest.fail(f"{ENV_VAR}={env} is not a complete parity directory; it lacks {shown}",
+                    pytrace=False)
+    pytest.skip(f"parity data not found at {path} (set {ENV_VAR} to use another directory)")
+
+
+def vector_path(name: str) -> Path:
+    return parity_dir() / "vectors" / f"{name}.safetensors"
+
+
+def vectors(name: str) -> dict[str, torch.Tensor]:
+    """All tensors of ``vectors/<name>.safetensors`` (a fresh dict on every call)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(vector_path(name)))
+
+
+def metadata(name: str) -> dict[str, str]:
+    """The string metadata in the header of ``vectors/<name>.safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(vector_path(name)), "pt") as handle:
+        return dict(handle.metadata() or {})
