@@ -114,8 +114,8 @@ class TeacherJob:
 
 def prompt_rows(lm: CosyVoice2LM, text: list[int], prompt_text: list[int],
                 prompt_speech: list[int]) -> torch.Tensor:
-    table = lm.llm_embedding.weight.detach()
-    parts = [table[SOS_ROW][None], lm.embed_text(prompt_text + text)[0], table[TASK_ID_ROW][None]]
+    parts = [lm._special_row(SOS_ROW)[0], lm.embed_text(prompt_text + text)[0],
+             lm._special_row(TASK_ID_ROW)[0]]
     if prompt_speech:
         parts.append(lm.embed_speech(prompt_speech)[0])
     return torch.cat(parts)
@@ -466,3 +466,28 @@ def test_first_chunks_go_before_streams_with_audio_buffered(lm: CosyVoice2LM, re
     assert waiting == [], log
     # nothing starves: every chunk of both was produced in the end
     assert old.emitted == len(f) // 2 and new.emitted == len(f) // 6
+
+
+def test_cosyvoice3_lm_batches_the_same_way() -> None:
+    """The scheduler drives CosyVoice 3's LM (same Qwen2 backbone, other speech tables)."""
+    from tests import cv3_parity
+    from tests.test_cv3_llm_parity import build_config
+    from tts_core.cosyvoice2.checkpoint import load_strict
+    from tts_core.cosyvoice3.llm import CosyVoice3LM
+
+    path = cv3_parity.parity_dir()
+    lm3 = CosyVoice3LM(build_config(path))
+    load_strict(lm3, torch.load(path / "llm.pt", weights_only=True, map_location="cpu"), "llm.pt")
+    lm3.eval()
+    v = cv3_parity.vectors("llm_teacher_forced")
+    text, ptext = ids(v["text"]), ids(v["prompt_text"])
+    pspeech, forced = ids(v["prompt_speech_token"]), ids(v["forced_speech_token"])
+    variants = [(text, ptext, pspeech, forced), (text, ptext, pspeech[:5], forced[:11])]
+    jobs = [TeacherJob(lm3, prompt_rows(lm3, t, pt, ps), f, start_step=2 * i)
+            for i, (t, pt, ps, f) in enumerate(variants)]
+    run_jobs(lm3, jobs)
+    for job, (t, pt, ps, f) in zip(jobs, variants, strict=True):
+        assert job.error is None and job.out == f
+        assert max_diff(job.logps, sequential_logps(lm3, t, pt, ps, f)) <= BATCH_LOGP_ATOL
+    torch.testing.assert_close(torch.stack(jobs[0].logps), v["logp"][:len(forced)],
+                               atol=1e-4, rtol=0)

@@ -10,7 +10,9 @@ for one whole-segment call when not streaming), whose chunks are cut by the sche
 The LM may run ahead into the next segment while the vocoder finishes the previous one; chunks
 still reach the consumer in order.
 
-The consumer (the request's own thread) iterates :meth:`CosyVoice2Job.chunks`.
+The consumer (the request's own thread) iterates :meth:`CosyVoice2Job.chunks`. The LM side only
+uses what ``CosyVoice2LM`` and its CosyVoice 3 subclass share (special rows, text and speech
+tables, ``config.speech_token_size``), so the job drives CosyVoice 3's LM the same way.
 """
 
 from __future__ import annotations
@@ -153,10 +155,10 @@ class CosyVoice2Job:
         lm, cfg = self.lm, self.lm.config
         if not text_ids:
             raise ValueError("text_ids is empty: nothing to speak")
-        table = lm.llm_embedding.weight.detach()
-        parts = [table[SOS_ROW][None],
+        # The LM's own special rows: CosyVoice 3's LM (a subclass) keeps them elsewhere.
+        parts = [lm._special_row(SOS_ROW)[0],
                  lm.embed_text(self.voice.lm_prompt_text_ids + text_ids)[0],
-                 table[TASK_ID_ROW][None]]
+                 lm._special_row(TASK_ID_ROW)[0]]
         if self.voice.lm_prompt_tokens:
             parts.append(lm.embed_speech(self.voice.lm_prompt_tokens)[0])
         dtype = parts[0].dtype
