@@ -78,17 +78,21 @@ class CosyVoice2Models:
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # the parsed yaml
 
 
-def _need(path: Path, what: str) -> Path:
+# The helpers below are shared with the CosyVoice 3 loader, which passes its own names.
+
+
+def _need(path: Path, what: str, sources: str = OFFICIAL_SOURCES) -> Path:
     if not path.is_file():
         raise MissingModelFile(f"model directory {path.parent} lacks {path.name} ({what}); "
-                               f"{OFFICIAL_SOURCES}")
+                               f"{sources}")
     return path
 
 
-def _node(cfg: dict[str, Any], key: str, yaml_path: Path) -> Any:
+def _node(cfg: dict[str, Any], key: str, yaml_path: Path, model: str = "CosyVoice 2",
+          sources: str = OFFICIAL_SOURCES) -> Any:
     if key not in cfg:
-        raise ModelDirError(f"{yaml_path.name} has no `{key}` entry; is this a CosyVoice 2 "
-                            f"model directory? ({OFFICIAL_SOURCES})")
+        raise ModelDirError(f"{yaml_path.name} has no `{key}` entry; is this a {model} "
+                            f"model directory? ({sources})")
     return cfg[key]
 
 
@@ -104,8 +108,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
-    for name in YAML_NAMES:
+def _read_yaml(root: Path, names: tuple[str, ...] = YAML_NAMES,
+               sources: str = OFFICIAL_SOURCES) -> tuple[Path, dict[str, Any]]:
+    for name in names:
         path = root / name
         if path.is_file():
             try:
@@ -114,12 +119,12 @@ def _read_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
                 raise ModelDirError(f"{name}: {error}") from error
             except (OSError, UnicodeDecodeError) as error:
                 raise ModelDirError(f"cannot read {name}: {error}") from error
-    raise MissingModelFile(f"model directory {root} lacks cosyvoice2.yaml (the model "
-                           f"configuration); {OFFICIAL_SOURCES}")
+    raise MissingModelFile(f"model directory {root} lacks {names[0]} (the model "
+                           f"configuration); {sources}")
 
 
-def _read_qwen_config(root: Path) -> Qwen2Config:
-    path = _need(root / BLANK_EN / "config.json", "the Qwen2 backbone configuration")
+def _read_qwen_config(root: Path, sources: str = OFFICIAL_SOURCES) -> Qwen2Config:
+    path = _need(root / BLANK_EN / "config.json", "the Qwen2 backbone configuration", sources)
     try:
         return Qwen2Config.from_hf_config(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as error:
@@ -141,15 +146,17 @@ def _read_spk2info(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return presets
 
 
-def _read_frontend(root: Path, qwen: Qwen2Config, device: torch.device, onnx_threads: int
-                   ) -> tuple[CosyVoice2Tokenizer, OnnxFrontend]:
+def _read_frontend(root: Path, qwen: Qwen2Config, device: torch.device, onnx_threads: int,
+                   tokenizer_class: type[CosyVoice2Tokenizer] = CosyVoice2Tokenizer,
+                   speech_tokenizer_name: str = "speech_tokenizer_v2.onnx",
+                   sources: str = OFFICIAL_SOURCES) -> tuple[CosyVoice2Tokenizer, OnnxFrontend]:
     """The text tokenizer and the two ONNX sessions (speaker embedding, speech tokenizer)."""
-    campplus = _need(root / "campplus.onnx", "the speaker-embedding model")
-    speech_tokenizer = _need(root / "speech_tokenizer_v2.onnx", "the speech tokenizer")
+    campplus = _need(root / "campplus.onnx", "the speaker-embedding model", sources)
+    speech_tokenizer = _need(root / speech_tokenizer_name, "the speech tokenizer", sources)
     try:
-        tokenizer = CosyVoice2Tokenizer.from_dir(root / BLANK_EN)
+        tokenizer = tokenizer_class.from_dir(root / BLANK_EN)
     except FileNotFoundError as error:
-        raise MissingModelFile(f"{error}; {OFFICIAL_SOURCES}") from error
+        raise MissingModelFile(f"{error}; {sources}") from error
     except ValueError as error:
         raise ModelDirError(str(error)) from error
     if tokenizer.max_token_id >= qwen.vocab_size:
