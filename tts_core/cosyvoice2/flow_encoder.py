@@ -223,11 +223,12 @@ class ConformerLayer(nn.Module):
 class PreLookaheadLayer(nn.Module):
     """Each token mixes in the next ``lookahead`` tokens (zeros past the end, or given context)."""
 
-    def __init__(self, channels: int, lookahead: int):
+    def __init__(self, channels: int, lookahead: int, hidden: int | None = None):
         super().__init__()
         self.lookahead = lookahead
-        self.conv1 = nn.Conv1d(channels, channels, kernel_size=lookahead + 1)
-        self.conv2 = nn.Conv1d(channels, channels, kernel_size=3)
+        hidden = channels if hidden is None else hidden  # CosyVoice 3 widens the inner layer
+        self.conv1 = nn.Conv1d(channels, hidden, kernel_size=lookahead + 1)
+        self.conv2 = nn.Conv1d(hidden, channels, kernel_size=3)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         h = x.transpose(1, 2)

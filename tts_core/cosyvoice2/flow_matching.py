@@ -73,10 +73,14 @@ def time_grid(n_timesteps: int, scheduler: str, device: torch.device, dtype: tor
 
 
 class CausalConditionalCFM(nn.Module):
-    def __init__(self, config: CFMConfig, estimator_config: FlowDecoderConfig):
+    """``estimator``: the CosyVoice 2 U-Net's config, or any module called as
+    ``estimator(x, mask, mu, t, spks, cond, streaming)`` (CosyVoice 3 passes its DiT)."""
+
+    def __init__(self, config: CFMConfig, estimator: FlowDecoderConfig | nn.Module):
         super().__init__()
         self.config = config
-        self.estimator = CausalConditionalDecoder(estimator_config)
+        self.estimator = estimator if isinstance(estimator, nn.Module) \
+            else CausalConditionalDecoder(estimator)
         # Not learned and not in the checkpoint; follows the module across .to(device/dtype).
         self.register_buffer("noise", fixed_noise(config.n_feats, config.noise_frames),
                              persistent=False)

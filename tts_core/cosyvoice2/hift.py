@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -67,6 +68,10 @@ class HiFTConfig:
     f0_in_channels: int = 80
     f0_cond_channels: int = 512
 
+    # yaml classes this config describes (a subclass for another vocoder changes them)
+    yaml_target: ClassVar[str] = "HiFTGenerator"
+    yaml_f0_target: ClassVar[str] = "ConvRNNF0Predictor"
+
     @property
     def upsample_factor(self) -> int:
         """Waveform samples per mel frame (480 at 24 kHz)."""
@@ -74,13 +79,13 @@ class HiFTConfig:
 
     @classmethod
     def from_yaml(cls, node: Tagged) -> HiFTConfig:
-        """Build from the ``hift`` node of ``cosyvoice2.yaml`` (as read by ``hyperyaml.load``)."""
+        """Build from the ``hift`` node of the model yaml (as read by ``hyperyaml.load``)."""
         if not isinstance(node, Tagged) or not isinstance(node.args, dict):
-            raise ValueError("hift: expected a '!new:...HiFTGenerator' mapping in the yaml")
-        if not node.target.endswith(".HiFTGenerator"):
+            raise ValueError(f"hift: expected a '!new:...{cls.yaml_target}' mapping in the yaml")
+        if not node.target.endswith("." + cls.yaml_target):
             raise ValueError(
-                f"hift: {node.target} is not supported; CosyVoice 2 uses "
-                "cosyvoice.hifigan.generator.HiFTGenerator"
+                f"hift: {node.target} is not supported here; expected "
+                f"cosyvoice.hifigan.generator.{cls.yaml_target}"
             )
         args = dict(node.args)
         names = {f.name for f in fields(cls)}
@@ -91,7 +96,7 @@ class HiFTConfig:
             values["istft_hop_len"] = int(istft["hop_len"])
         predictor = args.pop("f0_predictor", None)
         if isinstance(predictor, Tagged) and isinstance(predictor.args, dict):
-            if not predictor.target.endswith(".ConvRNNF0Predictor"):
+            if not predictor.target.endswith("." + cls.yaml_f0_target):
                 raise ValueError(f"hift.f0_predictor: {predictor.target} is not supported")
             for key in ("num_class", "in_channels", "cond_channels"):
                 if key in predictor.args:
@@ -123,19 +128,39 @@ class Snake(nn.Module):
         return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
 
 
-class ResBlock(nn.Module):
-    """Per dilation: Snake -> dilated conv -> Snake -> conv, added back to the input."""
+class CausalConv1d(nn.Conv1d):
+    """Stride-1 Conv1d padded with (kernel − 1)·dilation zeros on the left only: output frame t
+    sees inputs up to t (CosyVoice 3's causal vocoder)."""
 
-    def __init__(self, channels: int, kernel_size: int, dilations: list[int]):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, dilation=dilation)
+        self.left_pad = (kernel_size - 1) * dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.left_pad, 0)))
+
+
+def _conv(channels: int, kernel_size: int, dilation: int, causal: bool) -> nn.Conv1d:
+    if causal:
+        return CausalConv1d(channels, channels, kernel_size, dilation)
+    return nn.Conv1d(channels, channels, kernel_size, dilation=dilation,
+                     padding=_padding(kernel_size, dilation))
+
+
+class ResBlock(nn.Module):
+    """Per dilation: Snake -> dilated conv -> Snake -> conv, added back to the input.
+
+    ``causal``: every conv pads on the left only (CosyVoice 3), instead of both sides.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, dilations: list[int],
+                 causal: bool = False):
         super().__init__()
         self.convs1 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d,
-                                  padding=_padding(kernel_size, d)))
-            for d in dilations
+            weight_norm(_conv(channels, kernel_size, d, causal)) for d in dilations
         )
         self.convs2 = nn.ModuleList(
-            weight_norm(nn.Conv1d(channels, channels, kernel_size, padding=_padding(kernel_size)))
-            for _ in dilations
+            weight_norm(_conv(channels, kernel_size, 1, causal)) for _ in dilations
         )
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
         self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
@@ -219,7 +244,77 @@ class HarmonicSource(nn.Module):
         return source.transpose(1, 2), uv
 
 
-class HiFTGenerator(nn.Module):
+class HiFTBase(nn.Module):
+    """What the CosyVoice 2 and 3 vocoders share: weight loading, and the decoder after
+    ``conv_pre`` (upsampling stages fused with the source spectrum, ``conv_post``, inverse
+    STFT). A subclass builds the modules named here (``ups``, ``source_downs``,
+    ``source_resblocks``, ``resblocks``, ``conv_post``) and the ``stft_window`` buffer."""
+
+    config: HiFTConfig
+
+    # --- weights -------------------------------------------------------------------------
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Strict load of a ``hift.pt`` state dict in either weight-norm spelling.
+
+        Raises ValueError naming the missing, unexpected and mis-shaped keys.
+        """
+        load_strict(self, normalize_state_dict(state_dict), "the hift state dict")
+
+    def fold_weight_norm(self) -> None:
+        """Replace every weight-norm parametrisation by the plain weight it computes.
+
+        Inference results are unchanged; afterwards ``state_dict()`` uses plain ``.weight``.
+        """
+        for module in self.modules():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+    # --- shared decoder stages -----------------------------------------------------------
+
+    def source_spectrum(self, source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """source [B, 1, S] -> real and imaginary STFT parts [B, n_fft + 2, S/hop + 1]."""
+        c = self.config
+        spec = torch.stft(source.squeeze(1).float(), c.istft_n_fft, c.istft_hop_len,
+                          c.istft_n_fft, window=self.stft_window, return_complex=True)
+        return torch.cat([spec.real, spec.imag], dim=1).to(dtype)
+
+    def fuse_and_upsample(self, x: torch.Tensor, source_spec: torch.Tensor) -> torch.Tensor:
+        """``conv_pre`` output -> ``conv_post`` output [B, n_fft + 2, frames·up/hop + 1]."""
+        c = self.config
+        n_kernels = len(c.resblock_kernel_sizes)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, c.lrelu_slope))
+            if i == len(self.ups) - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](source_spec))
+            blocks = self.resblocks[i * n_kernels:(i + 1) * n_kernels]
+            total = blocks[0](x)
+            for block in blocks[1:]:
+                total = total + block(x)
+            x = total / n_kernels
+        return self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as the reference
+
+    def to_waveform(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv_post`` output (log-magnitude, phase) -> waveform [B, samples], clamped."""
+        c = self.config
+        x = x.float()
+        bins = c.istft_n_fft // 2 + 1
+        magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
+        phase = torch.sin(x[:, bins:])  # the reference squashes the phase through sin
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        wav = torch.istft(spec, c.istft_n_fft, c.istft_hop_len, c.istft_n_fft,
+                          window=self.stft_window)
+        return wav.clamp(-c.audio_limit, c.audio_limit)
+
+
+def hann_window(n_fft: int) -> torch.Tensor:
+    """Periodic Hann computed in float64 and rounded once (as scipy's get_window does)."""
+    n = np.arange(n_fft)
+    return torch.from_numpy((0.5 - 0.5 * np.cos(2 * np.pi * n / n_fft)).astype(np.float32))
+
+
+class HiFTGenerator(HiFTBase):
     """The CosyVoice 2 vocoder. ``inference(mel, cache_source)`` is the entry point."""
 
     def __init__(self, config: HiFTConfig):
@@ -258,29 +353,7 @@ class HiFTGenerator(nn.Module):
         self.conv_post = weight_norm(nn.Conv1d(last, n_bins, 7, padding=3))
         self.f0_predictor = ConvRNNF0Predictor(c.f0_num_class, c.f0_in_channels,
                                                c.f0_cond_channels)
-        # periodic Hann computed in float64 and rounded once (as scipy's get_window does)
-        n = np.arange(c.istft_n_fft)
-        window = 0.5 - 0.5 * np.cos(2 * np.pi * n / c.istft_n_fft)
-        self.register_buffer("stft_window", torch.from_numpy(window.astype(np.float32)),
-                             persistent=False)
-
-    # --- weights -------------------------------------------------------------------------
-
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Strict load of a ``hift.pt`` state dict in either weight-norm spelling.
-
-        Raises ValueError naming the missing, unexpected and mis-shaped keys.
-        """
-        load_strict(self, normalize_state_dict(state_dict), "the hift state dict")
-
-    def fold_weight_norm(self) -> None:
-        """Replace every weight-norm parametrisation by the plain weight it computes.
-
-        Inference results are unchanged; afterwards ``state_dict()`` uses plain ``.weight``.
-        """
-        for module in self.modules():
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        self.register_buffer("stft_window", hann_window(c.istft_n_fft), persistent=False)
 
     # --- stages --------------------------------------------------------------------------
 
@@ -299,35 +372,11 @@ class HiFTGenerator(nn.Module):
 
     def spectrum(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """Decoder up to the last conv: [B, n_fft + 2, F·up/hop + 1] (log-magnitude, phase)."""
-        c = self.config
-        spec = torch.stft(source.squeeze(1).float(), c.istft_n_fft, c.istft_hop_len,
-                          c.istft_n_fft, window=self.stft_window, return_complex=True)
-        source_spec = torch.cat([spec.real, spec.imag], dim=1).to(mel.dtype)
-        x = self.conv_pre(mel)
-        n_kernels = len(c.resblock_kernel_sizes)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, c.lrelu_slope))
-            if i == len(self.ups) - 1:
-                x = F.pad(x, (1, 0), mode="reflect")
-            x = x + self.source_resblocks[i](self.source_downs[i](source_spec))
-            blocks = self.resblocks[i * n_kernels:(i + 1) * n_kernels]
-            total = blocks[0](x)
-            for block in blocks[1:]:
-                total = total + block(x)
-            x = total / n_kernels
-        return self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as the reference
+        return self.fuse_and_upsample(self.conv_pre(mel), self.source_spectrum(source, mel.dtype))
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """mel [B, in_channels, F] + source [B, 1, F·up] -> waveform [B, F·up]."""
-        c = self.config
-        x = self.spectrum(mel, source).float()
-        bins = c.istft_n_fft // 2 + 1
-        magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
-        phase = torch.sin(x[:, bins:])  # the reference squashes the phase through sin
-        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        wav = torch.istft(spec, c.istft_n_fft, c.istft_hop_len, c.istft_n_fft,
-                          window=self.stft_window)
-        return wav.clamp(-c.audio_limit, c.audio_limit)
+        return self.to_waveform(self.spectrum(mel, source))
 
     @torch.inference_mode()
     def inference(

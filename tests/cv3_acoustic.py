@@ -1,0 +1,42 @@
+"""The parity directory's CosyVoice 3 flow and vocoder, built once per test session.
+
+Built from the directory's ``cosyvoice3.yaml`` (read as data) and its ``flow.pt`` / ``hift.pt``
+(``weights_only=True``, strict key checks), on the CPU in float32. The returned modules are shared
+between test files: tests must not modify them (copy first).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.cv3_parity import parity_dir
+from tts_core.cosyvoice2 import hyperyaml
+from tts_core.cosyvoice3.flow import CausalFlowDiT, build_flow
+
+
+@functools.cache
+def _yaml(path: Path) -> dict[str, Any]:
+    return hyperyaml.load(path / "cosyvoice3.yaml")
+
+
+def parity_yaml() -> dict[str, Any]:
+    """The directory's ``cosyvoice3.yaml`` as plain data (shared: do not modify)."""
+    return _yaml(parity_dir())
+
+
+def checkpoint(name: str) -> dict[str, torch.Tensor]:
+    """``<name>.pt`` of the directory, loaded as the engine does (weights only)."""
+    return torch.load(parity_dir() / f"{name}.pt", weights_only=True, map_location="cpu")
+
+
+@functools.cache
+def _flow(path: Path) -> CausalFlowDiT:
+    return build_flow(_yaml(path)["flow"], checkpoint("flow"))
+
+
+def parity_flow() -> CausalFlowDiT:
+    return _flow(parity_dir())

@@ -1,0 +1,205 @@
+"""Token-to-mel model of CosyVoice 3 (the reference's ``CausalMaskedDiffWithDiT``).
+
+Unlike CosyVoice 2 there is no conformer encoder: speech tokens (prompt tokens first) are
+embedded directly at the mel width (80), mixed with the next ``pre_lookahead_len`` tokens by the
+look-ahead convolutions, and each token's vector is repeated ``token_mel_ratio`` times; that is
+``mu``. Conditional flow matching (shared with CosyVoice 2, with the DiT as its estimator) then
+turns the fixed noise into mel frames, conditioned on ``mu``, the projected speaker embedding and
+the prompt's mel frames placed at the start of ``cond``; the prompt's frames are cut from the
+output.
+
+``CausalFlowDiT.state_dict()`` has exactly the keys of the official ``flow.pt``. The model keeps
+no state between calls, so one instance can serve concurrent requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tts_core.cosyvoice2.checkpoint import load_strict
+from tts_core.cosyvoice2.flow_encoder import PreLookaheadLayer
+from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig
+from tts_core.cosyvoice2.hyperyaml import Tagged
+
+from .dit import DiT, DiTConfig
+
+_FLOW_DEFAULTS: dict[str, Any] = {  # defaults of the reference constructor
+    "input_size": 512, "output_size": 80, "spk_embed_dim": 192, "vocab_size": 4096,
+    "token_mel_ratio": 2, "pre_lookahead_len": 3,
+}
+
+
+def node_args(node: Any, role: str, wanted: str) -> dict[str, Any]:
+    """Keyword arguments of a ``!new:`` yaml node, checking that it names class ``wanted``."""
+    if not isinstance(node, Tagged) or not isinstance(node.args, dict):
+        raise ValueError(f"flow yaml: `{role}` must be a !new: node with keyword arguments")
+    if node.target.rsplit(".", 1)[-1] != wanted:
+        raise ValueError(f"flow yaml: `{role}` is {node.target}; only {wanted} is supported")
+    return node.args
+
+
+@dataclass
+class FlowConfig:
+    """Defaults are the released Fun-CosyVoice3-0.5B values."""
+
+    input_size: int = 80  # token embedding width (= mel bins: mu needs no projection)
+    output_size: int = 80  # mel bins
+    spk_embed_dim: int = 192
+    vocab_size: int = 6561
+    token_mel_ratio: int = 2
+    pre_lookahead_len: int = 3
+    lookahead_channels: int = 1024  # inner width of the look-ahead convolutions
+    estimator: DiTConfig = field(default_factory=DiTConfig)
+    cfm: CFMConfig = field(default_factory=CFMConfig)
+
+    def __post_init__(self) -> None:
+        est = self.estimator
+        if est.mel_dim != self.output_size or est.spk_dim != self.output_size:
+            raise ValueError(f"flow: the DiT's mel_dim/spk_dim {est.mel_dim}/{est.spk_dim} must "
+                             f"equal output_size {self.output_size}")
+        if est.mu_dim != self.input_size:
+            raise ValueError(f"flow: the DiT's mu_dim {est.mu_dim} must equal input_size "
+                             f"{self.input_size} (mu is the token embedding itself)")
+        if self.cfm.n_feats != self.output_size:
+            raise ValueError("flow: flow-matching feature count must equal output_size")
+
+    @classmethod
+    def from_yaml(cls, node: Tagged) -> FlowConfig:
+        """Build from the ``flow`` node of ``cosyvoice3.yaml`` as read by ``hyperyaml.load``."""
+        args = {**_FLOW_DEFAULTS, **node_args(node, "flow", "CausalMaskedDiffWithDiT")}
+        lookahead_args = node_args(args.get("pre_lookahead_layer"), "pre_lookahead_layer",
+                                   "PreLookaheadLayer")
+        decoder_args = node_args(args.get("decoder"), "decoder", "CausalConditionalCFM")
+        estimator_args = node_args(decoder_args.get("estimator"), "estimator", "DiT")
+        cfm_node = decoder_args.get("cfm_params")
+        cfm_params = cfm_node.get("content", cfm_node.args) if isinstance(cfm_node, Tagged) \
+            else cfm_node
+        if not isinstance(cfm_params, dict):
+            raise ValueError("flow yaml: decoder.cfm_params must be a mapping")
+        input_size, lookahead = int(args["input_size"]), int(args["pre_lookahead_len"])
+        if int(lookahead_args.get("in_channels", input_size)) != input_size:
+            raise ValueError("flow yaml: pre_lookahead_layer.in_channels must equal input_size")
+        if int(lookahead_args.get("pre_lookahead_len", 1)) != lookahead:
+            raise ValueError("flow yaml: pre_lookahead_layer.pre_lookahead_len must equal the "
+                             "flow's pre_lookahead_len")
+        if int(decoder_args.get("spk_emb_dim", args["output_size"])) != int(args["output_size"]):
+            raise ValueError("flow yaml: decoder.spk_emb_dim must equal output_size")
+        output_size = int(args["output_size"])
+        return cls(
+            input_size=input_size,
+            output_size=output_size,
+            spk_embed_dim=int(args["spk_embed_dim"]),
+            vocab_size=int(args["vocab_size"]),
+            token_mel_ratio=int(args["token_mel_ratio"]),
+            pre_lookahead_len=lookahead,
+            lookahead_channels=int(lookahead_args["channels"]),
+            estimator=DiTConfig.from_yaml(estimator_args),
+            cfm=CFMConfig.from_yaml(cfm_params, output_size),
+        )
+
+
+class CausalFlowDiT(nn.Module):
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.input_size)
+        self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.output_size)
+        self.pre_lookahead_layer = PreLookaheadLayer(config.input_size, config.pre_lookahead_len,
+                                                     hidden=config.lookahead_channels)
+        self.decoder = CausalConditionalCFM(config.cfm, DiT(config.estimator))
+
+    def project_speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        """[B, spk_embed_dim] speaker embedding -> L2-normalised, projected [B, output_size]."""
+        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+
+    def token_features(self, tokens: torch.Tensor, finalize: bool) -> torch.Tensor:
+        """[1, L] token ids (prompt + new) -> ``mu`` [1, frames, input_size], frame-major.
+
+        finalize=False: the last ``pre_lookahead_len`` tokens are look-ahead context only, so
+        frames = token_mel_ratio * (L - pre_lookahead_len).
+        """
+        x = self.input_embedding(tokens.long())
+        lookahead = self.config.pre_lookahead_len
+        if finalize:
+            h = self.pre_lookahead_layer(x, None)
+        else:
+            h = self.pre_lookahead_layer(x[:, :-lookahead], x[:, -lookahead:])
+        return h.repeat_interleave(self.config.token_mel_ratio, dim=1)
+
+    def _check_inputs(self, token: torch.Tensor, prompt_token: torch.Tensor,
+                      prompt_feat: torch.Tensor, embedding: torch.Tensor, finalize: bool) -> None:
+        c = self.config
+        for name, ids in (("token", token), ("prompt_token", prompt_token)):
+            if ids.dim() != 2 or ids.shape[0] != 1 or ids.dtype.is_floating_point:
+                raise ValueError(f"flow: {name} must be an integer tensor [1, length], got "
+                                 f"{tuple(ids.shape)} {ids.dtype}")
+            if ids.numel():
+                low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
+                if low < 0 or high >= c.vocab_size:
+                    raise ValueError(f"flow: speech token ids must lie in [0, {c.vocab_size}), "
+                                     f"got {low}..{high} in {name}")
+        if not finalize and token.shape[1] + prompt_token.shape[1] <= c.pre_lookahead_len:
+            raise ValueError(f"flow: a non-final call needs more than {c.pre_lookahead_len} "
+                             "tokens (the last ones are look-ahead)")
+        if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 \
+                or prompt_feat.shape[2] != c.output_size:
+            raise ValueError(f"flow: prompt_feat must be [1, frames, {c.output_size}], "
+                             f"got {tuple(prompt_feat.shape)}")
+        if embedding.shape != (1, c.spk_embed_dim):
+            raise ValueError(f"flow: embedding must be [1, {c.spk_embed_dim}], "
+                             f"got {tuple(embedding.shape)}")
+
+    def conditions(self, token: torch.Tensor, prompt_token: torch.Tensor,
+                   prompt_feat: torch.Tensor, embedding: torch.Tensor, finalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the flow matching is conditioned on: (mu [1, 80, T], mask [1, 1, T],
+        spks [1, 80], cond [1, 80, T]) with the prompt mel in the first frames of cond."""
+        self._check_inputs(token, prompt_token, prompt_feat, embedding, finalize)
+        weight = self.input_embedding.weight
+        device, dtype = weight.device, weight.dtype
+        spks = self.project_speaker(embedding.to(device, dtype))
+        tokens = torch.cat([prompt_token, token], dim=1).to(device)
+        mu = self.token_features(tokens, finalize).transpose(1, 2).contiguous()
+        frames, prompt_frames = mu.shape[2], prompt_feat.shape[1]
+        if prompt_frames > frames:
+            raise ValueError(f"flow: prompt_feat has {prompt_frames} frames but the tokens give "
+                             f"only {frames}")
+        cond = torch.zeros(1, self.config.output_size, frames, device=device, dtype=dtype)
+        cond[:, :, :prompt_frames] = prompt_feat.to(device, dtype).transpose(1, 2)
+        mask = torch.ones(1, 1, frames, device=device, dtype=dtype)
+        return mu, mask, spks, cond
+
+    @torch.inference_mode()
+    def inference(self, token: torch.Tensor, prompt_token: torch.Tensor,
+                  prompt_feat: torch.Tensor, embedding: torch.Tensor, streaming: bool = False,
+                  finalize: bool = True) -> torch.Tensor:
+        """Mel frames for ``token`` in the prompt's voice.
+
+        token [1, N] and prompt_token [1, P] ids; prompt_feat [1, F, output_size] (frame-major,
+        normally F = token_mel_ratio * P); embedding [1, spk_embed_dim].
+        streaming: chunk-masked DiT attention instead of full attention.
+        finalize: False when more tokens follow; the last ``pre_lookahead_len`` tokens are then
+        look-ahead context only.
+        Returns float32 [1, output_size, frames], the prompt's frames excluded:
+        frames = ratio * (P + N) - F, minus ratio * pre_lookahead_len when not finalize.
+        """
+        mu, mask, spks, cond = self.conditions(token, prompt_token, prompt_feat, embedding,
+                                               finalize)
+        mel = self.decoder(mu, mask, spks, cond, streaming)
+        return mel[:, :, prompt_feat.shape[1]:].float()
+
+
+def build_flow(node: Tagged, state_dict: Mapping[str, torch.Tensor] | None = None
+               ) -> CausalFlowDiT:
+    """The flow from the yaml ``flow`` node, optionally loaded (strict: the error names every
+    missing, unexpected or mis-shaped key); eval mode, float32 on the CPU."""
+    model = CausalFlowDiT(FlowConfig.from_yaml(node))
+    if state_dict is not None:
+        load_strict(model, state_dict, "the flow state dict")
+    return model.eval()
