@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,6 +42,9 @@ OFFICIAL_SOURCES = ("the official directory is ModelScope iic/CosyVoice2-0.5B or
                     "FunAudioLLM/CosyVoice2-0.5B")
 YAML_NAMES = ("cosyvoice2.yaml", "cosyvoice.yaml")  # early CosyVoice 2 releases used the latter
 BLANK_EN = "CosyVoice-BlankEN"
+
+
+_Models = TypeVar("_Models", bound="CosyVoice2Models")
 
 
 class ModelDirError(ValueError):
@@ -194,6 +197,45 @@ def _check_consistent(yaml_path: Path, lm_config: LMConfig, flow_config: FlowCon
         raise ModelDirError(f"{yaml_path.name} is inconsistent: " + "; ".join(problems))
 
 
+def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
+              networks: tuple[Any, Any, Any], paths: tuple[Path, Path, Path], *,
+              device: torch.device, dtype: torch.dtype, fold_hift: bool,
+              tokenizer: CosyVoice2Tokenizer | None, onnx: OnnxFrontend | None,
+              mel_config: MelConfig, sampling: SamplingConfig, ratio: int,
+              sample_rate: int) -> _Models:
+    """Load the three checkpoints strictly into the built networks, move them to ``device``,
+    read the optional presets and bundle everything (shared with the CosyVoice 3 loader)."""
+    lm, flow, hift = networks
+    llm_path, flow_path, hift_path = paths
+    load_strict(lm, _read_state_dict(llm_path), llm_path.name, ModelDirError)
+    load_strict(flow, _read_state_dict(flow_path), flow_path.name, ModelDirError)
+    hift_state = _read_state_dict(hift_path)
+    try:
+        hift_state = normalize_state_dict(hift_state)
+    except ValueError as error:
+        raise ModelDirError(f"hift.pt: {error}") from error
+    load_strict(hift, hift_state, hift_path.name, ModelDirError)
+    if fold_hift:
+        hift.fold_weight_norm()  # g·v/‖v‖ once, not at every call
+
+    # The LM's speech tables and output layer stay float32 so its log-probabilities keep full
+    # precision; only the Qwen2 stack runs in a reduced dtype.
+    lm.to(device=device).set_backbone_dtype(dtype).eval()
+    flow.to(device=device, dtype=dtype).eval()
+    hift.to(device=device, dtype=torch.float32).eval()
+
+    spk2info = {}
+    if (root / "spk2info.pt").is_file():
+        spk2info = _read_spk2info(root / "spk2info.pt")
+
+    return models_class(
+        path=root, device=device, dtype=dtype, lm=lm, flow=flow, hift=hift,
+        tokenizer=tokenizer, onnx=onnx, mel_config=mel_config, sampling=sampling,
+        sample_rate=sample_rate, token_frame_rate=int(cfg.get("token_frame_rate", 25)),
+        token_mel_ratio=ratio, chunk_size=int(cfg.get("chunk_size", 25)), spk2info=spk2info,
+        config=cfg)
+
+
 def load_model_dir(path: Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, require_frontend: bool = True,
                    onnx_threads: int = 1, fold_hift: bool = True) -> CosyVoice2Models:
@@ -235,33 +277,8 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     _check_consistent(yaml_path, lm_config, flow_config, hift_config, mel_config, ratio,
                       sample_rate)
 
-    lm = CosyVoice2LM(lm_config)
-    load_strict(lm, _read_state_dict(llm_path), llm_path.name, ModelDirError)
-    flow = CausalFlow(flow_config)
-    load_strict(flow, _read_state_dict(flow_path), flow_path.name, ModelDirError)
-    hift = HiFTGenerator(hift_config)
-    hift_state = _read_state_dict(hift_path)
-    try:
-        hift_state = normalize_state_dict(hift_state)
-    except ValueError as error:
-        raise ModelDirError(f"hift.pt: {error}") from error
-    load_strict(hift, hift_state, hift_path.name, ModelDirError)
-    if fold_hift:
-        hift.fold_weight_norm()  # g·v/‖v‖ once, not at every call
-
-    # The LM's speech tables and output layer stay float32 so its log-probabilities keep full
-    # precision; only the Qwen2 stack runs in a reduced dtype.
-    lm.to(device=device).set_backbone_dtype(dtype).eval()
-    flow.to(device=device, dtype=dtype).eval()
-    hift.to(device=device, dtype=torch.float32).eval()
-
-    spk2info = {}
-    if (root / "spk2info.pt").is_file():
-        spk2info = _read_spk2info(root / "spk2info.pt")
-
-    return CosyVoice2Models(
-        path=root, device=device, dtype=dtype, lm=lm, flow=flow, hift=hift,
-        tokenizer=tokenizer, onnx=onnx, mel_config=mel_config, sampling=lm_config.sampling,
-        sample_rate=sample_rate, token_frame_rate=int(cfg.get("token_frame_rate", 25)),
-        token_mel_ratio=ratio, chunk_size=int(cfg.get("chunk_size", 25)), spk2info=spk2info,
-        config=cfg)
+    networks = CosyVoice2LM(lm_config), CausalFlow(flow_config), HiFTGenerator(hift_config)
+    return _assemble(CosyVoice2Models, root, cfg, networks, (llm_path, flow_path, hift_path),
+                     device=device, dtype=dtype, fold_hift=fold_hift, tokenizer=tokenizer,
+                     onnx=onnx, mel_config=mel_config, sampling=lm_config.sampling, ratio=ratio,
+                     sample_rate=sample_rate)
