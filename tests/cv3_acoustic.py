@@ -16,6 +16,7 @@ import torch
 from tests.cv3_parity import parity_dir
 from tts_core.cosyvoice2 import hyperyaml
 from tts_core.cosyvoice3.flow import CausalFlowDiT, build_flow
+from tts_core.cosyvoice3.hift import CausalHiFTGenerator, build_hift
 
 
 @functools.cache
@@ -40,3 +41,14 @@ def _flow(path: Path) -> CausalFlowDiT:
 
 def parity_flow() -> CausalFlowDiT:
     return _flow(parity_dir())
+
+
+@functools.cache
+def _hift(path: Path, fold: bool) -> CausalHiFTGenerator:
+    return build_hift(_yaml(path)["hift"], checkpoint("hift"), fold=fold)
+
+
+def parity_hift(fold: bool = True) -> CausalHiFTGenerator:
+    """``fold=True``: weight norm folded into plain weights (what an engine runs); ``False``
+    keeps the checkpoint's parametrisation and key names."""
+    return _hift(parity_dir(), fold)
