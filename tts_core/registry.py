@@ -1,16 +1,37 @@
 """Builds the engine an operator asked for by name.
 
-Imports are lazy so that starting the embedded engine never pays for torch, and the CosyVoice 2
-engine never loads the Kokoro model.
+Imports are lazy so that starting the embedded engine never pays for torch, and the CosyVoice
+engines never load the Kokoro model. ``auto`` picks CosyVoice 2 or 3 from the model directory.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tts_core.engine import Engine
 
-ENGINE_NAMES = ("embedded", "cosyvoice2")
+log = logging.getLogger(__name__)
+
+ENGINE_NAMES = ("embedded", "cosyvoice2", "cosyvoice3", "auto")
+# The configuration file that names a model directory's version (as the reference tells them
+# apart); early CosyVoice 2 releases named theirs cosyvoice.yaml.
+_YAML_ENGINES = (("cosyvoice3.yaml", "cosyvoice3"), ("cosyvoice2.yaml", "cosyvoice2"),
+                 ("cosyvoice.yaml", "cosyvoice2"))
+
+
+def detect_engine(model_dir: Path) -> str:
+    """``cosyvoice2`` or ``cosyvoice3`` for a model directory, from its yaml file's name."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ValueError(f"model directory {root} does not exist")
+    for file_name, engine in _YAML_ENGINES:
+        if (root / file_name).is_file():
+            log.info("model directory %s has %s: using the %s engine", root, file_name, engine)
+            return engine
+    raise ValueError(f"{root} is not a CosyVoice model directory: it has neither "
+                     "cosyvoice3.yaml (CosyVoice 3, e.g. Fun-CosyVoice3-0.5B-2512) nor "
+                     "cosyvoice2.yaml (CosyVoice 2, e.g. CosyVoice2-0.5B)")
 
 
 def create_engine(name: str, *, model_dir: Path | None = None, threads: int | None = None,
@@ -20,8 +41,14 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
 
     ``threads`` bounds the engine's compute threads (None: its default); ``state_dir`` is where an
     engine keeps what must survive a restart (registered speakers); ``first_chunk_tokens`` sets
-    the size of the first streamed chunk of the cosyvoice2 engine (None: its default).
+    the size of the first streamed chunk of the CosyVoice engines (None: their default).
+    ``auto`` needs ``model_dir`` and picks cosyvoice2 or cosyvoice3 from it.
     """
+    if name == "auto":
+        if model_dir is None:
+            raise ValueError("--engine auto needs --model-dir (a CosyVoice 2 or 3 model "
+                             "directory); without one use --engine embedded")
+        name = detect_engine(model_dir)
     if name == "embedded":
         from tts_core.embedded.engine import EmbeddedEngine
 
@@ -33,6 +60,15 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
         from tts_core.cosyvoice2.engine import CosyVoice2Engine
 
         return CosyVoice2Engine.from_model_dir(Path(model_dir), threads=threads, device=device,
+                                               state_dir=state_dir,
+                                               first_chunk_tokens=first_chunk_tokens)
+    if name == "cosyvoice3":
+        if model_dir is None:
+            raise ValueError("the cosyvoice3 engine needs --model-dir pointing at a CosyVoice 3 "
+                             "model directory (FunAudioLLM/Fun-CosyVoice3-0.5B-2512)")
+        from tts_core.cosyvoice3.engine import CosyVoice3Engine
+
+        return CosyVoice3Engine.from_model_dir(Path(model_dir), threads=threads, device=device,
                                                state_dir=state_dir,
                                                first_chunk_tokens=first_chunk_tokens)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

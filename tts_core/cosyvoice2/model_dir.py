@@ -222,7 +222,9 @@ def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
     # precision; only the Qwen2 stack runs in a reduced dtype.
     lm.to(device=device).set_backbone_dtype(dtype).eval()
     flow.to(device=device, dtype=dtype).eval()
-    hift.to(device=device, dtype=torch.float32).eval()
+    # The vocoder is built in float32 and stays so (CosyVoice 3's f0 predictor in float64: a
+    # dtype cast here would round its folded weights).
+    hift.to(device=device).eval()
 
     spk2info = {}
     if (root / "spk2info.pt").is_file():

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -84,8 +84,7 @@ class CosyVoice3LMConfig(LMConfig):
     def from_yaml(cls, node: Tagged, qwen: Qwen2Config,
                   end_of_prompt_id: int = OFFICIAL_END_OF_PROMPT_ID) -> CosyVoice3LMConfig:
         """Read the ``llm: !new:cosyvoice.llm.llm.CosyVoice3LM`` node of cosyvoice3.yaml."""
-        config = super().from_yaml(node, qwen)
-        return replace(config, end_of_prompt_id=end_of_prompt_id)
+        return super().from_yaml(node, qwen, end_of_prompt_id=end_of_prompt_id)
 
 
 class CosyVoice3LM(CosyVoice2LM):
