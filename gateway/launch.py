@@ -50,8 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
     p.add_argument("--admin-port", type=int, default=9901,
                    help="Envoy admin port, bound to 127.0.0.1 only (default 9901)")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="embedded")
-    p.add_argument("--model-dir", type=Path, help="model directory (cosyvoice2 engine)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default=None,
+                   help="default: auto (CosyVoice 2 or 3, from the directory) when --model-dir "
+                        "is given, else embedded")
+    p.add_argument("--model-dir", type=Path,
+                   help="model directory (cosyvoice2, cosyvoice3 and auto engines)")
     p.add_argument("--device", default="auto", help="cosyvoice2 engine: cpu, cuda or auto")
     p.add_argument("--threads", type=int, help="engine compute threads")
     p.add_argument("--first-chunk-tokens", type=int,
@@ -146,7 +149,8 @@ def _stop(children: list[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 def service_command(args: argparse.Namespace, state: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "service", "--engine", args.engine, "--host", args.grpc_host,
+    engine = args.engine or ("auto" if args.model_dir else "embedded")
+    cmd = [sys.executable, "-m", "service", "--engine", engine, "--host", args.grpc_host,
            "--state-dir", str(state),
            "--port", str(args.grpc_port), "--max-concurrent", str(args.max_concurrent),
            "--max-queue", str(args.max_queue), "--device", args.device,

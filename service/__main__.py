@@ -19,8 +19,11 @@ log = logging.getLogger("service")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m service",
                                 description="Run the gRPC text-to-speech server.")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="embedded")
-    p.add_argument("--model-dir", type=Path, help="model directory (cosyvoice2 engine)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default=None,
+                   help="default: auto (CosyVoice 2 or 3, from the directory) when --model-dir "
+                        "is given, else embedded")
+    p.add_argument("--model-dir", type=Path,
+                   help="model directory (cosyvoice2, cosyvoice3 and auto engines)")
     p.add_argument("--device", default="auto", help="cosyvoice2 engine: cpu, cuda or auto")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any)")
@@ -41,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port-file", type=Path,
                    help="write the bound port here once serving (useful with --port 0)")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.engine is None:
+        args.engine = "auto" if args.model_dir is not None else "embedded"
+    return args
 
 
 def _listen_host(host: str) -> str:
