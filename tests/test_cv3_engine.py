@@ -81,7 +81,7 @@ def test_zero_shot_prompt_has_the_system_text(engine: CosyVoice3Engine, zh_promp
     given = f"You are a helpful assistant.<|endofprompt|>{PROMPT_TEXT}"
     voice = engine._voice(SynthesisRequest(Mode.ZERO_SHOT, text=TEXT, prompt=zh_prompt,
                                            prompt_text=given))
-    assert voice.lm_prompt_text_ids.count(engine.models.lm.config.end_of_prompt_id) == 1
+    assert voice.lm_prompt_text_ids == ids(engine, given)
 
 
 def test_cross_lingual_and_instruct_prompts(engine: CosyVoice3Engine, zh_prompt: Audio) -> None:
@@ -91,13 +91,12 @@ def test_cross_lingual_and_instruct_prompts(engine: CosyVoice3Engine, zh_prompt:
     instruction = TRAINED_INSTRUCTIONS[0]
     voice = engine._voice(SynthesisRequest(Mode.INSTRUCT, text=TEXT, prompt=zh_prompt,
                                            instruct_text=instruction))
-    assert voice.lm_prompt_text_ids == ids(
-        engine, f"{SYSTEM_PROMPT} {engine.text.normalize(instruction)}<|endofprompt|>")
+    official = f"You are a helpful assistant. {instruction}<|endofprompt|>"  # the trained form
+    assert voice.lm_prompt_text_ids == ids(engine, official)
     assert voice.lm_prompt_tokens == []  # instruct2: no prompt speech in the LM
-    official = f"You are a helpful assistant. {instruction}<|endofprompt|>"
     voice = engine._voice(SynthesisRequest(Mode.INSTRUCT, text=TEXT, prompt=zh_prompt,
-                                           instruct_text=official))
-    assert voice.lm_prompt_text_ids == ids(engine, engine.text.normalize(official))
+                                           instruct_text=f" {official} "))
+    assert voice.lm_prompt_text_ids == ids(engine, official)  # verbatim, space kept
 
 
 def test_pronunciation_tokens_reach_the_lm_whole(engine: CosyVoice3Engine) -> None:

@@ -87,8 +87,15 @@ class CosyVoice3Engine(CosyVoice2Engine):
     def _system_ids(self) -> list[int]:
         return self.tokenizer.encode(SYSTEM_PROMPT + END_OF_PROMPT)
 
+    # Prompt texts that carry their own system part are used verbatim, as the reference does
+    # (normalising would e.g. drop the space in "assistant. 请用…", which the model was trained
+    # with); instructions are never normalised (the trained ones are written out already).
+
+    def _normalize_prompt_text(self, text: str) -> str:
+        return text.strip() if END_OF_PROMPT in text else super()._normalize_prompt_text(text)
+
     def _lm_instruction(self, instruct_text: str) -> str:
-        instruction = self.text.normalize(instruct_text)
+        instruction = instruct_text.strip()
         if END_OF_PROMPT in instruction:
             return instruction
         return f"{SYSTEM_PROMPT} {instruction}{END_OF_PROMPT}"
