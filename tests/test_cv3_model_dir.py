@@ -18,7 +18,7 @@ import torch
 from tts_core.cosyvoice2.model_dir import MissingModelFile, ModelDirError
 from tts_core.cosyvoice3.llm import CosyVoice3LM
 from tts_core.cosyvoice3.model_dir import load_model_dir
-from tts_core.cosyvoice3.testing.make_model_dir import PRESETS, build_modules, make_model_dir
+from tts_core.cosyvoice3.testing.make_model_dir import PRESETS, build_modules
 from tts_core.cosyvoice3.tokenizer import CosyVoice3Tokenizer
 from tts_core.registry import detect_engine
 
@@ -26,10 +26,9 @@ PARITY = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "cos
 
 
 @pytest.fixture(scope="session")
-def cv3_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return make_model_dir(tmp_path_factory.mktemp("cv3-model") / "tiny", "tiny", seed=1,
-                          spk2info=True)
+def cv3_tiny_dir(cv3_model_dir: Path) -> Path:
+    """The session's tiny CosyVoice 3 directory (conftest: made with make_model_dir)."""
+    return cv3_model_dir
 
 
 @pytest.fixture
