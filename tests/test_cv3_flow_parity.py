@@ -168,11 +168,11 @@ def test_dit_internals_of_the_first_call(flow: CausalFlowDiT,
     with torch.inference_mode():
         t_emb = dit.time_embed(t)
         assert max_err(t_emb, v["est0_time_embed"]) <= ATOL
-        h = dit.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
+        h, _, _ = dit.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2),
+                                  spks)
         assert max_err(h, v["est0_input_embed"]) <= ATOL
         rope = dit.rotary_embed(torch.arange(h.shape[1]))
-        h = dit.transformer_blocks[0](v["est0_input_embed"], v["est0_time_embed"],
-                                      dit.attention_mask(mask, False), rope)
+        h, _, _ = dit.transformer_blocks[0](v["est0_input_embed"], v["est0_time_embed"], rope)
         assert max_err(h, v["est0_block0_out"]) <= ATOL
         out = dit(x, mask, mu, t, spks, cond, streaming=False)
     assert max_err(out, v["est0_out"]) <= ATOL
@@ -247,16 +247,31 @@ def test_chunk_mask_first_call(flow: CausalFlowDiT, nonstream: dict[str, torch.T
     assert max_err(v["chunkmask_est0_out"], v["est0_out"]) > 1e-3
 
 
-def test_attention_mask_layout(flow: CausalFlowDiT) -> None:
-    dit = flow.decoder.estimator
+def one_pass_masked(dit, x, mu, t, spks, cond) -> torch.Tensor:
+    """The reference's formulation of chunk-masked attention: one pass, boolean chunk mask."""
+    frames = x.shape[2]
     chunk = dit.config.static_chunk_size
-    frames = 2 * chunk + 7
-    mask = dit.attention_mask(torch.ones(1, 1, frames), streaming=True)[0, 0]
     i = torch.arange(frames)
-    expected = i[None, :] < ((i[:, None] // chunk) + 1) * chunk
-    assert torch.equal(mask, expected)
-    assert torch.equal(chunk_attention_mask(frames, chunk), expected)
-    assert dit.attention_mask(torch.ones(1, 1, frames), streaming=False).all()
+    mask = (i[None, :] < ((i[:, None] // chunk) + 1) * chunk)[None, None]  # README's rule
+    assert torch.equal(mask[0, 0], chunk_attention_mask(frames, chunk))
+    t_emb = dit.time_embed(t)
+    h, _, _ = dit.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
+    rope = dit.rotary_embed(i)
+    for block in dit.transformer_blocks:
+        h, _, _ = block(h, t_emb, rope, mask)
+    return dit.proj_out(dit.norm_out(h, t_emb)).transpose(1, 2)
+
+
+def test_chunk_by_chunk_equals_one_masked_pass(flow: CausalFlowDiT,
+                                               nonstream: dict[str, torch.Tensor]) -> None:
+    dit = flow.decoder.estimator
+    x, _, mu, t, spks, cond = _first_call_inputs(nonstream)
+    with torch.inference_mode():
+        chunked = dit(x, None, mu, t, spks, cond, streaming=True)
+        masked = one_pass_masked(dit, x, mu, t, spks, cond)
+    err = max_err(chunked, masked)
+    assert err <= ATOL
+    print(f"chunk by chunk vs one masked pass: {err:.2e}")
 
 
 # --- flow_stream: every call of the streaming driver ----------------------------------------
@@ -342,3 +357,142 @@ def test_streaming_prefix_does_not_depend_on_later_tokens(flow: CausalFlowDiT,
     frames = 2 * chunk_tokens * model.config.token_mel_ratio
     assert torch.equal(base[:, :, :frames], changed[:, :, :frames])
     assert not torch.equal(base, changed)
+
+
+# --- the streaming DiT cache ------------------------------------------------------------------
+
+
+def _frames_seen_by_dit(dit) -> tuple[list[int], object]:
+    seen: list[int] = []
+    handle = dit.transformer_blocks[0].register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[1]))
+    return seen, handle
+
+
+def test_stream_cache_is_bit_identical_and_skips_complete_chunks(
+        flow: CausalFlowDiT, stream: dict[str, torch.Tensor]) -> None:
+    s = stream
+    cache = flow.new_stream_cache()
+    chunk = flow.config.estimator.static_chunk_size
+    steps = flow.config.cfm.n_timesteps
+    dit = flow.decoder.estimator
+    for i in range(len(s["chunk_token_len"])):
+        n = int(s["chunk_token_len"][i])
+        if not bool(s["chunk_stream_flag"][i]):
+            continue  # the final call attends over everything: nothing to reuse
+        finalize = bool(s["chunk_finalize"][i])
+        args = (s["token"][:, :n], s["prompt_token"], s["prompt_feat"], s["embedding"])
+        uncached = flow.inference(*args, streaming=True, finalize=finalize)
+        before = cache.frames
+        seen, handle = _frames_seen_by_dit(dit)
+        try:
+            cached = flow.inference(*args, streaming=True, finalize=finalize, cache=cache)
+        finally:
+            handle.remove()
+        assert torch.equal(cached, uncached), f"call {i}"
+        total = uncached.shape[2] + s["prompt_feat"].shape[1]
+        assert sum(seen) == steps * (total - before)  # only frames from the cache's end on
+        assert cache.frames == total // chunk * chunk
+        assert all(step.frames == cache.frames for step in cache.steps)
+        assert max_err(cached, s[f"chunk{i}_mel"]) <= ATOL
+    assert cache.frames > 0
+
+
+def test_stream_cache_refuses_other_tokens(flow: CausalFlowDiT,
+                                          stream: dict[str, torch.Tensor]) -> None:
+    s = stream
+    cache = flow.new_stream_cache()
+    n = int(s["chunk_token_len"][0])
+    args = (s["prompt_token"], s["prompt_feat"], s["embedding"])
+    flow.inference(s["token"][:, :n], *args, streaming=True, finalize=False, cache=cache)
+    assert cache.frames > 0
+    other = s["token"][:, :n + 10].clone()
+    other[0, 0] = (other[0, 0] + 1) % flow.config.vocab_size
+    with pytest.raises(ValueError, match="belongs to other tokens"):
+        flow.inference(other, *args, streaming=True, finalize=False, cache=cache)
+    with pytest.raises(ValueError, match="only applies to chunk-masked"):
+        flow.inference(s["token"], *args, streaming=False, cache=cache)
+
+
+def test_stream_cache_over_many_chunks(flow: CausalFlowDiT,
+                                       stream: dict[str, torch.Tensor]) -> None:
+    """A longer stream in uneven steps: every call equals the uncached one, bit for bit."""
+    s = stream
+    token = torch.cat([s["token"]] * 3, dim=1)
+    cache = flow.new_stream_cache()
+    args = (s["prompt_token"], s["prompt_feat"], s["embedding"])
+    for n in (20, 31, 57, 58, 90, 140, 200, token.shape[1]):
+        cached = flow.inference(token[:, :n], *args, streaming=True, finalize=False, cache=cache)
+        uncached = flow.inference(token[:, :n], *args, streaming=True, finalize=False)
+        assert torch.equal(cached, uncached), n
+
+
+def test_blocked_token_features_are_length_independent(flow: CausalFlowDiT,
+                                                       stream: dict[str, torch.Tensor]) -> None:
+    """Streaming computes the look-ahead convolutions per DiT chunk of tokens: a token's
+    features then do not depend on how many tokens follow its block (a convolution over the
+    whole sequence picks its algorithm by length, which moves float32 results by ~1e-7)."""
+    s = stream
+    block = flow.config.estimator.static_chunk_size // flow.config.token_mel_ratio
+    tokens = torch.cat([s["prompt_token"]] + [s["token"]] * 3, dim=1)
+    with torch.inference_mode():
+        longest = flow.token_features(tokens, finalize=False, block=block)
+        for n in range(block, tokens.shape[1], 17):
+            mu = flow.token_features(tokens[:, :n], finalize=False, block=block)
+            complete = (n - flow.config.pre_lookahead_len) // block * block
+            frames = complete * flow.config.token_mel_ratio
+            assert torch.equal(mu[:, :frames], longest[:, :frames]), n
+        for finalize in (False, True):
+            whole = flow.token_features(tokens, finalize)
+            assert max_err(flow.token_features(tokens, finalize, block), whole) <= ATOL
+
+
+# --- other sizes (random weights): nothing may depend on the reduced sizes --------------------
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(noise / (p[0].numel() ** 0.5) if p.dim() > 1 else 0.1 * noise)
+
+
+@pytest.mark.parametrize("chunk, ratio, cfg_rate", [(15, 3, 0.7), (8, 2, 0.0), (40, 4, 0.5)])
+def test_other_sizes_stream_and_cache(chunk: int, ratio: int, cfg_rate: float) -> None:
+    from tts_core.cosyvoice2.flow_matching import CFMConfig
+    from tts_core.cosyvoice3.dit import DiTConfig
+
+    config = FlowConfig(input_size=32, output_size=32, spk_embed_dim=24, vocab_size=97,
+                        token_mel_ratio=ratio, pre_lookahead_len=2, lookahead_channels=40,
+                        estimator=DiTConfig(dim=32, depth=2, heads=2, dim_head=8, ff_mult=3,
+                                            mel_dim=32, mu_dim=32, spk_dim=32,
+                                            static_chunk_size=chunk),
+                        cfm=CFMConfig(n_feats=32, inference_cfg_rate=cfg_rate, n_timesteps=3))
+    model = CausalFlowDiT(config).eval()
+    _randomize(model, chunk)
+    generator = torch.Generator().manual_seed(1)
+    token = torch.randint(0, 97, (1, 60), generator=generator)
+    prompt = torch.randint(0, 97, (1, 7), generator=generator)
+    prompt_feat = torch.randn(1, 7 * ratio, 32, generator=generator)
+    embedding = torch.randn(1, 24, generator=generator)
+    args = (prompt, prompt_feat, embedding)
+    full = model.inference(token, *args)
+    assert full.shape == (1, 32, 60 * ratio) and torch.isfinite(full).all()
+    cache = model.new_stream_cache()
+    for n in (5, 9, 23, 24, 41, 60):
+        cached = model.inference(token[:, :n], *args, streaming=True, finalize=False, cache=cache)
+        plain = model.inference(token[:, :n], *args, streaming=True, finalize=False)
+        assert cached.shape == (1, 32, (n - 2) * ratio)
+        assert torch.equal(cached, plain), n
+        assert cache.frames % chunk == 0
+    streamed = model.inference(token, *args, streaming=True, finalize=True)
+    dit = model.decoder.estimator
+    with torch.inference_mode():
+        mu, _, spks, cond = model.conditions(token, *args, finalize=True)
+        x = model.decoder.initial_noise(mu.shape[2])
+        t = torch.full((1,), 0.3)
+        masked = one_pass_masked(dit, x, mu, t, spks, cond)
+        chunked = dit(x, None, mu, t, spks, cond, streaming=True)
+    assert max_err(chunked, masked) <= ATOL
+    assert streamed.shape == full.shape and torch.isfinite(streamed).all()

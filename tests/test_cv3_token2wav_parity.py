@@ -6,8 +6,12 @@ Two kinds of check, as for CosyVoice 2:
   that the driver makes exactly the reference's flow calls), so the driver's mel accumulation,
   re-vocoding and cutting are held to the vocoder's tolerance;
 * end to end: the real DiT flow from the recorded tokens. The README allows 5e-2 there because
-  the vocoder amplifies mel differences; this flow reproduces the reference's mel to float32
-  rounding (observed: bit for bit), so the end-to-end checks use the stage tolerance too.
+  the vocoder amplifies mel differences. One-shot, the flow reproduces the reference's mel bit
+  for bit, so the stage tolerance applies. Streaming, the DiT is computed chunk by chunk (so that
+  a stream can cache the chunks, bit-identically); its matrix products then have other shapes
+  than the reference's one masked pass and the mel differs by float32 rounding (observed
+  2.4e-6). The README's sensitivity table gives what that does downstream (mel noise 1e-6 moves
+  f0 by 1.7e-4 Hz and the waveform by 1.9e-4, RMS 1.9e-5), hence STREAM_* below.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from tts_core.cosyvoice3.hift import CausalHiFTGenerator
 from tts_core.cosyvoice3.token2wav import ChunkTrace, StreamSchedule, Token2Wav
 
 ATOL = 1e-5  # README: stage atol 1e-4; 2 threads instead of 1 moved the waveforms 2.4e-7
+STREAM_MEL_ATOL = 1e-5  # chunk-by-chunk DiT vs the reference's one masked pass
+STREAM_ATOL = 1e-3  # f0 (Hz; the README's f0 tolerance) and waveform, from that mel
+STREAM_RMS = 1e-4
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,7 +120,8 @@ def run_stream(driver: Token2Wav, vec: dict[str, torch.Tensor], per_push: int = 
 
 def check_stream_against_record(chunks: list[torch.Tensor], traces: list[ChunkTrace],
                                 vec: dict[str, torch.Tensor], hift: CausalHiFTGenerator,
-                                label: str) -> None:
+                                label: str, mel_atol: float = ATOL, atol: float = ATOL,
+                                rms: float = 0.0) -> None:
     n = vec["chunk_token_len"].numel()
     assert len(traces) == len(chunks) == n
     assert [t.token_len for t in traces] == vec["chunk_token_len"].tolist()
@@ -133,12 +141,15 @@ def check_stream_against_record(chunks: list[torch.Tensor], traces: list[ChunkTr
         if f"chunk{i}_hift_out_source" in vec:
             errors["hift_out_source"] = max_abs(trace.hift_out_source,
                                                 vec[f"chunk{i}_hift_out_source"])
-        assert all(err <= ATOL for err in errors.values()), (i, errors)
+        assert errors["hift_in_mel"] <= mel_atol, (i, errors)
+        assert all(err <= atol for key, err in errors.items() if key != "hift_in_mel"), (i, errors)
         assert torch.equal(chunks[i], trace.wav)
         assert trace.cache_source.numel() == 0  # no excitation cache in CosyVoice 3
         report.append(f"chunk{i}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     wav = torch.cat(chunks, dim=1)
-    assert max_abs(wav, vec["wav"]) <= ATOL
+    assert max_abs(wav, vec["wav"]) <= atol
+    if rms:
+        assert (wav - vec["wav"]).pow(2).mean().sqrt().item() <= rms
     print(f"\n[{label}] streamed wav max abs {max_abs(wav, vec['wav']):.2e}\n  "
           + "\n  ".join(report))
 
@@ -213,7 +224,8 @@ def test_nonstream_end_to_end(t2w, nonstream_vec, speed_key: str) -> None:
 @pytest.mark.parametrize("per_push", [1, 7, 1000])
 def test_stream_end_to_end(t2w, hift, stream_vec, per_push: int) -> None:
     chunks, traces = run_stream(t2w, stream_vec, per_push=per_push)
-    check_stream_against_record(chunks, traces, stream_vec, hift, f"real flow, {per_push}/push")
+    check_stream_against_record(chunks, traces, stream_vec, hift, f"real flow, {per_push}/push",
+                                mel_atol=STREAM_MEL_ATOL, atol=STREAM_ATOL, rms=STREAM_RMS)
 
 
 # --- per-request state ----------------------------------------------------------------------
@@ -263,3 +275,54 @@ def test_bad_speed_and_empty_input(t2w, nonstream_vec) -> None:
     empty = t2w.synthesize(v["token"][:, :0], v["prompt_token"], v["prompt_feat"],
                            v["embedding"])
     assert empty.shape == (1, 0)
+
+
+# --- the streaming DiT cache ------------------------------------------------------------------
+
+
+def test_dit_cache_gives_the_same_stream_with_less_work(flow, hift, schedule, stream_vec) -> None:
+    v = dict(stream_vec)
+    v["token"] = torch.cat([stream_vec["token"]] * 4, dim=1)  # a few more chunks
+    rows: list[int] = []
+    handle = flow.decoder.estimator.transformer_blocks[0].register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[1]))
+    try:
+        results = {}
+        for cached in (True, False):
+            rows.clear()
+            driver = Token2Wav(flow, hift, schedule=schedule, dit_cache=cached)
+            results[cached] = (*run_stream(driver, v, per_push=5), sum(rows))
+    finally:
+        handle.remove()
+    (chunks, traces, work), (plain_chunks, plain_traces, plain_work) = results[True], \
+        results[False]
+    assert len(chunks) == len(plain_chunks) >= 4
+    assert all(torch.equal(a, b) for a, b in zip(chunks, plain_chunks, strict=True))
+    assert all(torch.equal(a.hift_in_mel, b.hift_in_mel)
+               for a, b in zip(traces, plain_traces, strict=True))
+    assert work < 0.75 * plain_work
+    print(f"\nDiT frames computed, streaming {v['token'].shape[1]} tokens: cached {work}, "
+          f"uncached {plain_work}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda(schedule, nonstream_vec, stream_vec) -> None:
+    """On a GPU: same code path; end-to-end tolerances (TF32 convolutions, other kernels); the
+    stream cache stays bit-identical; the f0 predictor stays float64."""
+    import copy
+
+    flow = copy.deepcopy(parity_flow()).cuda()
+    hift = copy.deepcopy(parity_hift()).cuda()
+    assert hift.f0_predictor.classifier.weight.dtype == torch.float64
+    v = {k: t.cuda() for k, t in nonstream_vec.items()}
+    wav = Token2Wav(flow, hift).synthesize(v["token"], v["prompt_token"], v["prompt_feat"],
+                                           v["embedding"])
+    assert wav.device.type == "cuda"
+    assert max_abs(wav.cpu(), nonstream_vec["wav"]) <= 5e-2  # README end-to-end tolerance
+    s = {k: t.cuda() for k, t in stream_vec.items()}
+    streams = [run_stream(Token2Wav(flow, hift, schedule=schedule, dit_cache=cached), s)[0]
+               for cached in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*streams, strict=True))
+    streamed = torch.cat(streams[0], dim=1).cpu()
+    assert max_abs(streamed, stream_vec["wav"]) <= 5e-2
+    assert (streamed - stream_vec["wav"]).pow(2).mean().sqrt().item() <= 1e-2

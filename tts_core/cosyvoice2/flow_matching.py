@@ -13,6 +13,7 @@ generator so the global RNG is never re-seeded; it is made once per module and o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +108,11 @@ class CausalConditionalCFM(nn.Module):
 
     def solve_euler(self, x: torch.Tensor, t_span: torch.Tensor, mu: torch.Tensor,
                     mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-                    streaming: bool) -> torch.Tensor:
+                    streaming: bool, estimator: Callable[..., torch.Tensor] | None = None
+                    ) -> torch.Tensor:
+        """``estimator``: called instead of ``self.estimator`` with the same arguments, once
+        per step in order (a per-request wrapper can keep per-step state, e.g. a cache)."""
+        estimator = self.estimator if estimator is None else estimator
         rate = self.config.inference_cfg_rate
         batch = x.shape[0]
         if rate > 0:  # second half of the batch: no mu, speaker or prompt (unconditional)
@@ -125,8 +130,8 @@ class CausalConditionalCFM(nn.Module):
         for step in range(1, steps + 1):
             x_in = (torch.cat([x, x]) if rate > 0 else x).to(mu.dtype)
             t_in = t.expand(x_in.shape[0])
-            velocity = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in,
-                                      streaming).to(x.dtype)
+            velocity = estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in,
+                                 streaming).to(x.dtype)
             if rate > 0:
                 v_cond, v_uncond = velocity[:batch], velocity[batch:]
                 velocity = (1.0 + rate) * v_cond - rate * v_uncond

@@ -13,6 +13,7 @@ Two quirks of the released checkpoint are reproduced on purpose:
   attend without position information (the convolutional embedding still carries order);
 * streaming attention uses static chunks of ``static_chunk_size`` frames counted from frame 0 of
   the whole sequence (prompt included): frame i sees every frame before the end of its chunk.
+  It is computed chunk by chunk, which also lets a stream keep the chunks it has (DiTCache).
 
 ``DiT.state_dict()`` has exactly the keys of ``decoder.estimator.*`` in the official ``flow.pt``,
 including the stored rotary buffer ``rotary_embed.inv_freq``.
@@ -20,7 +21,7 @@ including the stored rotary buffer ``rotary_embed.inv_freq``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tts_core.cosyvoice2.flow_decoder import sinusoidal_time_embedding
-from tts_core.cosyvoice2.flow_encoder import chunk_attention_mask
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal time embedding (hard-coded in the reference)
 CONV_POS_KERNEL = 31
@@ -114,11 +114,34 @@ class CausalConvPositionEmbedding(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, CONV_POS_KERNEL, groups=CONV_POS_GROUPS),
                                    nn.Mish())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+    def forward(self, x: torch.Tensor, context: ConvContext | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> (embedding [B, T, D], first conv's output [B, T, D]).
+
+        ``context``: the inputs and first-conv outputs of the CONV_POS_KERNEL − 1 frames before
+        x; None at the start of the sequence (zero padding).
+        """
+        pad = CONV_POS_KERNEL - 1
         h = x.transpose(1, 2)
-        h = self.conv1(F.pad(h, (CONV_POS_KERNEL - 1, 0)))
-        h = self.conv2(F.pad(h, (CONV_POS_KERNEL - 1, 0)))
-        return h.transpose(1, 2)
+        h = F.pad(h, (pad, 0)) if context is None else torch.cat([context.inputs, h], dim=2)
+        mid = self.conv1(h)
+        h = F.pad(mid, (pad, 0)) if context is None else torch.cat([context.mid, mid], dim=2)
+        return self.conv2(h).transpose(1, 2), mid.transpose(1, 2)
+
+
+@dataclass
+class ConvContext:
+    """The last CONV_POS_KERNEL − 1 frames before a chunk, channel-first [B, D, frames]."""
+
+    inputs: torch.Tensor  # input projections
+    mid: torch.Tensor  # first-conv outputs
+
+    def extend(self, inputs: torch.Tensor, mid: torch.Tensor) -> ConvContext:
+        """The context after frames with these input projections / first-conv outputs
+        [B, T, D]."""
+        keep = CONV_POS_KERNEL - 1
+        return ConvContext(torch.cat([self.inputs, inputs.transpose(1, 2)], dim=2)[:, :, -keep:],
+                           torch.cat([self.mid, mid.transpose(1, 2)], dim=2)[:, :, -keep:])
 
 
 class InputEmbedding(nn.Module):
@@ -129,11 +152,15 @@ class InputEmbedding(nn.Module):
         self.conv_pos_embed = CausalConvPositionEmbedding(c.dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor,
-                spks: torch.Tensor) -> torch.Tensor:
-        """Frame-major x, cond [B, T, mel], mu [B, T, mu_dim]; spks [B, spk] -> [B, T, dim]."""
+                spks: torch.Tensor, context: ConvContext | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frame-major x, cond [B, T, mel], mu [B, T, mu_dim]; spks [B, spk] ->
+        (h [B, T, dim], input projection, first position conv's output); the last two make the
+        next chunk's context."""
         spks = spks[:, None, :].expand(-1, x.shape[1], -1)
-        h = self.proj(torch.cat([x, cond, mu, spks], dim=-1))
-        return self.conv_pos_embed(h) + h
+        proj = self.proj(torch.cat([x, cond, mu, spks], dim=-1))
+        pos, mid = self.conv_pos_embed(proj, context)
+        return pos + proj, proj, mid
 
 
 class RotaryEmbedding(nn.Module):
@@ -235,16 +262,44 @@ class DiTBlock(nn.Module):
         self.attn = Attention(config)
         self.ff = FeedForward(config.dim, config.ff_mult)
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, mask: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> (x, this block's keys and values of x's frames).
+
+        ``past``: keys/values of earlier frames that x's frames also attend to."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.attn_norm(t_emb)
         q, k, v = self.attn.project(_layer_norm(x) * (1 + scale1) + shift1, rope)
-        x = x + gate1 * self.attn.attend(q, k, v, mask)
-        return x + gate2 * self.ff(_layer_norm(x) * (1 + scale2) + shift2)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2),
+                                                    torch.cat([past[1], v], dim=2))
+        x = x + gate1 * self.attn.attend(q, keys, values, mask)
+        return x + gate2 * self.ff(_layer_norm(x) * (1 + scale2) + shift2), k, v
+
+
+@dataclass
+class DiTCache:
+    """What the complete chunks so far leave to later chunks, for one Euler step of one request:
+    every block's keys and values [B, heads, frames, dim_head] and the position convolutions'
+    context. Only complete chunks are kept: a partial last chunk is recomputed once it grows."""
+
+    frames: int = 0
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    context: ConvContext | None = None
 
 
 class DiT(nn.Module):
-    """``forward(x, mask, mu, t, spks, cond, streaming)`` -> velocity [B, mel_dim, T]."""
+    """``forward(x, mask, mu, t, spks, cond, streaming)`` -> velocity [B, mel_dim, T].
+
+    Full attention (streaming=False) is one pass over all frames. Chunk-masked attention
+    (streaming=True) is computed chunk by chunk, each chunk attending to the keys/values of the
+    earlier ones, which is what the mask allows; given a :class:`DiTCache` the chunks it holds
+    are not recomputed. Every chunk is computed with the same operations and shapes whether it
+    comes from the cache or not, so a cached call gives the same bits as an uncached one (and
+    float32 rounding differences of order 1e-7 from a one-pass masked computation, whose matrix
+    products have other shapes).
+    """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -256,25 +311,61 @@ class DiT(nn.Module):
         self.norm_out = AdaLayerNormZeroFinal(config.dim)
         self.proj_out = nn.Linear(config.dim, config.mel_dim)
 
-    def attention_mask(self, mask: torch.Tensor, streaming: bool) -> torch.Tensor:
-        """Padding mask [B, 1, T] -> bool [B, 1, T, T] (query, key)."""
-        frames = mask.shape[-1]
-        keys = mask.bool()[:, :, None, :]  # [B, 1, 1, T]
-        if not streaming:
-            return keys.expand(-1, -1, frames, -1)
-        chunks = chunk_attention_mask(frames, self.config.static_chunk_size, device=mask.device)
-        return keys & chunks
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
-                spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False) -> torch.Tensor:
+                spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False,
+                cache: DiTCache | None = None) -> torch.Tensor:
         """x, mu, cond [B, mel, T] (channel-first, as the flow matching passes them); mask
-        [B, 1, T]; t [B]; spks [B, spk_dim]."""
+        [B, 1, T] (padding; not used when streaming: one utterance per batch row); t [B];
+        spks [B, spk_dim].
+
+        streaming with ``cache``: x, mu and cond hold only the frames from ``cache.frames`` on;
+        the cache is extended by the complete chunks computed.
+        """
         if t.dim() == 0:
             t = t.expand(x.shape[0])
+        if streaming:
+            return self._forward_chunks(x, mu, t, spks, cond, cache or DiTCache())
         t_emb = self.time_embed(t)
-        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
+        h, _, _ = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2),
+                                   spks)
         rope = self.rotary_embed(torch.arange(h.shape[1], device=h.device))
-        attn_mask = self.attention_mask(mask, streaming)
+        attn_mask = mask.bool()[:, :, None, :].expand(-1, -1, h.shape[1], -1)  # [B, 1, T, T]
         for block in self.transformer_blocks:
-            h = block(h, t_emb, attn_mask, rope)
+            h, _, _ = block(h, t_emb, rope, attn_mask)
         return self.proj_out(self.norm_out(h, t_emb)).transpose(1, 2)
+
+    def _forward_chunks(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                        spks: torch.Tensor, cond: torch.Tensor, cache: DiTCache) -> torch.Tensor:
+        chunk = self.config.static_chunk_size
+        start, total = cache.frames, cache.frames + x.shape[2]
+        if start % chunk:
+            raise ValueError(f"dit: a stream cache must end on a chunk boundary, got {start}")
+        t_emb = self.time_embed(t)
+        x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
+        outputs = []
+        for c0 in range(start, total, chunk):  # chunks start at multiples of `chunk` frames
+            c1 = min(c0 + chunk, total)
+            rows = slice(c0 - start, c1 - start)
+            context = cache.context or ConvContext(
+                x.new_zeros(x.shape[0], self.config.dim, CONV_POS_KERNEL - 1),
+                x.new_zeros(x.shape[0], self.config.dim, CONV_POS_KERNEL - 1))
+            h, proj, mid = self.input_embed(x[:, rows], cond[:, rows], mu[:, rows], spks, context)
+            rope = self.rotary_embed(torch.arange(c0, c1, device=x.device))
+            fresh = []
+            for i, block in enumerate(self.transformer_blocks):
+                past = (cache.keys[i], cache.values[i]) if cache.frames else None
+                h, k, v = block(h, t_emb, rope, past=past)
+                fresh.append((k, v))
+            outputs.append(self.proj_out(self.norm_out(h, t_emb)))
+            if c1 - c0 == chunk:  # complete: later chunks and later calls attend to it
+                if cache.frames:
+                    cache.keys = [torch.cat([old, k], dim=2)
+                                  for old, (k, _) in zip(cache.keys, fresh, strict=True)]
+                    cache.values = [torch.cat([old, v], dim=2)
+                                    for old, (_, v) in zip(cache.values, fresh, strict=True)]
+                else:
+                    cache.keys = [k for k, _ in fresh]
+                    cache.values = [v for _, v in fresh]
+                cache.context = context.extend(proj, mid)
+                cache.frames = c1
+        return torch.cat(outputs, dim=1).transpose(1, 2)

@@ -9,7 +9,8 @@ the prompt's mel frames placed at the start of ``cond``; the prompt's frames are
 output.
 
 ``CausalFlowDiT.state_dict()`` has exactly the keys of the official ``flow.pt``. The model keeps
-no state between calls, so one instance can serve concurrent requests.
+no state between calls, so one instance can serve concurrent requests; a streaming request may
+pass its own :class:`FlowStreamCache` so that the chunks of earlier calls are not recomputed.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from torch import nn
 
 from tts_core.cosyvoice2.checkpoint import load_strict
 from tts_core.cosyvoice2.flow_encoder import PreLookaheadLayer
-from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig
+from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig, time_grid
 from tts_core.cosyvoice2.hyperyaml import Tagged
 
-from .dit import DiT, DiTConfig
+from .dit import DiT, DiTCache, DiTConfig
 
 _FLOW_DEFAULTS: dict[str, Any] = {  # defaults of the reference constructor
     "input_size": 512, "output_size": 80, "spk_embed_dim": 192, "vocab_size": 4096,
@@ -66,6 +67,9 @@ class FlowConfig:
         if est.mu_dim != self.input_size:
             raise ValueError(f"flow: the DiT's mu_dim {est.mu_dim} must equal input_size "
                              f"{self.input_size} (mu is the token embedding itself)")
+        if est.static_chunk_size % self.token_mel_ratio:
+            raise ValueError(f"flow: the DiT chunk ({est.static_chunk_size} frames) must be a "
+                             f"whole number of tokens (token_mel_ratio {self.token_mel_ratio})")
         if self.cfm.n_feats != self.output_size:
             raise ValueError("flow: flow-matching feature count must equal output_size")
 
@@ -104,6 +108,35 @@ class FlowConfig:
         )
 
 
+@dataclass
+class FlowStreamCache:
+    """Streaming state of one request's flow calls (chunk-masked, growing token sequence): per
+    Euler step the DiT's cache of the complete chunks so far, and the finished mel of those
+    frames. Create one per request with :meth:`CausalFlowDiT.new_stream_cache`; it is only valid
+    for calls whose tokens extend the earlier ones, with the same prompt and speaker."""
+
+    steps: list[DiTCache]
+    mel: torch.Tensor | None = None  # [1, mel, frames] finished frames (prompt included)
+    tokens: torch.Tensor | None = None  # prompt + tokens of the last call
+
+    @property
+    def frames(self) -> int:
+        return self.steps[0].frames
+
+
+class _SteppingEstimator:
+    """Calls the DiT with the cache of the current Euler step (one instance per flow call)."""
+
+    def __init__(self, dit: DiT, caches: list[DiTCache]):
+        self.dit, self.caches, self.step = dit, caches, 0
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
+                 spks: torch.Tensor, cond: torch.Tensor, streaming: bool) -> torch.Tensor:
+        cache = self.caches[self.step]
+        self.step += 1
+        return self.dit(x, mask, mu, t, spks, cond, streaming, cache=cache)
+
+
 class CausalFlowDiT(nn.Module):
     def __init__(self, config: FlowConfig):
         super().__init__()
@@ -118,18 +151,35 @@ class CausalFlowDiT(nn.Module):
         """[B, spk_embed_dim] speaker embedding -> L2-normalised, projected [B, output_size]."""
         return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
 
-    def token_features(self, tokens: torch.Tensor, finalize: bool) -> torch.Tensor:
+    def token_features(self, tokens: torch.Tensor, finalize: bool, block: int | None = None
+                       ) -> torch.Tensor:
         """[1, L] token ids (prompt + new) -> ``mu`` [1, frames, input_size], frame-major.
 
         finalize=False: the last ``pre_lookahead_len`` tokens are look-ahead context only, so
         frames = token_mel_ratio * (L - pre_lookahead_len).
+        block: compute the look-ahead convolutions in blocks of this many tokens, aligned to
+        token 0 (each with its own context), so that a token's features do not depend on how
+        many tokens follow its block — which a convolution over the whole sequence does not
+        guarantee in float32 (its algorithm depends on the length). Streams need that to reuse
+        earlier chunks bit for bit.
         """
         x = self.input_embedding(tokens.long())
-        lookahead = self.config.pre_lookahead_len
-        if finalize:
-            h = self.pre_lookahead_layer(x, None)
+        layer, lookahead = self.pre_lookahead_layer, self.config.pre_lookahead_len
+        count = x.shape[1] if finalize else x.shape[1] - lookahead
+        if block is None:
+            h = layer(x, None) if finalize else layer(x[:, :count], x[:, count:])
         else:
-            h = self.pre_lookahead_layer(x[:, :-lookahead], x[:, -lookahead:])
+            back = layer.conv2.kernel_size[0] - 1  # tokens of left context of the second conv
+            parts = []
+            for b0 in range(0, count, block):
+                b1 = min(b0 + block, count)
+                start = max(0, b0 - back)
+                context = x[:, b1:b1 + lookahead]
+                # past the last token (final call) the look-ahead is zeros, as unblocked
+                context = F.pad(context, (0, 0, 0, lookahead - context.shape[1]))
+                out = layer(x[:, start:b1], context)
+                parts.append(out[:, b0 - start:])
+            h = torch.cat(parts, dim=1)
         return h.repeat_interleave(self.config.token_mel_ratio, dim=1)
 
     def _check_inputs(self, token: torch.Tensor, prompt_token: torch.Tensor,
@@ -156,16 +206,20 @@ class CausalFlowDiT(nn.Module):
                              f"got {tuple(embedding.shape)}")
 
     def conditions(self, token: torch.Tensor, prompt_token: torch.Tensor,
-                   prompt_feat: torch.Tensor, embedding: torch.Tensor, finalize: bool
+                   prompt_feat: torch.Tensor, embedding: torch.Tensor, finalize: bool,
+                   streaming: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the flow matching is conditioned on: (mu [1, 80, T], mask [1, 1, T],
-        spks [1, 80], cond [1, 80, T]) with the prompt mel in the first frames of cond."""
+        spks [1, 80], cond [1, 80, T]) with the prompt mel in the first frames of cond.
+        streaming: token features computed per DiT chunk (see :meth:`token_features`)."""
         self._check_inputs(token, prompt_token, prompt_feat, embedding, finalize)
         weight = self.input_embedding.weight
         device, dtype = weight.device, weight.dtype
         spks = self.project_speaker(embedding.to(device, dtype))
         tokens = torch.cat([prompt_token, token], dim=1).to(device)
-        mu = self.token_features(tokens, finalize).transpose(1, 2).contiguous()
+        block = self.config.estimator.static_chunk_size // self.config.token_mel_ratio \
+            if streaming else None
+        mu = self.token_features(tokens, finalize, block).transpose(1, 2).contiguous()
         frames, prompt_frames = mu.shape[2], prompt_feat.shape[1]
         if prompt_frames > frames:
             raise ValueError(f"flow: prompt_feat has {prompt_frames} frames but the tokens give "
@@ -178,7 +232,7 @@ class CausalFlowDiT(nn.Module):
     @torch.inference_mode()
     def inference(self, token: torch.Tensor, prompt_token: torch.Tensor,
                   prompt_feat: torch.Tensor, embedding: torch.Tensor, streaming: bool = False,
-                  finalize: bool = True) -> torch.Tensor:
+                  finalize: bool = True, cache: FlowStreamCache | None = None) -> torch.Tensor:
         """Mel frames for ``token`` in the prompt's voice.
 
         token [1, N] and prompt_token [1, P] ids; prompt_feat [1, F, output_size] (frame-major,
@@ -186,13 +240,52 @@ class CausalFlowDiT(nn.Module):
         streaming: chunk-masked DiT attention instead of full attention.
         finalize: False when more tokens follow; the last ``pre_lookahead_len`` tokens are then
         look-ahead context only.
+        cache (streaming only): the request's :class:`FlowStreamCache`; chunks it holds are not
+        recomputed, and it is extended. The result is the same, bit for bit, as without it.
         Returns float32 [1, output_size, frames], the prompt's frames excluded:
         frames = ratio * (P + N) - F, minus ratio * pre_lookahead_len when not finalize.
         """
         mu, mask, spks, cond = self.conditions(token, prompt_token, prompt_feat, embedding,
-                                               finalize)
-        mel = self.decoder(mu, mask, spks, cond, streaming)
+                                               finalize, streaming)
+        if not streaming:
+            if cache is not None:
+                raise ValueError("flow: a stream cache only applies to chunk-masked calls")
+            mel = self.decoder(mu, mask, spks, cond, False)
+        else:
+            tokens = torch.cat([prompt_token, token], dim=1)
+            mel = self._streaming_solve(mu, mask, spks, cond, tokens, finalize,
+                                        cache or self.new_stream_cache())
         return mel[:, :, prompt_feat.shape[1]:].float()
+
+    def new_stream_cache(self) -> FlowStreamCache:
+        return FlowStreamCache([DiTCache() for _ in range(self.config.cfm.n_timesteps)])
+
+    def _streaming_solve(self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                         cond: torch.Tensor, tokens: torch.Tensor, finalize: bool,
+                         cache: FlowStreamCache) -> torch.Tensor:
+        start = cache.frames
+        if any(step.frames != start for step in cache.steps):
+            raise ValueError("flow: inconsistent stream cache (an earlier call was interrupted)")
+        if start:
+            # the cached frames' mu depends on their tokens and the look-ahead after them
+            needed = start // self.config.token_mel_ratio + self.config.pre_lookahead_len
+            previous = cache.tokens
+            if previous is None or previous.shape[1] < needed or tokens.shape[1] < needed \
+                    or not torch.equal(previous[:, :needed].cpu(), tokens[:, :needed].cpu()):
+                raise ValueError("flow: the stream cache belongs to other tokens; use one cache "
+                                 "per request, with tokens that only grow")
+        cfm = self.decoder
+        frames = mu.shape[2]
+        x = cfm.initial_noise(frames)[:, :, start:].float()
+        t_span = time_grid(cfm.config.n_timesteps, cfm.config.t_scheduler, mu.device,
+                           torch.float32)
+        estimator = _SteppingEstimator(cfm.estimator, cache.steps)
+        new = cfm.solve_euler(x, t_span, mu[:, :, start:], mask[:, :, start:], spks,
+                              cond[:, :, start:], True, estimator=estimator)
+        mel = new if cache.mel is None else torch.cat([cache.mel, new], dim=2)
+        cache.mel = mel[:, :, :cache.frames]
+        cache.tokens = tokens.detach().clone()
+        return mel
 
 
 def build_flow(node: Tagged, state_dict: Mapping[str, torch.Tensor] | None = None
