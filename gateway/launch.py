@@ -55,10 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is given, else embedded")
     p.add_argument("--model-dir", type=Path,
                    help="model directory (cosyvoice2, cosyvoice3 and auto engines)")
-    p.add_argument("--device", default="auto", help="cosyvoice2 engine: cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="CosyVoice engines: cpu, cuda or auto")
     p.add_argument("--threads", type=int, help="engine compute threads")
     p.add_argument("--first-chunk-tokens", type=int,
-                   help="cosyvoice2 engine: speech tokens in the first streamed chunk (default 10)")
+                   help="CosyVoice engines: speech tokens in the first streamed chunk (default 10)")
     p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
                    help="syntheses running at once (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=limits.DEFAULT_MAX_QUEUE,

@@ -24,12 +24,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "is given, else embedded")
     p.add_argument("--model-dir", type=Path,
                    help="model directory (cosyvoice2, cosyvoice3 and auto engines)")
-    p.add_argument("--device", default="auto", help="cosyvoice2 engine: cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="CosyVoice engines: cpu, cuda or auto")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any)")
     p.add_argument("--threads", type=int, default=None, help="engine compute threads")
     p.add_argument("--first-chunk-tokens", type=int, default=None,
-                   help="cosyvoice2 engine: speech tokens in the first streamed chunk "
+                   help="CosyVoice engines: speech tokens in the first streamed chunk "
                         "(default 10; the reference uses 25)")
     p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
                    help="syntheses running at once (default %(default)s)")
