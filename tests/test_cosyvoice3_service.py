@@ -239,17 +239,18 @@ def test_rest_and_grpc_errors(cv3, stub):
 
 
 def test_engine_choice(tmp_path):
-    from gateway.launch import parse_args as launcher_args
-    from gateway.launch import service_command
-    from service.__main__ import parse_args
+    from gateway.launch import parse_options, service_command
+    from service.options import parse_server_options
 
-    assert parse_args(["--model-dir", str(tmp_path)]).engine == "auto"
-    assert parse_args([]).engine == "embedded"
-    assert parse_args(["--engine", "cosyvoice3", "--model-dir", "x"]).engine == "cosyvoice3"
-    command = service_command(launcher_args(["--model-dir", str(tmp_path)]), tmp_path)
-    assert command[command.index("--engine") + 1] == "auto"
-    command = service_command(launcher_args([]), tmp_path)
-    assert command[command.index("--engine") + 1] == "embedded"
+    assert parse_server_options(["--model-dir", str(tmp_path)]).engine_name == "auto"
+    assert parse_server_options([]).engine_name == "embedded"
+    chosen = parse_server_options(["--engine", "cosyvoice3", "--model-dir", str(tmp_path)])
+    assert chosen.engine_name == "cosyvoice3"
+    # the launcher passes the choice on as given; the server applies the same default
+    server = parse_options(["--model-dir", str(tmp_path)]).server
+    command = service_command(server, tmp_path / "state")
+    assert "--engine" not in command
+    assert parse_server_options(command[3:]).engine_name == "auto"
 
 
 def test_engine_choice_errors(tmp_path):

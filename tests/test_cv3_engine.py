@@ -22,8 +22,8 @@ from tts_core.cosyvoice3.engine import SYSTEM_PROMPT, TRAINED_INSTRUCTIONS, Cosy
 from tts_core.cosyvoice3.llm import SILENT_TOKENS
 from tts_core.engine import (
     Audio,
-    InvalidRequest,
     Mode,
+    SpeakerExists,
     SynthesisRequest,
     UnknownSpeaker,
 )
@@ -192,7 +192,7 @@ def test_cosyvoice2_speaker_is_refused_not_reused(engine: CosyVoice3Engine, zh_p
     assert "bob" not in {s.id for s in cv3.speakers()}
     with pytest.raises(UnknownSpeaker, match="cosyvoice2 features.*register the voice again"):
         cv3.validate(SynthesisRequest(Mode.ZERO_SHOT, text=TEXT, speaker_id="bob"))
-    with pytest.raises(InvalidRequest, match="cosyvoice2 features"):
+    with pytest.raises(SpeakerExists, match="cosyvoice2 features"):
         cv3.register_speaker("bob", zh_prompt, PROMPT_TEXT)
     cv3.register_speaker("bob", zh_prompt, PROMPT_TEXT, replace=True)  # re-registered: usable
     assert samples(run(cv3, SynthesisRequest(Mode.ZERO_SHOT, text=TEXT, speaker_id="bob")))

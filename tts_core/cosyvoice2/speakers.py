@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -31,13 +30,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..engine import Speaker
+from ..limits import SPEAKER_ID_RULE, is_valid_speaker_id
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_FEATURES = "cosyvoice2"  # the features of speakers stored before the tag existed
-# Letters (any script), digits, "_", "-", "."; no leading "." or "-"; at most 64 characters.
-_ID = re.compile(r"^[^\W][\w.\-]{0,63}$")
 
 
 class SpeakerError(ValueError):
@@ -45,10 +43,8 @@ class SpeakerError(ValueError):
 
 
 def validate_speaker_id(speaker_id: str) -> str:
-    if not isinstance(speaker_id, str) or not _ID.fullmatch(speaker_id) or ".." in speaker_id:
-        raise SpeakerError(
-            f"speaker id {speaker_id!r} is not valid: use 1–64 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit")
+    if not is_valid_speaker_id(speaker_id):
+        raise SpeakerError(f"speaker id {speaker_id!r} is not valid: {SPEAKER_ID_RULE}")
     return speaker_id
 
 

@@ -40,8 +40,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from ..cosyvoice2.engine import CosyVoice2Engine
-from ..cosyvoice2.text_frontend import END_OF_PROMPT
 from ..cosyvoice2.token2wav import StreamSchedule
+from ..cosyvoice2.tokenizer import ENDOFPROMPT
 from .llm import drop_long_silences
 from .model_dir import load_model_dir
 from .token2wav import Token2Wav
@@ -85,20 +85,20 @@ class CosyVoice3Engine(CosyVoice2Engine):
                          token_mel_ratio=self.models.token_mel_ratio, schedule=schedule)
 
     def _system_ids(self) -> list[int]:
-        return self.tokenizer.encode(SYSTEM_PROMPT + END_OF_PROMPT)
+        return self.tokenizer.encode(SYSTEM_PROMPT + ENDOFPROMPT)
 
     # Prompt texts that carry their own system part are used verbatim, as the reference does
     # (normalising would e.g. drop the space in "assistant. 请用…", which the model was trained
     # with); instructions are never normalised (the trained ones are written out already).
 
     def _normalize_prompt_text(self, text: str) -> str:
-        return text.strip() if END_OF_PROMPT in text else super()._normalize_prompt_text(text)
+        return text.strip() if ENDOFPROMPT in text else super()._normalize_prompt_text(text)
 
     def _lm_instruction(self, instruct_text: str) -> str:
         instruction = instruct_text.strip()
-        if END_OF_PROMPT in instruction:
+        if ENDOFPROMPT in instruction:
             return instruction
-        return f"{SYSTEM_PROMPT} {instruction}{END_OF_PROMPT}"
+        return f"{SYSTEM_PROMPT} {instruction}{ENDOFPROMPT}"
 
     def _lm_transcript_ids(self, transcript_ids: list[int]) -> list[int]:
         if self.models.lm.config.end_of_prompt_id in transcript_ids:
