@@ -203,3 +203,16 @@ def prompt_wav() -> Path:
 def cross_lingual_wav() -> Path:
     """Real English speech, 16-bit WAV at 22.05 kHz, 13.75 s."""
     return AUDIO_DIR / "cross_lingual_prompt.wav"
+
+
+@pytest.fixture(scope="session")
+def cv3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny CosyVoice 3 model directory with two preset speakers, made once per session
+    (engine and service tests share it; they must not modify it)."""
+    import torch
+
+    from tts_core.cosyvoice3.testing.make_model_dir import make_model_dir
+
+    torch.set_num_threads(1)
+    return make_model_dir(tmp_path_factory.mktemp("cv3-model") / "tiny", "tiny", seed=3,
+                          spk2info=True)
