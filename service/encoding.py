@@ -3,7 +3,8 @@
 Raw PCM and WAV are written here (16-bit, see `service.audio`); mp3, Opus, AAC and FLAC are encoded
 and muxed by the FFmpeg libraries bundled in PyAV's wheel (libmp3lame, libopus, FFmpeg's native
 AAC and FLAC encoders). Every format is streamable: each `encode` call returns whatever the muxer
-has completed so far, so a client can start playing (or stop reading) at any chunk boundary.
+has completed so far, so a client can start playing (or stop reading) at any chunk boundary. The
+container header waits for the first audio, so the first non-empty chunk is playable on its own.
 
 | format | container | content type | encoded rate | bit rate | extra audio when decoded |
 |---|---|---|---|---|---|
@@ -20,12 +21,14 @@ Opus carries pre-skip and the exact end in its granule positions, so it decodes 
 length. Opus codes only 8, 12, 16, 24 and 48 kHz: 22050 Hz input is resampled to 24000 Hz and
 44100 Hz to 48000 Hz (soxr, streaming, so chunk joins stay seamless); `sample_rate` says which.
 Decoders return Opus at 48 kHz whatever the encoded rate (its header records the original rate).
+A stream with no samples at all is the header alone (WAV, FLAC, Ogg) or empty (pcm, mp3, AAC).
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fractions import Fraction
@@ -52,9 +55,6 @@ class AudioFormat(StrEnum):
 # late. Shorter pages cost 27 header bytes each (~2 kbit/s at 100 ms against 32 kbit/s of Opus).
 OGG_PAGE_SECONDS = 0.1
 
-_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
-
-
 def open_encoder(fmt: AudioFormat | str, sample_rate: int) -> StreamingEncoder:
     """A fresh encoder for one stream of mono float32 audio at `sample_rate` Hz.
 
@@ -70,7 +70,7 @@ def open_encoder(fmt: AudioFormat | str, sample_rate: int) -> StreamingEncoder:
         raise ValueError(f"sample rate {sample_rate!r} Hz is not supported for {fmt.value} "
                          f"output; supported rates: {rates} Hz")
     if fmt in (AudioFormat.PCM, AudioFormat.WAV):
-        return _RawEncoder(sample_rate, wav=fmt is AudioFormat.WAV)
+        return _RawEncoder(int(sample_rate), wav=fmt is AudioFormat.WAV)
     return _CodecEncoder(_CODECS[fmt], int(sample_rate))
 
 
@@ -136,32 +136,27 @@ class _Codec:
     sample_format: str  # what the encoder takes: float planar/packed, or s16 for lossless
     content_type: str
     container_options: dict[str, str] = field(default_factory=dict)
-    codec_options: dict[str, str] = field(default_factory=dict)
-
-    def bit_rate(self, sample_rate: int) -> int | None:
-        if self.codec == "libmp3lame":
-            return 64_000
-        if self.codec == "aac":  # AAC-LC allows at most 6144 bits per 1024-sample frame
-            return min(64_000, 4 * sample_rate)
-        if self.codec == "libopus":
-            return 32_000
-        return None  # lossless
+    bit_rate: Callable[[int], int] | None = None  # of the sample rate; None: lossless
+    rates: tuple[int, ...] = ()  # the only rates the codec takes; () for any
 
     def encoded_rate(self, sample_rate: int) -> int:
-        if self.codec != "libopus" or sample_rate in _OPUS_RATES:
+        if not self.rates or sample_rate in self.rates:
             return sample_rate
-        return min(r for r in _OPUS_RATES if r >= sample_rate)
+        return min(r for r in self.rates if r >= sample_rate)
 
 
 _CODECS = {
     AudioFormat.MP3: _Codec(
         "mp3", "libmp3lame", "fltp", "audio/mpeg",
         # No ID3 tag: a stream is not a file, and a tag would put metadata before the audio.
-        {"id3v2_version": "0", "write_xing": "0"}),
+        {"id3v2_version": "0", "write_xing": "0"}, bit_rate=lambda rate: 64_000),
     AudioFormat.OPUS: _Codec(
         "ogg", "libopus", "flt", "audio/ogg; codecs=opus",
-        {"page_duration": str(int(OGG_PAGE_SECONDS * 1_000_000))}),
-    AudioFormat.AAC: _Codec("adts", "aac", "fltp", "audio/aac"),
+        {"page_duration": str(int(OGG_PAGE_SECONDS * 1_000_000))}, bit_rate=lambda rate: 32_000,
+        rates=(8000, 12000, 16000, 24000, 48000)),
+    # AAC-LC carries at most 6144 bits per 1024-sample frame (48 kbit/s at 8 kHz).
+    AudioFormat.AAC: _Codec("adts", "aac", "fltp", "audio/aac",
+                            bit_rate=lambda rate: min(64_000, 4 * rate)),
     # No padding block: it only helps editors rewriting tags in place.
     AudioFormat.FLAC: _Codec("flac", "flac", "s16", "audio/flac",
                              {"metadata_header_padding": "0"}),
@@ -201,15 +196,18 @@ class _CodecEncoder(StreamingEncoder):
         self._container = av.open(self._sink, "w", format=codec.container,
                                   container_options={"flush_packets": "1",
                                                      **codec.container_options})
-        self._stream = self._container.add_stream(codec.codec, rate=self.sample_rate,
-                                                  options=dict(codec.codec_options))
+        self._stream = self._container.add_stream(codec.codec, rate=self.sample_rate)
         context = self._stream.codec_context
         context.layout = "mono"
         context.format = codec.sample_format
-        bit_rate = codec.bit_rate(self.sample_rate)
-        if bit_rate:
-            context.bit_rate = bit_rate
+        if codec.bit_rate is not None:
+            context.bit_rate = codec.bit_rate(self.sample_rate)
+        context.thread_count = 1  # a request is small; threads would only add start-up cost
         context.open()
+        # Held back until audio follows, so that the first non-empty chunk is playable on its
+        # own (FFmpeg refuses an Ogg stream of headers only); an empty stream is all header.
+        self._container.start_encoding()
+        self._header = self._sink.take()
         self._frame_size = context.frame_size or 4096
         self._format = codec.sample_format
         self._time_base = Fraction(1, self.sample_rate)
@@ -224,7 +222,10 @@ class _CodecEncoder(StreamingEncoder):
         for start in range(0, whole, self._frame_size):
             self._send(self._pending[start:start + self._frame_size])
         self._pending = self._pending[whole:]
-        return self._sink.take()
+        data = self._sink.take()
+        if data and self._header:
+            data, self._header = self._header + data, b""
+        return data
 
     def _finish(self) -> bytes:
         if self._resampler is not None:
@@ -236,7 +237,8 @@ class _CodecEncoder(StreamingEncoder):
         self._pending = self._pending[:0]
         self._container.mux(self._stream.encode(None))
         self._container.close()
-        return self._sink.take()
+        data, self._header = self._header + self._sink.take(), b""
+        return data
 
     def _send(self, samples: np.ndarray) -> None:
         if self._format == "s16":
