@@ -75,8 +75,9 @@ class CallLog:
     prompt or any metadata: only sizes and timings).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, native_rate: int):
         self.name = name  # the RPC, or the REST path
+        self.native_rate = native_rate  # the engine's: what ``samples`` counts in
         self.started = time.monotonic()
         self.mode = "-"
         self.chars = 0
@@ -97,15 +98,15 @@ class CallLog:
             self.first_chunk_at = time.monotonic() - self.started
         self.chunks += 1
 
-    def stats(self, engine: str, native_rate: int) -> tts_pb2.SynthesizeResponse:
+    def stats(self, engine: str) -> tts_pb2.SynthesizeResponse:
         return tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
-            audio_seconds=self.samples / float(native_rate),
+            audio_seconds=self.samples / float(self.native_rate),
             time_to_first_chunk_seconds=self.first_chunk_at, total_seconds=self.finished_at,
             engine=engine, chunks=self.chunks, sample_rate=self.sample_rate))
 
-    def finish(self, outcome: str, native_rate: int = 0) -> None:
+    def finish(self, outcome: str) -> None:
         chars = self.text_feed.chars if self.text_feed is not None else self.chars
-        audio = self.samples / native_rate if native_rate else 0.0
+        audio = self.samples / float(self.native_rate)
         log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
                  self.name, self.mode, chars, self.sample_rate, outcome, self.chunks,
                  self.first_chunk_at, time.monotonic() - self.started, audio)
@@ -236,7 +237,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     async def Synthesize(self, request: tts_pb2.SynthesizeRequest,
                          context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        core, call = self.core, CallLog("Synthesize")
+        core = self.core
+        call = CallLog("Synthesize", core.sample_rate)
         try:
             job, output = await asyncio.to_thread(convert.to_engine_request, request)
             call.request(job)
@@ -246,10 +248,10 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                 async for data in audio:
                     yield _audio_reply(data, encoder, index)
                     index += 1
-            yield call.stats(core.engine.name, core.sample_rate)
-            call.finish("OK", core.sample_rate)
+            yield call.stats(core.engine.name)
+            call.finish("OK")
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            call.finish("CANCELLED", core.sample_rate)
+            call.finish("CANCELLED")
             raise
         except Exception as error:
             await _abort(context, error, call)
@@ -257,7 +259,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     async def SynthesizeTextStream(self, request_iterator: AsyncIterator,
                                    context: grpc.aio.ServicerContext
                                    ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        core, call = self.core, CallLog("SynthesizeTextStream")
+        core = self.core
+        call = CallLog("SynthesizeTextStream", core.sample_rate)
         reader: asyncio.Task | None = None
         try:
             core.require_text_streaming()
@@ -274,10 +277,10 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                 async for data in audio:
                     yield _audio_reply(data, encoder, index)
                     index += 1
-            yield call.stats(core.engine.name, core.sample_rate)
-            call.finish("OK", core.sample_rate)
+            yield call.stats(core.engine.name)
+            call.finish("OK")
         except (asyncio.CancelledError, GeneratorExit):
-            call.finish("CANCELLED", core.sample_rate)
+            call.finish("CANCELLED")
             raise
         except Exception as error:
             await _abort(context, error, call)
@@ -348,7 +351,8 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
     async def _inference(self, kind: str, request: Message, context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         """Every /inference_* endpoint: the same steps, for the endpoint's ``kind``."""
-        core, call = self.core, CallLog(compat.ENDPOINTS[kind].path)
+        core = self.core
+        call = CallLog(compat.ENDPOINTS[kind].path, core.sample_rate)
         try:
             job, output = await asyncio.to_thread(_decode_rest, kind, request)
             call.request(job)
@@ -356,9 +360,9 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
             async with aclosing(core.audio(job, encoder, call)) as audio:
                 async for data in audio:
                     yield httpbody_pb2.HttpBody(content_type=encoder.content_type, data=data)
-            call.finish("OK", core.sample_rate)
+            call.finish("OK")
         except (asyncio.CancelledError, GeneratorExit):
-            call.finish("CANCELLED", core.sample_rate)
+            call.finish("CANCELLED")
             raise
         except Exception as error:
             await _abort(context, error, call)
@@ -395,7 +399,8 @@ class OpenAiSpeechService(openai_pb2_grpc.OpenAiSpeechServiceServicer):
     async def CreateSpeech(self, request: openai_pb2.CreateSpeechRequest,
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        core, call = self.core, CallLog("/v1/audio/speech")
+        core = self.core
+        call = CallLog("/v1/audio/speech", core.sample_rate)
         sent = False  # whether the response (and so its status) has started
         speech: openai_api.Speech | None = None
         try:
@@ -416,9 +421,9 @@ class OpenAiSpeechService(openai_pb2_grpc.OpenAiSpeechServiceServicer):
             if speech.sse:
                 yield httpbody_pb2.HttpBody(content_type=content_type,
                                             data=openai_api.sse_done(len(speech.request.text)))
-            call.finish("OK", core.sample_rate)
+            call.finish("OK")
         except (asyncio.CancelledError, GeneratorExit):
-            call.finish("CANCELLED", core.sample_rate)
+            call.finish("CANCELLED")
             raise
         except Exception as failure:
             error = _as_service_error(failure)
