@@ -180,14 +180,14 @@ class Core:
         if not self.capabilities.supports_speaker_registration:
             raise errors.unimplemented(
                 f"the {self.engine.name} engine cannot register speakers; start the server "
-                "with an engine that can (--engine cosyvoice2)")
+                "with an engine that can (a CosyVoice 2 or 3 model: --model-dir DIR)")
 
     def require_text_streaming(self) -> None:
         if not self.capabilities.supports_text_streaming:
             raise errors.unimplemented(
                 f"the {self.engine.name} engine cannot speak text while it arrives: "
                 "send the whole text to Synthesize, or start the server with an engine "
-                "that can (--engine cosyvoice2)")
+                "that can (a CosyVoice 2 or 3 model: --model-dir DIR)")
 
     async def register(self, request: tts_pb2.RegisterSpeakerRequest
                        ) -> tts_pb2.RegisterSpeakerResponse:
