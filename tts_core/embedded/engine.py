@@ -121,10 +121,12 @@ class EmbeddedEngine:
         return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
     def _warm_up(self) -> None:
-        """Load every G2P and run the model once, so the first request pays for neither."""
+        """Load every G2P and tagger and run the model once, so the first request pays for
+        none of them."""
         for speaker in PRESET_SPEAKERS:
             frontend.phonemize("1", speaker.language)
         frontend.phonemize("Hello, 你好, こんにちは, 안녕.", "zh")
+        text_split.split_text("我们明天一起去公园散步吧。今日は東京で会議に参加します。")
         ids = frontend.to_token_ids(frontend.phonemize("Hello.", "en"), self._vocab)
         self._infer(ids, self.voice(PRESET_SPEAKERS[0].voice), 1.0)
 

@@ -26,7 +26,7 @@ from tts_core.engine import Speaker
 class PresetSpeaker:
     id: str
     language: str
-    voice: str  # key in the Kokoro voice pack
+    voice: str  # a voice of the Kokoro pack or a mix of them (assets.mix_voices)
     description: str
 
     def to_speaker(self) -> Speaker:
@@ -36,10 +36,12 @@ class PresetSpeaker:
 PRESET_SPEAKERS: tuple[PresetSpeaker, ...] = (
     PresetSpeaker("中文女", "zh", "jf_gongitsune",
                   "Mandarin, female (Kokoro voice jf_gongitsune)"),
-    PresetSpeaker("中文男", "zh", "jm_kumo", "Mandarin, male (Kokoro voice jm_kumo)"),
+    PresetSpeaker("中文男", "zh", "jm_kumo*0.7+jf_tebukuro*0.3|jm_kumo",
+                  "Mandarin, male (Kokoro jm_kumo, timbre blended with jf_tebukuro)"),
     PresetSpeaker("日语男", "ja", "jm_kumo", "Japanese, male (Kokoro voice jm_kumo)"),
     PresetSpeaker("粤语女", "yue", "jf_tebukuro", "Cantonese, female (Kokoro voice jf_tebukuro)"),
     PresetSpeaker("英文女", "en", "jf_alpha", "English, female (Kokoro voice jf_alpha)"),
-    PresetSpeaker("英文男", "en", "jm_kumo", "English, male (Kokoro voice jm_kumo)"),
+    PresetSpeaker("英文男", "en", "jm_kumo*0.7+jf_alpha*0.3|jm_kumo",
+                  "English, male (Kokoro jm_kumo, timbre blended with jf_alpha)"),
     PresetSpeaker("韩语女", "ko", "jf_nezumi", "Korean, female (Kokoro voice jf_nezumi)"),
 )
