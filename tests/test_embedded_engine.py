@@ -90,8 +90,11 @@ ASCII_IDS = {"中文女": "zh-female", "中文男": "zh-male", "日语男": "ja-
 # Presets known to miss their limit, with the measured figure; strict, so the day one passes,
 # this list must shrink.
 SHORT_OF_THE_LIMIT = {
+    "中文女": "measured 12.0% CER (limit 8%): the Japanese-trained female voices miss Mandarin "
+             "tones and initials (no package ships native Mandarin voices)",
     "粤语女": "no package ships an ASR that reads Cantonese: Whisper base (99 languages, no "
              "Cantonese) writes what it hears as Mandarin and scores the held-out set at 78% CER",
+    "韩语女": "measured 16.7% CER (limit 15%) with Whisper base",
 }
 
 
