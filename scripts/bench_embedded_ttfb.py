@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--gateway-speakers", default="英文女,中文女",
                         help="comma-separated preset speakers timed through the stack")
     parser.add_argument("--no-gateway", action="store_true", help="in-process figures only")
+    parser.add_argument("--no-in-process", action="store_true", help="gateway figures only")
     args = parser.parse_args()
     speakers = [s for s in args.speakers.split(",") if s]
     unknown = [s for s in speakers if s not in TWO_SENTENCES]
@@ -179,7 +180,8 @@ def main() -> None:
         parser.error(f"no two-sentence text for {unknown}; choose from {', '.join(TWO_SENTENCES)}")
     with open("/proc/loadavg") as f:
         print(f"load average {' '.join(f.read().split()[:3])}")
-    bench_in_process(args, speakers)
+    if not args.no_in_process:
+        bench_in_process(args, speakers)
     if not args.no_gateway:
         bench_gateway(args, [s for s in args.gateway_speakers.split(",") if s])
     with open("/proc/loadavg") as f:
