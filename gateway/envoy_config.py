@@ -5,8 +5,10 @@ One HTTP listener serves:
   * /healthz: 200 while Envoy's active gRPC health check of the server passes, else 503;
   * the REST API: gRPC-JSON transcoding to the gRPC server (X-API-TOKEN checked here and
     again by the server), with audio streamed through as it is produced.
-Error bodies are JSON ``{"code": <gRPC code>, "message": "..."}`` everywhere: the transcoder
-writes them for server errors, ``local_reply_config`` for Envoy's own (401, 413, ...).
+Error bodies are JSON ``{"code": <gRPC code>, "message": "..."}`` (the transcoder writes them
+for server errors, ``local_reply_config`` for Envoy's own: 401, 413, ...), except under the
+OpenAI-compatible paths, where they are OpenAI's ``{"error": {"message", "type", "param",
+"code"}}`` (the server writes its own; ``local_reply_config`` Envoy's).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from service import limits
 from service.errors import HTTP_STATUS_KEY
 
 GRPC_CLUSTER = "tts_grpc"
-TRANSCODED_SERVICES = ("cosyvoice.v1.TextToSpeechService", "cosyvoice.v1.RestCompatService")
+TRANSCODED_SERVICES = ("cosyvoice.v1.TextToSpeechService", "cosyvoice.v1.RestCompatService",
+                       "cosyvoice.v1.OpenAiSpeechService")
+# Paths of the OpenAI-compatible API: Envoy's own errors there take OpenAI's error shape.
+OPENAI_PATH_PREFIXES = ("/v1/audio/", "/v1/models")
 API_KEY_HEADER = "X-API-TOKEN"
 STREAM_IDLE_TIMEOUT = "300s"  # no byte for this long ends a stream (a queued request waits)
 REQUEST_HEADERS_TIMEOUT = "10s"
@@ -120,13 +125,37 @@ def _static_route(url: str, path: Path) -> dict:
     }
 
 
+def _status_is(status: int) -> dict:
+    return {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": status,
+                              "runtime_key": f"local_reply.status_{status}"}}}}
+
+
+def _openai_mapper(status: int, message: str | None) -> dict:
+    """Envoy's own error ``status`` on an OpenAI path, in OpenAI's error shape."""
+    on_openai_path = {"or_filter": {"filters": [
+        {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": prefix}}}}
+        for prefix in OPENAI_PATH_PREFIXES]}}
+    kind = ("authentication_error" if status == 401 else
+            "invalid_request_error" if status < 500 else "server_error")
+    code = {401: "invalid_api_key", 404: "not_found", 413: "too_large",
+            503: "server_unavailable", 504: "timeout"}.get(status, "gateway_error")
+    mapper = {
+        "filter": {"and_filter": {"filters": [_status_is(status), on_openai_path]}},
+        "body_format_override": {"json_format": {"error": {
+            "message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}}},
+    }
+    if message:
+        mapper["body"] = {"inline_string": message}
+    return mapper
+
+
 def _local_reply_config() -> dict:
-    mappers = []
+    # First match wins: the OpenAI paths' mappers come first.
+    mappers = [_openai_mapper(status, message) for status, _, message in _LOCAL_REPLIES]
     for status, code, message in _LOCAL_REPLIES:
         mapper = {
-            "filter": {"status_code_filter": {"comparison": {
-                "op": "EQ", "value": {"default_value": status,
-                                      "runtime_key": f"local_reply.status_{status}"}}}},
+            "filter": _status_is(status),
             "body_format_override": {"json_format": {"code": code,
                                                      "message": "%LOCAL_REPLY_BODY%"}},
         }

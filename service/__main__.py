@@ -27,8 +27,8 @@ async def serve(args: ServerOptions) -> None:
         print(f"Generated an API key (stored in {keys.source}, mode 0600):\n  {keys.generated}",
               flush=True)
     log.info("API keys: %d from %s", len(keys.keys), keys.source)
-    log.info("loading engine %s", args.engine)
-    engine = await asyncio.to_thread(create_engine, args.engine, model_dir=args.model_dir,
+    log.info("loading engine %s", args.engine_name)
+    engine = await asyncio.to_thread(create_engine, args.engine_name, model_dir=args.model_dir,
                                      threads=args.threads, device=args.device,
                                      state_dir=args.state_dir or default_state_dir(),
                                      first_chunk_tokens=args.first_chunk_tokens,

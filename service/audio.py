@@ -102,42 +102,57 @@ def to_s16le(samples: np.ndarray) -> bytes:
     return (clipped * 32767.0).round().astype("<i2").tobytes()
 
 
+# Format names of the HTTP APIs (REST ``format=``, OpenAI ``response_format``) and the
+# encodings they stand for; encoding.py makes every one of them but float PCM.
+FORMAT_ENCODINGS = {
+    "pcm": AudioEncoding.AUDIO_ENCODING_PCM_S16LE,
+    "wav": AudioEncoding.AUDIO_ENCODING_WAV,
+    "mp3": AudioEncoding.AUDIO_ENCODING_MP3,
+    "opus": AudioEncoding.AUDIO_ENCODING_OPUS,
+    "aac": AudioEncoding.AUDIO_ENCODING_AAC,
+    "flac": AudioEncoding.AUDIO_ENCODING_FLAC,
+}
+
+
 class OutputEncoder:
     """Turns engine chunks (float32, native rate) into the bytes a client asked for.
 
-    The resampler is a soxr stream that keeps state across chunks, so joins are seamless.
+    The resampler is a soxr stream that keeps state across chunks, so joins are seamless; the
+    codecs are the streaming encoders of ``service.encoding`` (one per call).
     """
 
     def __init__(self, native_rate: int, output_rate: int, encoding: int):
+        from service.encoding import AudioFormat, open_encoder
+
         self.native_rate = native_rate
-        self.output_rate = output_rate or native_rate
+        requested_rate = output_rate or native_rate
         self.encoding = encoding or AudioEncoding.AUDIO_ENCODING_PCM_S16LE
-        self._resampler = (soxr.ResampleStream(native_rate, self.output_rate, 1, dtype="float32",
+        self._resampler = (soxr.ResampleStream(native_rate, requested_rate, 1, dtype="float32",
                                                quality="HQ")
-                           if self.output_rate != native_rate else None)
-        self._header_pending = self.encoding == AudioEncoding.AUDIO_ENCODING_WAV
+                           if requested_rate != native_rate else None)
+        if self.encoding == AudioEncoding.AUDIO_ENCODING_PCM_F32LE:
+            self._codec = None
+            self.output_rate = requested_rate
+            self.content_type = f"audio/x-f32le; rate={requested_rate}; channels=1"
+        else:
+            name = next(n for n, e in FORMAT_ENCODINGS.items() if e == self.encoding)
+            self._codec = open_encoder(AudioFormat(name), requested_rate)
+            self.output_rate = self._codec.sample_rate  # Opus may code another rate
+            self.content_type = self._codec.content_type
+        # Codecs cost real CPU per chunk: the server runs them off its event loop.
+        self.compressed = self.encoding not in (AudioEncoding.AUDIO_ENCODING_PCM_S16LE,
+                                                AudioEncoding.AUDIO_ENCODING_WAV,
+                                                AudioEncoding.AUDIO_ENCODING_PCM_F32LE)
 
     def encode(self, chunk: np.ndarray, *, last: bool = False) -> bytes:
         samples = np.asarray(chunk, dtype=np.float32).reshape(-1)
         if self._resampler is not None:
             samples = self._resampler.resample_chunk(samples, last=last)
-        if self.encoding == AudioEncoding.AUDIO_ENCODING_PCM_F32LE:
-            data = samples.astype("<f4").tobytes()
-        else:
-            data = to_s16le(samples)
-        if self._header_pending:
-            self._header_pending = False
-            data = wav_stream_header(self.output_rate) + data
-        return data
+        if self._codec is None:
+            return samples.astype("<f4").tobytes()
+        return self._codec.encode(samples)
 
     def finish(self) -> bytes:
-        """Whatever the resampler still holds (and a WAV header if nothing was sent yet)."""
-        return self.encode(np.zeros(0, dtype=np.float32), last=True)
-
-    @property
-    def content_type(self) -> str:
-        if self.encoding == AudioEncoding.AUDIO_ENCODING_WAV:
-            return "audio/wav"
-        if self.encoding == AudioEncoding.AUDIO_ENCODING_PCM_F32LE:
-            return f"audio/x-f32le; rate={self.output_rate}; channels=1"
-        return f"audio/L16; rate={self.output_rate}; channels=1"
+        """Whatever the resampler and the codec still hold, and the stream's trailer."""
+        data = self.encode(np.zeros(0, dtype=np.float32), last=True)
+        return data + (self._codec.finish() if self._codec is not None else b"")

@@ -23,11 +23,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service import limits
+from service.audio import FORMAT_ENCODINGS
 from service.errors import bad_request, too_large, unsupported_media_type
 from service.gen.cosyvoice.v1 import tts_pb2
 from tts_core.limits import FieldNames
-
-AudioEncoding = tts_pb2.AudioEncoding
 
 _COMMON = ("sample_rate", "speed", "format", "stream")
 PROMPT_FIELD = "prompt_wav"
@@ -70,7 +69,6 @@ ENDPOINTS = {
 REGISTER = Endpoint("/register_speaker",
                     ("spk_id", "prompt_text", "language", "description", "replace"),
                     ("spk_id",), (PROMPT_FIELD,))
-_FORMATS = {"pcm": AudioEncoding.AUDIO_ENCODING_PCM_S16LE, "wav": AudioEncoding.AUDIO_ENCODING_WAV}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -146,9 +144,10 @@ def decode(kind: str, request: Message) -> tts_pb2.SynthesizeRequest:
                                  limits.REST_DEFAULT_SAMPLE_RATE)
     msg.speed = _parse_speed(fields.get("speed", ""))
     fmt = fields.get("format", "pcm").strip().lower() or "pcm"
-    if fmt not in _FORMATS:
-        raise bad_request(f"format {fmt!r} is not offered: use pcm (raw 16-bit) or wav")
-    msg.encoding = _FORMATS[fmt]
+    if fmt not in FORMAT_ENCODINGS:
+        raise bad_request(f"format {fmt!r} is not offered: use pcm (raw 16-bit, the default), "
+                          f"{', '.join(list(FORMAT_ENCODINGS)[1:])}")
+    msg.encoding = FORMAT_ENCODINGS[fmt]
     stream = _parse_bool(fields.get("stream", ""), "stream")
     if stream is not None:
         msg.stream_within_sentence = stream

@@ -21,7 +21,7 @@ from tts_core.registry import ENGINE_NAMES, PRECISIONS
 class ServerOptions:
     """How to run the gRPC server and its engine."""
 
-    engine: str = "embedded"
+    engine: str | None = None  # None: see engine_name
     model_dir: Path | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -36,6 +36,12 @@ class ServerOptions:
     state_dir: Path | None = None
     port_file: Path | None = None
     log_level: str = "INFO"
+
+    @property
+    def engine_name(self) -> str:
+        """The engine to run: ``engine``, else ``auto`` (CosyVoice 2 or 3, from the directory)
+        when a model directory is given, else ``embedded``."""
+        return self.engine or ("auto" if self.model_dir is not None else "embedded")
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ServerOptions:
@@ -61,14 +67,16 @@ class _Option:
 
 
 _OPTIONS = (
-    _Option("engine", ("--engine",), "the synthesis engine", choices=ENGINE_NAMES),
-    _Option("model_dir", ("--model-dir",), "model directory (cosyvoice2 engine)", Path),
-    _Option("device", ("--device",), "cosyvoice2 engine: cpu, cuda[:N] or auto"),
+    _Option("engine", ("--engine",), "the synthesis engine (default: auto, which picks "
+            "cosyvoice2 or cosyvoice3 from the directory, when --model-dir is given; else "
+            "embedded)", choices=ENGINE_NAMES),
+    _Option("model_dir", ("--model-dir",), "model directory (cosyvoice2, cosyvoice3, auto)", Path),
+    _Option("device", ("--device",), "CosyVoice engines: cpu, cuda[:N] or auto"),
     _Option("precision", ("--precision",), "numeric precision of the engine's models: auto "
             "(float32 on CPU; bfloat16, else float16, on CUDA), float32, bfloat16, float16 or "
             "int8, where the engine offers it", choices=PRECISIONS),
     _Option("threads", ("--threads",), "engine compute threads (default: the engine's)", int),
-    _Option("first_chunk_tokens", ("--first-chunk-tokens",), "cosyvoice2 engine: speech tokens "
+    _Option("first_chunk_tokens", ("--first-chunk-tokens",), "CosyVoice engines: speech tokens "
             "in the first streamed chunk (default 10; the reference uses 25)", int),
     # The server alone calls its gRPC address --host/--port; the launcher's are for REST.
     _Option("grpc_host", ("--grpc-host", "--host"), "gRPC listen address (it checks keys too)"),

@@ -26,7 +26,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
@@ -38,11 +38,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from service import compat, convert, errors
+from service import compat, convert, errors, openai_api
 from service import limits as service_limits
 from service.audio import OutputEncoder, decode_audio
 from service.auth import ApiKeyInterceptor, KeyChecker
-from service.gen.cosyvoice.v1 import compat_pb2, compat_pb2_grpc, tts_pb2, tts_pb2_grpc
+from service.gen.cosyvoice.v1 import (
+    compat_pb2,
+    compat_pb2_grpc,
+    openai_pb2,
+    openai_pb2_grpc,
+    tts_pb2,
+    tts_pb2_grpc,
+)
 from service.synthesis import Synthesizer, TextFeed
 from tts_core import limits
 from tts_core.engine import Capabilities, Engine, EngineError, Mode, SynthesisRequest
@@ -68,8 +75,9 @@ class CallLog:
     prompt or any metadata: only sizes and timings).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, native_rate: int):
         self.name = name  # the RPC, or the REST path
+        self.native_rate = native_rate  # the engine's: what ``samples`` counts in
         self.started = time.monotonic()
         self.mode = "-"
         self.chars = 0
@@ -90,15 +98,15 @@ class CallLog:
             self.first_chunk_at = time.monotonic() - self.started
         self.chunks += 1
 
-    def stats(self, engine: str, native_rate: int) -> tts_pb2.SynthesizeResponse:
+    def stats(self, engine: str) -> tts_pb2.SynthesizeResponse:
         return tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
-            audio_seconds=self.samples / float(native_rate),
+            audio_seconds=self.samples / float(self.native_rate),
             time_to_first_chunk_seconds=self.first_chunk_at, total_seconds=self.finished_at,
             engine=engine, chunks=self.chunks, sample_rate=self.sample_rate))
 
-    def finish(self, outcome: str, native_rate: int = 0) -> None:
+    def finish(self, outcome: str) -> None:
         chars = self.text_feed.chars if self.text_feed is not None else self.chars
-        audio = self.samples / native_rate if native_rate else 0.0
+        audio = self.samples / float(self.native_rate)
         log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
                  self.name, self.mode, chars, self.sample_rate, outcome, self.chunks,
                  self.first_chunk_at, time.monotonic() - self.started, audio)
@@ -158,11 +166,11 @@ class Core:
         async with aclosing(self.synth.stream(request, text)) as chunks:
             async for chunk in chunks:
                 call.samples += len(chunk)
-                data = encoder.encode(chunk)
+                data = await _run(encoder.compressed, encoder.encode, chunk)
                 if data:
                     call.chunk()
                     yield data
-        tail = encoder.finish()
+        tail = await _run(encoder.compressed, encoder.finish)
         if tail or not call.chunks:
             call.chunk()
             yield tail
@@ -172,14 +180,14 @@ class Core:
         if not self.capabilities.supports_speaker_registration:
             raise errors.unimplemented(
                 f"the {self.engine.name} engine cannot register speakers; start the server "
-                "with an engine that can (--engine cosyvoice2)")
+                "with an engine that can (a CosyVoice 2 or 3 model: --model-dir DIR)")
 
     def require_text_streaming(self) -> None:
         if not self.capabilities.supports_text_streaming:
             raise errors.unimplemented(
                 f"the {self.engine.name} engine cannot speak text while it arrives: "
                 "send the whole text to Synthesize, or start the server with an engine "
-                "that can (--engine cosyvoice2)")
+                "that can (a CosyVoice 2 or 3 model: --model-dir DIR)")
 
     async def register(self, request: tts_pb2.RegisterSpeakerRequest
                        ) -> tts_pb2.RegisterSpeakerResponse:
@@ -217,6 +225,11 @@ class Core:
         return tts_pb2.DeleteSpeakerResponse()
 
 
+async def _run(in_thread: bool, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)``, in a worker thread when it is heavy enough to stall the event loop."""
+    return await asyncio.to_thread(fn, *args) if in_thread else fn(*args)
+
+
 class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     def __init__(self, core: Core):
         self.core = core
@@ -224,7 +237,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     async def Synthesize(self, request: tts_pb2.SynthesizeRequest,
                          context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        core, call = self.core, CallLog("Synthesize")
+        core = self.core
+        call = CallLog("Synthesize", core.sample_rate)
         try:
             job, output = await asyncio.to_thread(convert.to_engine_request, request)
             call.request(job)
@@ -234,10 +248,10 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                 async for data in audio:
                     yield _audio_reply(data, encoder, index)
                     index += 1
-            yield call.stats(core.engine.name, core.sample_rate)
-            call.finish("OK", core.sample_rate)
+            yield call.stats(core.engine.name)
+            call.finish("OK")
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
-            call.finish("CANCELLED", core.sample_rate)
+            call.finish("CANCELLED")
             raise
         except Exception as error:
             await _abort(context, error, call)
@@ -245,7 +259,8 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     async def SynthesizeTextStream(self, request_iterator: AsyncIterator,
                                    context: grpc.aio.ServicerContext
                                    ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        core, call = self.core, CallLog("SynthesizeTextStream")
+        core = self.core
+        call = CallLog("SynthesizeTextStream", core.sample_rate)
         reader: asyncio.Task | None = None
         try:
             core.require_text_streaming()
@@ -262,10 +277,10 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                 async for data in audio:
                     yield _audio_reply(data, encoder, index)
                     index += 1
-            yield call.stats(core.engine.name, core.sample_rate)
-            call.finish("OK", core.sample_rate)
+            yield call.stats(core.engine.name)
+            call.finish("OK")
         except (asyncio.CancelledError, GeneratorExit):
-            call.finish("CANCELLED", core.sample_rate)
+            call.finish("CANCELLED")
             raise
         except Exception as error:
             await _abort(context, error, call)
@@ -336,7 +351,8 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
     async def _inference(self, kind: str, request: Message, context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         """Every /inference_* endpoint: the same steps, for the endpoint's ``kind``."""
-        core, call = self.core, CallLog(compat.ENDPOINTS[kind].path)
+        core = self.core
+        call = CallLog(compat.ENDPOINTS[kind].path, core.sample_rate)
         try:
             job, output = await asyncio.to_thread(_decode_rest, kind, request)
             call.request(job)
@@ -344,9 +360,9 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
             async with aclosing(core.audio(job, encoder, call)) as audio:
                 async for data in audio:
                     yield httpbody_pb2.HttpBody(content_type=encoder.content_type, data=data)
-            call.finish("OK", core.sample_rate)
+            call.finish("OK")
         except (asyncio.CancelledError, GeneratorExit):
-            call.finish("CANCELLED", core.sample_rate)
+            call.finish("CANCELLED")
             raise
         except Exception as error:
             await _abort(context, error, call)
@@ -366,6 +382,76 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
             return await self.core.register(native)
 
         return await _answer(context, register())
+
+
+class OpenAiSpeechService(openai_pb2_grpc.OpenAiSpeechServiceServicer):
+    """OpenAI's /v1/audio/speech, /v1/models and /v1/audio/voices (through the gateway).
+
+    Errors are answered in OpenAI's shape as the response body (with the HTTP status in the
+    response metadata, which the gateway makes the status), not as a gRPC status: the
+    transcoder would write its own error shape.
+    """
+
+    def __init__(self, core: Core):
+        self.core = core
+        self.created = int(time.time())
+
+    async def CreateSpeech(self, request: openai_pb2.CreateSpeechRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        core = self.core
+        call = CallLog("/v1/audio/speech", core.sample_rate)
+        sent = False  # whether the response (and so its status) has started
+        speech: openai_api.Speech | None = None
+        try:
+            speech = await asyncio.to_thread(openai_api.decode_speech, request.body.data,
+                                             request.body.content_type, core.engine.name)
+            call.request(speech.request)
+            encoder = await core.prepare(speech.request, speech.output, call)
+            content_type = "text/event-stream" if speech.sse else encoder.content_type
+            async with aclosing(core.audio(speech.request, encoder, call)) as audio:
+                async for data in audio:
+                    if not sent:
+                        await context.send_initial_metadata(
+                            ((openai_api.SPEED_HEADER, f"{speech.speed_applied:g}"),))
+                        sent = True
+                    if speech.sse:
+                        data = openai_api.sse_delta(data) if data else b""
+                    yield httpbody_pb2.HttpBody(content_type=content_type, data=data)
+            if speech.sse:
+                yield httpbody_pb2.HttpBody(content_type=content_type,
+                                            data=openai_api.sse_done(len(speech.request.text)))
+            call.finish("OK")
+        except (asyncio.CancelledError, GeneratorExit):
+            call.finish("CANCELLED")
+            raise
+        except Exception as failure:
+            error = _as_service_error(failure)
+            if error.code == grpc.StatusCode.NOT_FOUND and error.param is None:
+                error.param = "voice"  # the engine's: an unknown speaker
+            call.finish(error.code.name)
+            if not sent:  # the whole answer is the error
+                await context.send_initial_metadata(
+                    ((errors.HTTP_STATUS_KEY, str(error.http_status or 500)),))
+                yield httpbody_pb2.HttpBody(content_type="application/json",
+                                            data=openai_api.error_body(error))
+            elif speech is not None and speech.sse:  # an event can still say what happened
+                yield httpbody_pb2.HttpBody(content_type="text/event-stream",
+                                            data=openai_api.sse_error(error))
+            else:  # audio has gone out: all that is left is to break the stream off
+                await context.abort(error.code, error.message)
+
+    async def ListModels(self, request: openai_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        return httpbody_pb2.HttpBody(
+            content_type="application/json",
+            data=openai_api.models_body(self.core.engine.name, self.created))
+
+    async def ListVoices(self, request: openai_pb2.ListVoicesRequest,
+                         context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        speakers = await asyncio.to_thread(self.core.engine.speakers)
+        return httpbody_pb2.HttpBody(content_type="application/json",
+                                     data=openai_api.voices_body(speakers))
 
 
 def _as_service_error(error: Exception) -> errors.ServiceError:
@@ -412,6 +498,7 @@ async def _read_text(messages: AsyncIterator, feed: TextFeed) -> None:
 SERVICE_NAMES = (
     tts_pb2.DESCRIPTOR.services_by_name["TextToSpeechService"].full_name,
     compat_pb2.DESCRIPTOR.services_by_name["RestCompatService"].full_name,
+    openai_pb2.DESCRIPTOR.services_by_name["OpenAiSpeechService"].full_name,
 )
 
 
@@ -454,6 +541,7 @@ async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[s
     )
     tts_pb2_grpc.add_TextToSpeechServiceServicer_to_server(TextToSpeechService(core), server)
     compat_pb2_grpc.add_RestCompatServiceServicer_to_server(RestCompatService(core), server)
+    openai_pb2_grpc.add_OpenAiSpeechServiceServicer_to_server(OpenAiSpeechService(core), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

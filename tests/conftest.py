@@ -14,6 +14,7 @@ them and wait for ``stack.wait_idle()`` so the next test finds the server idle.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import signal
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -162,6 +164,44 @@ def rpc_error(call):
     return caught.value
 
 
+def decode_stream(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode a whole stream of any of our compressed or container formats with PyAV
+    (FFmpeg): mono float32 samples and their rate."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        frames = [frame.to_ndarray().reshape(-1) for frame in container.decode(stream)]
+        rate = stream.rate
+    samples = np.concatenate(frames).astype(np.float32)
+    if np.issubdtype(frames[0].dtype, np.integer):
+        samples /= 32768
+    return samples, rate
+
+
+def assert_same_audio(samples: np.ndarray, rate: int, reference: np.ndarray,
+                      reference_rate: int, *, lossless: bool) -> None:
+    """``samples`` (decoded) is ``reference`` (what the engine produced): the same length
+    within a codec frame after the codec's leading delay, and exact (lossless) or correlated
+    >= 0.9 (lossy)."""
+    import soxr
+
+    if rate != reference_rate:  # Opus decoders answer at 48 kHz
+        samples = soxr.resample(samples, rate, reference_rate).astype(np.float32)
+    window = samples[:len(reference) + reference_rate // 10]
+    delay = int(np.argmax(np.correlate(window, reference, "valid"))) if len(window) >= len(
+        reference) else 0
+    aligned = samples[delay:delay + len(reference)]
+    frame = 1200 * reference_rate // 24000  # larger than any codec's frame or delay
+    assert delay <= frame and abs(len(samples) - delay - len(reference)) <= frame, (
+        delay, len(samples), len(reference))
+    n = min(len(aligned), len(reference))
+    if lossless:
+        assert delay == 0 and np.abs(aligned[:n] - reference[:n]).max() <= 2 / 32768
+    else:
+        assert np.corrcoef(aligned[:n], reference[:n])[0, 1] >= 0.9
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     running = start_stack(tmp_path_factory.mktemp("stack"))
@@ -203,3 +243,16 @@ def prompt_wav() -> Path:
 def cross_lingual_wav() -> Path:
     """Real English speech, 16-bit WAV at 22.05 kHz, 13.75 s."""
     return AUDIO_DIR / "cross_lingual_prompt.wav"
+
+
+@pytest.fixture(scope="session")
+def cv3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny CosyVoice 3 model directory with two preset speakers, made once per session
+    (engine and service tests share it; they must not modify it)."""
+    import torch
+
+    from tts_core.cosyvoice3.testing.make_model_dir import make_model_dir
+
+    torch.set_num_threads(1)
+    return make_model_dir(tmp_path_factory.mktemp("cv3-model") / "tiny", "tiny", seed=3,
+                          spk2info=True)

@@ -1,8 +1,9 @@
-"""The parity directory's CosyVoice 3 flow and vocoder, built once per test session.
+"""The parity directory's CosyVoice 3 flow and vocoder, loaded once per test session.
 
-Built from the directory's ``cosyvoice3.yaml`` (read as data) and its ``flow.pt`` / ``hift.pt``
-(``weights_only=True``, strict key checks), on the CPU in float32. The returned modules are shared
-between test files: tests must not modify them (copy first).
+Loaded through the model-directory loader (:func:`tests.cv3_parity.parity_models`: the
+directory's ``cosyvoice3.yaml`` read as data, ``flow.pt`` / ``hift.pt`` with ``weights_only=True``
+and strict key checks), on the CPU in float32. The returned modules are shared between test
+files: tests must not modify them (copy first).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any
 
 import torch
 
-from tests.cv3_parity import parity_dir
+from tests.cv3_parity import parity_dir, parity_models
 from tts_core.cosyvoice2 import hyperyaml
-from tts_core.cosyvoice3.flow import CausalFlowDiT, build_flow
-from tts_core.cosyvoice3.hift import CausalHiFTGenerator, build_hift
+from tts_core.cosyvoice3.flow import CausalFlowDiT
+from tts_core.cosyvoice3.hift import CausalHiFTGenerator
 
 
 @functools.cache
@@ -34,21 +35,11 @@ def checkpoint(name: str) -> dict[str, torch.Tensor]:
     return torch.load(parity_dir() / f"{name}.pt", weights_only=True, map_location="cpu")
 
 
-@functools.cache
-def _flow(path: Path) -> CausalFlowDiT:
-    return build_flow(_yaml(path)["flow"], checkpoint("flow"))
-
-
 def parity_flow() -> CausalFlowDiT:
-    return _flow(parity_dir())
-
-
-@functools.cache
-def _hift(path: Path, fold: bool) -> CausalHiFTGenerator:
-    return build_hift(_yaml(path)["hift"], checkpoint("hift"), fold=fold)
+    return parity_models().flow
 
 
 def parity_hift(fold: bool = True) -> CausalHiFTGenerator:
     """``fold=True``: weight norm folded into plain weights (what an engine runs); ``False``
     keeps the checkpoint's parametrisation and key names."""
-    return _hift(parity_dir(), fold)
+    return parity_models(fold_hift=fold).hift

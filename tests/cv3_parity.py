@@ -8,6 +8,7 @@ tests; a directory named in the environment that is missing or incomplete fails 
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def parity_dir() -> Path:
         pytest.fail(f"{ENV_VAR}={env} is not a complete parity directory; it lacks {shown}",
                     pytrace=False)
     pytest.skip(f"parity data not found at {path} (set {ENV_VAR} to use another directory)")
+
+
+@functools.cache
+def _load(path: Path, fold_hift: bool):  # -> CosyVoice3Models
+    from tts_core.cosyvoice3.model_dir import load_model_dir
+
+    return load_model_dir(path, require_frontend=False, fold_hift=fold_hift)
+
+
+def parity_models(fold_hift: bool = True):  # -> CosyVoice3Models
+    """The directory's LM, flow and HiFT as ``load_model_dir`` builds them (CPU, float32), once
+    per session and ``fold_hift`` setting. Shared between test files: do not modify (copy first).
+
+    ``fold_hift=True`` is the engine's setting (weight norm folded into plain weights);
+    ``False`` keeps the checkpoint's parametrisation and key names.
+    """
+    return _load(parity_dir(), fold_hift)
 
 
 def vector_path(name: str) -> Path:

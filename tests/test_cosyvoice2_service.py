@@ -598,3 +598,35 @@ def test_json_body_carries_both_files_as_base64(cv2, tmp_path):
     assert reply.content[:4] == b"RIFF"
     pcm = np.frombuffer(reply.content[44:], "<i2")
     assert len(pcm) / REST_RATE == pytest.approx(1.0, abs=0.08)
+
+
+# ------------------------------------------------------------------- OpenAI-compatible API
+
+def test_openai_client_streams_every_format_and_instructions(cv2):
+    import openai
+    from conftest import decode_stream
+
+    from service.openai_api import FORMATS
+
+    client = openai.OpenAI(base_url=f"{cv2.rest_url}/v1", api_key=cv2.api_key, max_retries=0,
+                           timeout=300)
+    assert "cosyvoice2" in {m.id for m in client.models.list()}
+    for response_format in FORMATS:
+        with client.audio.speech.with_streaming_response.create(
+                model="cosyvoice2", voice=PRESET, input=TEXT,
+                response_format=response_format) as reply:
+            assert reply.status_code == 200
+            data = b"".join(reply.iter_bytes())
+        if response_format == "pcm":
+            samples = np.frombuffer(data, "<i2").astype(np.float32) / 32768
+            rate = NATIVE_RATE
+        else:
+            samples, rate = decode_stream(data)
+        seconds = len(samples) / rate
+        assert 0.2 < seconds < 60 and float(np.sqrt(np.mean(samples ** 2))) > 1e-3
+        if response_format in ("pcm", "wav", "flac"):  # lossless: whole speech tokens
+            assert rate == NATIVE_RATE and len(samples) % SAMPLES_PER_TOKEN == 0
+    # instructions: the engine's instruct mode with the chosen voice
+    styled = client.audio.speech.create(model="tts-1", voice=PRESET, input=TEXT,
+                                        instructions="用开心的语气说", response_format="pcm")
+    assert len(styled.content) // 2 % SAMPLES_PER_TOKEN == 0 and len(styled.content) > 0

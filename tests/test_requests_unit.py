@@ -17,11 +17,12 @@ import grpc
 import numpy as np
 import pytest
 import soundfile
+from conftest import assert_same_audio, decode_stream
 from google.api import httpbody_pb2
 
 from service import compat, convert, errors
 from service.errors import ServiceError
-from service.gen.cosyvoice.v1 import compat_pb2, tts_pb2
+from service.gen.cosyvoice.v1 import compat_pb2, openai_pb2, tts_pb2
 from service.options import ServerOptions, parse_server_options
 from service.server import Core, RestCompatService, TextToSpeechService
 from service.synthesis import Synthesizer
@@ -41,7 +42,7 @@ RATE = 24000
 
 
 class FakeEngine:
-    """Preset speakers "a" and "b"; sft only; each request yields three 0.1 s tones."""
+    """Preset speakers "a" and "b"; sft only; each request yields three 0.1 s sweeps."""
 
     name = "fake"
 
@@ -68,8 +69,9 @@ class FakeEngine:
         self.validate(request)
         self.requests.append(request)
         t = np.arange(RATE // 10) / RATE
-        for k in range(3):
-            yield (0.3 * np.sin(2 * np.pi * 220 * (k + 1) * t)).astype(np.float32)
+        for k in range(3):  # rising sweeps: one alignment only, as speech has
+            f0 = 200.0 * (k + 1)
+            yield (0.3 * np.sin(2 * np.pi * (f0 * t + 2000 * t * t))).astype(np.float32)
 
 
 class Aborted(Exception):
@@ -355,3 +357,105 @@ def test_one_options_object_for_launcher_and_server(tmp_path):
     assert parse_server_options(["--port", "7", "--host", "::1"]).grpc_port == 7
     with pytest.raises(SystemExit):
         parse_server_options(["--precision", "float8"])
+
+
+# ------------------------------------------------------------------ OpenAI's JSON
+
+def speech_body(**fields) -> bytes:
+    import json
+
+    return json.dumps({"model": "tts-1", "input": "Hello.", "voice": "a", **fields}).encode()
+
+
+def test_openai_speech_decodes_into_the_engine_request():
+    from service import openai_api
+
+    speech = openai_api.decode_speech(speech_body(), "application/json", "fake")
+    assert speech.request == SynthesisRequest(Mode.SFT, text="Hello.", speaker_id="a")
+    assert speech.response_format == "mp3" and not speech.sse  # OpenAI's defaults
+    assert speech.output == convert.OutputSpec(24000, tts_pb2.AUDIO_ENCODING_MP3)
+    styled = openai_api.decode_speech(
+        speech_body(instructions="Speak calmly.", voice={"id": "b"}, speed=0.25,
+                    response_format="opus", stream_format="sse", model="fake"),
+        "application/json; charset=utf-8", "fake")
+    assert styled.request == SynthesisRequest(Mode.INSTRUCT, text="Hello.", speaker_id="b",
+                                               instruct_text="Speak calmly.", speed=0.5)
+    assert styled.speed_applied == limits.MIN_SPEED and styled.sse
+
+
+@pytest.mark.parametrize("body, content_type, status, param, fragment", [
+    (speech_body(), "text/plain", 415, None, "application/json"),
+    (b"[1, 2]", "application/json", 400, None, "must be an object"),
+    (b"{not json", "application/json", 400, None, "malformed"),
+    (speech_body(model="whisper-1"), "application/json", 404, "model", "tts-1"),
+    (speech_body(voice=""), "application/json", 400, "voice", "'voice' is required"),
+    (speech_body(input=None), "application/json", 400, "input", "'input' is required"),
+    (speech_body(input=" "), "application/json", 400, None, "input is empty"),
+    (speech_body(input="x" * 2001), "application/json", 413, None, "input has 2001"),
+    (speech_body(speed=0.1), "application/json", 400, "speed", "0.25 to 4.0"),
+    (speech_body(speed="fast"), "application/json", 400, "speed", "must be a number"),
+    (speech_body(response_format="ogg"), "application/json", 400, "response_format",
+     "mp3, opus, aac, flac"),
+    (speech_body(stream_format="chunks"), "application/json", 400, "stream_format", "sse"),
+    (speech_body(instructions="x" * 501), "application/json", 413, None, "instructions has"),
+    (speech_body(seed=3), "application/json", 400, "seed", "unrecognized request argument"),
+])
+def test_openai_speech_errors(body, content_type, status, param, fragment):
+    import json
+
+    from service import openai_api
+
+    with pytest.raises(ServiceError) as caught:
+        openai_api.decode_speech(body, content_type, "fake")
+    error = caught.value
+    assert (error.http_status, error.param) == (status, param)
+    assert fragment in error.message
+    shaped = json.loads(openai_api.error_body(error))["error"]
+    assert shaped == {"message": error.message, "param": param, "type": shaped["type"],
+                      "code": shaped["code"]}
+    assert shaped["type"] == "invalid_request_error"
+
+
+def test_openai_speech_over_the_servicer(engine):
+    import json
+
+    from service import openai_api
+    from service.server import OpenAiSpeechService
+
+    service = OpenAiSpeechService(Core(engine, Synthesizer(engine, 1, 0)))
+    request = openai_pb2.CreateSpeechRequest(body=httpbody_pb2.HttpBody(
+        content_type="application/json", data=speech_body(response_format="pcm")))
+    context = FakeContext()
+    bodies = run(_collect(service.CreateSpeech(request, context)))
+    assert dict(context.initial_metadata) == {openai_api.SPEED_HEADER: "1"}
+    assert {b.content_type for b in bodies} == {"audio/L16; rate=24000; channels=1"}
+    assert len(b"".join(b.data for b in bodies)) == 2 * int(0.3 * RATE)
+
+    missing = openai_pb2.CreateSpeechRequest(body=httpbody_pb2.HttpBody(
+        content_type="application/json", data=speech_body(voice="zzz")))
+    context = FakeContext()
+    (body,) = run(_collect(service.CreateSpeech(missing, context)))
+    assert dict(context.initial_metadata) == {errors.HTTP_STATUS_KEY: "404"}
+    assert body.content_type == "application/json"
+    assert json.loads(body.data)["error"]["param"] == "voice"
+    models = json.loads(run(service.ListModels(openai_pb2.ListModelsRequest(), None)).data)
+    assert [m["id"] for m in models["data"]] == ["fake", *openai_api.OPENAI_MODELS]
+    voices = json.loads(run(service.ListVoices(openai_pb2.ListVoicesRequest(), None)).data)
+    assert [v["id"] for v in voices["voices"]] == ["a", "b"]
+
+
+# ------------------------------------------------------------------ encoded output
+
+@pytest.mark.parametrize("name", ["wav", "flac", "mp3", "opus", "aac"])
+def test_every_encoding_decodes_back_to_what_the_engine_said(services, engine, name):
+    """Synthesize in each encoding; the decoded stream matches the engine's samples."""
+    from service.audio import FORMAT_ENCODINGS
+
+    tts, _ = services()
+    replies = run(_collect(tts.Synthesize(sft(encoding=FORMAT_ENCODINGS[name]), FakeContext())))
+    chunks = [r.audio for r in replies if r.HasField("audio")]
+    assert {c.encoding for c in chunks} == {FORMAT_ENCODINGS[name]}
+    spoken = np.concatenate(list(FakeEngine().synthesize(
+        SynthesisRequest(Mode.SFT, text="x", speaker_id="a"), threading.Event())))
+    assert_same_audio(*decode_stream(b"".join(c.data for c in chunks)), spoken, RATE,
+                      lossless=name in ("wav", "flac"))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
+from conftest import assert_same_audio, decode_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -290,6 +291,23 @@ def test_preset_speaker_streams_and_schedules_audio(web, stack, speakers_json):
     assert rate == 24000
     assert len(samples) == stats["bytesReceived"] // 2
     assert np.abs(samples).max() > 1000, "the download is silent"
+
+    # A compressed download: the server encodes the same request as MP3 (the embedded engine
+    # is deterministic, so it is the audio that played).
+    tab.page.select_option("#download-format", "mp3")
+    tab.page.click("#download-encoded")
+    tab.page.wait_for_function("window.ttsLastDownload !== undefined", timeout=120_000)
+    download = tab.page.evaluate(
+        """async () => {
+             const blob = await (await fetch(window.ttsLastDownload.url)).blob();
+             const bytes = new Uint8Array(await blob.arrayBuffer());
+             let text = ''; for (const b of bytes) text += String.fromCharCode(b);
+             return { type: blob.type, base64: btoa(text) };
+           }"""
+    )
+    assert download["type"] == "audio/mpeg"
+    assert_same_audio(*decode_stream(base64.b64decode(download["base64"])),
+                      samples.astype(np.float32) / 32768, rate, lossless=False)
 
     # A reload keeps the key: no second prompt, the speakers load straight away.
     tab.page.reload()

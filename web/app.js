@@ -49,6 +49,7 @@ const promptAudio = new PromptAudio(() => capabilities?.limits ?? null);
 let activeRequest = null; // { abort: AbortController, player: PcmStreamPlayer }
 let player = null; // whatever is playing now (a stream or a replay)
 let lastClip = null; // { samples: Int16Array, sampleRate }
+let lastRequest = null; // { endpoint, fields } of the last synthesis, for compressed downloads
 let downloadUrl = null;
 let drawing = false;
 
@@ -371,6 +372,7 @@ async function onSynthesize(event) {
   stopPlayback();
   clearError();
   clearClip();
+  lastRequest = request;
   resetStats(request);
   // Created here, inside the click, so the browser lets it make sound.
   const stream = new PcmStreamPlayer(stats.sampleRate);
@@ -470,6 +472,41 @@ function finishClip(stream) {
   link.download = `cosyvoice-${stats.mode.toLowerCase()}-${stamp}.wav`;
   link.removeAttribute("aria-disabled");
   $("replay-button").disabled = false;
+  $("download-encoded").disabled = false;
+}
+
+/**
+ * Download the last request's speech in a compressed format. The page plays raw PCM as it
+ * streams; the server's encoders make the other formats, so the request is sent again with
+ * `format`. The embedded engine says exactly the same again; a CosyVoice engine samples, so its
+ * new rendering may differ slightly from what played.
+ */
+async function onDownloadEncoded() {
+  if (!lastRequest) return;
+  const format = $("download-format").value;
+  const button = $("download-encoded");
+  button.disabled = true;
+  setStatus(`Making the ${format.toUpperCase()} file…`);
+  try {
+    const fields = { ...lastRequest.fields, format };
+    const response = await api.synthesize(lastRequest.endpoint, fields);
+    const blob = await response.blob();
+    const url = URL.createObjectURL(blob);
+    const link = document.createElement("a");
+    const stamp = new Date().toISOString().replace(/[:.]/g, "-").slice(0, 19);
+    link.href = url;
+    link.download = `cosyvoice-${stats.mode.toLowerCase()}-${stamp}.${format === "opus" ? "ogg" : format}`;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    window.ttsLastDownload = { format, type: blob.type, size: blob.size, url };
+    setStatus(`Downloaded ${(blob.size / 1024).toFixed(0)} KiB of ${format.toUpperCase()}.`);
+  } catch (error) {
+    reportError(error, "The download failed");
+  } finally {
+    button.disabled = lastRequest === null;
+  }
 }
 
 function clearClip() {
@@ -480,6 +517,7 @@ function clearClip() {
   link.removeAttribute("href");
   link.setAttribute("aria-disabled", "true");
   $("replay-button").disabled = true;
+  $("download-encoded").disabled = true;
   clearWave($("wave"));
 }
 
@@ -627,6 +665,7 @@ function init() {
   $("download-link").addEventListener("click", (event) => {
     if (!lastClip) event.preventDefault();
   });
+  $("download-encoded").addEventListener("click", onDownloadEncoded);
   window.addEventListener("resize", () => {
     if (!drawing) lastClip ? drawOverview($("wave"), lastClip.samples) : clearWave($("wave"));
   });

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ from .speakers import (
 )
 from .text_frontend import TextFrontend, detect_language
 from .token2wav import StreamSchedule, Token2Wav
-from .tokenizer import COSYVOICE2_SPECIAL_TOKENS, ENDOFPROMPT
+from .tokenizer import ENDOFPROMPT
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,17 @@ def default_schedule(chunk_size: int,
 
 
 class CosyVoice2Engine:
-    """CosyVoice 2 synthesis engine (see the module docstring for the modes)."""
+    """CosyVoice 2 synthesis engine (see the module docstring for the modes).
+
+    The CosyVoice 3 engine extends this class; what differs between the two is confined to the
+    class attributes below and the small ``_lm_*`` / ``_make_token2wav`` hooks.
+    """
 
     name = "cosyvoice2"
+    display_name = "CosyVoice 2"
+    speaker_features = "cosyvoice2"  # tag of registered speakers' features (speakers.py)
+    uses_language_tags = True  # cross-lingual text gets a <|lang|> tag
+    load_models = staticmethod(load_model_dir)
 
     def __init__(self, models: CosyVoice2Models, state_dir: Path | None = None,
                  seed: int | None = None, schedule: StreamSchedule | None = None,
@@ -170,18 +179,16 @@ class CosyVoice2Engine:
         self.tokenizer = models.tokenizer
         self.seed = seed  # None: every request draws a fresh random seed
         self.text = TextFrontend(lambda s: len(self.tokenizer.encode(s)),
-                                 markers=COSYVOICE2_SPECIAL_TOKENS)
+                                 markers=self.tokenizer.SPECIAL_TOKENS)
         self.prompts = PromptEncoder(models.onnx, models.mel_config, models.token_mel_ratio)
-        self.token2wav = Token2Wav(
-            models.flow, models.hift, token_mel_ratio=models.token_mel_ratio,
-            schedule=schedule or default_schedule(models.chunk_size))
+        self.token2wav = self._make_token2wav(schedule or default_schedule(models.chunk_size))
         presets = {}
         for name, entry in models.spk2info.items():
             try:
                 presets[name] = _preset(name, entry, models.flow.config.output_size)
             except SpeakerError as error:
                 log.warning("ignoring preset speaker: %s", error)
-        self.registry = SpeakerRegistry(state_dir, presets)
+        self.registry = SpeakerRegistry(state_dir, presets, features=self.speaker_features)
         # max_batch > 1: one scheduler thread steps all requests together (tts_core.batching);
         # 1: each request runs on its caller's thread, as before.
         self.max_batch = max_batch
@@ -191,13 +198,16 @@ class CosyVoice2Engine:
 
             self.scheduler = make_scheduler(models.lm, max_batch)
 
+    def _make_token2wav(self, schedule: StreamSchedule) -> Token2Wav:
+        return Token2Wav(self.models.flow, self.models.hift,
+                         token_mel_ratio=self.models.token_mel_ratio, schedule=schedule)
+
     @classmethod
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
                        seed: int | None = None,
                        first_chunk_tokens: int | None = None,
-                       precision: str = "auto",
-                       max_batch: int = 1) -> CosyVoice2Engine:
+                       precision: str = "auto", max_batch: int = 1) -> Self:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
@@ -214,11 +224,11 @@ class CosyVoice2Engine:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        models = load_model_dir(Path(path), device=device,
-                                dtype=_resolve_dtype(device, dtype or precision),
-                                onnx_threads=min(threads or 1, 4))
-        log.info("loaded CosyVoice 2 model directory %s on %s (%s) in %.1f s", path, device,
-                 models.dtype, time.perf_counter() - started)
+        models = cls.load_models(Path(path), device=device,
+                                 dtype=_resolve_dtype(device, dtype or precision),
+                                 onnx_threads=min(threads or 1, 4))
+        log.info("loaded %s model directory %s on %s (%s) in %.1f s", cls.display_name, path,
+                 device, models.dtype, time.perf_counter() - started)
         schedule = None
         if first_chunk_tokens is not None:
             schedule = default_schedule(models.chunk_size, first_chunk_tokens)
@@ -277,9 +287,9 @@ class CosyVoice2Engine:
             if cancel.is_set():
                 return
             text_ids = self.tokenizer.encode(segment)
-            tokens = self.models.lm.inference(
+            tokens = self._lm_tokens(self.models.lm.inference(
                 text_ids, voice.lm_prompt_text_ids, voice.lm_prompt_tokens,
-                self._sampler(randomness), cancel=cancel)
+                self._sampler(randomness), cancel=cancel))
             yield from self._vocode(tokens, voice, request, cancel, randomness)
 
     # ------------------------------------------------------------------ extras
@@ -297,9 +307,9 @@ class CosyVoice2Engine:
         randomness = self._randomness()
         voice = self._voice(request)
         chunks = self._text_id_chunks(text_pieces, voice, cancel)
-        tokens = self.models.lm.inference_bistream(
+        tokens = self._lm_tokens(self.models.lm.inference_bistream(
             chunks, voice.lm_prompt_text_ids, voice.lm_prompt_tokens,
-            self._sampler(randomness), cancel=cancel)
+            self._sampler(randomness), cancel=cancel))
         yield from self._vocode(tokens, voice, request, cancel, randomness)
 
     def register_speaker(self, speaker_id: str, prompt: Audio, prompt_text: str = "",
@@ -318,6 +328,11 @@ class CosyVoice2Engine:
         if self.registry.get(speaker_id) is not None and not replace:
             raise SpeakerExists(f"speaker id {speaker_id!r} is already taken (already "
                                 "registered); choose another id, or set replace to overwrite it")
+        other = self.registry.foreign_features(speaker_id)
+        if other is not None and not replace:
+            raise SpeakerExists(f"speaker id {speaker_id!r} is taken by a voice registered with "
+                                f"{other} features, which the {self.name} engine cannot use; "
+                                "set replace to register it again, or choose another id")
         features = self._encode_prompt(prompt)
         text = self._normalize_prompt_text(prompt_text) if prompt_text.strip() else ""
         profile = SpeakerProfile(
@@ -350,6 +365,12 @@ class CosyVoice2Engine:
         profile = None
         if request.speaker_id:
             profile = self.registry.get(request.speaker_id)
+            features = self.registry.foreign_features(request.speaker_id)
+            if profile is None and features is not None:
+                raise UnknownSpeaker(
+                    f"speaker {request.speaker_id!r} was registered with {features} features "
+                    f"(speech tokens and mel of another model), which the {self.name} engine "
+                    "cannot use: register the voice again (same id with replace=true)")
             if profile is None:
                 known = ", ".join(p.id for p in self.registry.all()[:10]) or "none"
                 raise UnknownSpeaker(f"unknown speaker {request.speaker_id!r} (known: {known})")
@@ -429,18 +450,36 @@ class CosyVoice2Engine:
 
         use_transcript = mode is Mode.ZERO_SHOT or (mode is Mode.SFT and bool(transcript_ids))
         if mode is Mode.INSTRUCT:
-            instruction = self.text.normalize(request.instruct_text)
-            if not instruction.endswith(ENDOFPROMPT):
-                instruction += ENDOFPROMPT
-            lm_text, lm_tokens = self.tokenizer.encode(instruction), []
+            lm_text = self.tokenizer.encode(self._lm_instruction(request.instruct_text))
+            lm_tokens: list[int] = []
         elif use_transcript and tokens.shape[1] > 0:
-            lm_text, lm_tokens = transcript_ids, tokens.flatten().tolist()
+            lm_text, lm_tokens = self._lm_transcript_ids(transcript_ids), tokens.flatten().tolist()
         else:
-            lm_text, lm_tokens = [], []
-        tag = mode is Mode.CROSS_LINGUAL or (mode is Mode.SFT and not lm_text)
+            lm_text, lm_tokens = self._lm_no_prompt_ids(), []
+        tag = self.uses_language_tags and (
+            mode is Mode.CROSS_LINGUAL or (mode is Mode.SFT and not lm_text))
         return _Voice(lm_prompt_text_ids=lm_text, lm_prompt_tokens=lm_tokens,
                       flow_prompt_tokens=tokens.to(device), flow_prompt_feat=feat.to(device),
                       embedding=embedding.to(device), tag_language=tag)
+
+    # Hooks where the CosyVoice 3 engine differs: the LM prompt layout and the LM's tokens.
+
+    def _lm_instruction(self, instruct_text: str) -> str:
+        """The LM prompt text of instruct mode."""
+        instruction = self.text.normalize(instruct_text)
+        return instruction if instruction.endswith(ENDOFPROMPT) else instruction + ENDOFPROMPT
+
+    def _lm_transcript_ids(self, transcript_ids: list[int]) -> list[int]:
+        """The LM prompt text ids when the prompt's transcript is used (zero-shot)."""
+        return transcript_ids
+
+    def _lm_no_prompt_ids(self) -> list[int]:
+        """The LM prompt text ids without a transcript (cross-lingual)."""
+        return []
+
+    def _lm_tokens(self, tokens: Iterator[int]) -> Iterable[int]:
+        """The LM's speech tokens as they go on to the vocoder."""
+        return tokens
 
     def _text_id_chunks(self, pieces: Iterable[str], voice: _Voice, cancel: threading.Event
                         ) -> Iterator[list[int]]:

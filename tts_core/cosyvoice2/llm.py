@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ class LMConfig:
         return self.speech_token_size + 3
 
     @classmethod
-    def from_yaml(cls, node: Tagged, qwen: Qwen2Config) -> LMConfig:
+    def from_yaml(cls, node: Tagged, qwen: Qwen2Config, **extra: Any) -> Self:
         """Read the ``llm: !new:cosyvoice.llm.llm.Qwen2LM`` node of cosyvoice2.yaml."""
         if not isinstance(node, Tagged) or not node.target.endswith("." + cls.yaml_class):
             target = node.target if isinstance(node, Tagged) else type(node).__name__
@@ -83,7 +83,7 @@ class LMConfig:
                    llm_input_size=int(args["llm_input_size"]),
                    llm_output_size=int(args["llm_output_size"]),
                    mix_ratio=(int(mix[0]), int(mix[1])),
-                   sampling=SamplingConfig.from_yaml(args.get("sampling")))
+                   sampling=SamplingConfig.from_yaml(args.get("sampling")), **extra)
 
 
 @dataclass

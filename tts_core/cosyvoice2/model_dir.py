@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,6 +42,9 @@ OFFICIAL_SOURCES = ("the official directory is ModelScope iic/CosyVoice2-0.5B or
                     "FunAudioLLM/CosyVoice2-0.5B")
 YAML_NAMES = ("cosyvoice2.yaml", "cosyvoice.yaml")  # early CosyVoice 2 releases used the latter
 BLANK_EN = "CosyVoice-BlankEN"
+
+
+_Models = TypeVar("_Models", bound="CosyVoice2Models")
 
 
 class ModelDirError(ValueError):
@@ -78,17 +81,21 @@ class CosyVoice2Models:
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # the parsed yaml
 
 
-def _need(path: Path, what: str) -> Path:
+# The helpers below are shared with the CosyVoice 3 loader, which passes its own names.
+
+
+def _need(path: Path, what: str, sources: str = OFFICIAL_SOURCES) -> Path:
     if not path.is_file():
         raise MissingModelFile(f"model directory {path.parent} lacks {path.name} ({what}); "
-                               f"{OFFICIAL_SOURCES}")
+                               f"{sources}")
     return path
 
 
-def _node(cfg: dict[str, Any], key: str, yaml_path: Path) -> Any:
+def _node(cfg: dict[str, Any], key: str, yaml_path: Path, model: str = "CosyVoice 2",
+          sources: str = OFFICIAL_SOURCES) -> Any:
     if key not in cfg:
-        raise ModelDirError(f"{yaml_path.name} has no `{key}` entry; is this a CosyVoice 2 "
-                            f"model directory? ({OFFICIAL_SOURCES})")
+        raise ModelDirError(f"{yaml_path.name} has no `{key}` entry; is this a {model} "
+                            f"model directory? ({sources})")
     return cfg[key]
 
 
@@ -104,8 +111,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
-    for name in YAML_NAMES:
+def _read_yaml(root: Path, names: tuple[str, ...] = YAML_NAMES,
+               sources: str = OFFICIAL_SOURCES) -> tuple[Path, dict[str, Any]]:
+    for name in names:
         path = root / name
         if path.is_file():
             try:
@@ -114,12 +122,12 @@ def _read_yaml(root: Path) -> tuple[Path, dict[str, Any]]:
                 raise ModelDirError(f"{name}: {error}") from error
             except (OSError, UnicodeDecodeError) as error:
                 raise ModelDirError(f"cannot read {name}: {error}") from error
-    raise MissingModelFile(f"model directory {root} lacks cosyvoice2.yaml (the model "
-                           f"configuration); {OFFICIAL_SOURCES}")
+    raise MissingModelFile(f"model directory {root} lacks {names[0]} (the model "
+                           f"configuration); {sources}")
 
 
-def _read_qwen_config(root: Path) -> Qwen2Config:
-    path = _need(root / BLANK_EN / "config.json", "the Qwen2 backbone configuration")
+def _read_qwen_config(root: Path, sources: str = OFFICIAL_SOURCES) -> Qwen2Config:
+    path = _need(root / BLANK_EN / "config.json", "the Qwen2 backbone configuration", sources)
     try:
         return Qwen2Config.from_hf_config(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as error:
@@ -141,15 +149,17 @@ def _read_spk2info(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return presets
 
 
-def _read_frontend(root: Path, qwen: Qwen2Config, device: torch.device, onnx_threads: int
-                   ) -> tuple[CosyVoice2Tokenizer, OnnxFrontend]:
+def _read_frontend(root: Path, qwen: Qwen2Config, device: torch.device, onnx_threads: int,
+                   tokenizer_class: type[CosyVoice2Tokenizer] = CosyVoice2Tokenizer,
+                   speech_tokenizer_name: str = "speech_tokenizer_v2.onnx",
+                   sources: str = OFFICIAL_SOURCES) -> tuple[CosyVoice2Tokenizer, OnnxFrontend]:
     """The text tokenizer and the two ONNX sessions (speaker embedding, speech tokenizer)."""
-    campplus = _need(root / "campplus.onnx", "the speaker-embedding model")
-    speech_tokenizer = _need(root / "speech_tokenizer_v2.onnx", "the speech tokenizer")
+    campplus = _need(root / "campplus.onnx", "the speaker-embedding model", sources)
+    speech_tokenizer = _need(root / speech_tokenizer_name, "the speech tokenizer", sources)
     try:
-        tokenizer = CosyVoice2Tokenizer.from_dir(root / BLANK_EN)
+        tokenizer = tokenizer_class.from_dir(root / BLANK_EN)
     except FileNotFoundError as error:
-        raise MissingModelFile(f"{error}; {OFFICIAL_SOURCES}") from error
+        raise MissingModelFile(f"{error}; {sources}") from error
     except ValueError as error:
         raise ModelDirError(str(error)) from error
     if tokenizer.max_token_id >= qwen.vocab_size:
@@ -185,6 +195,47 @@ def _check_consistent(yaml_path: Path, lm_config: LMConfig, flow_config: FlowCon
                         f"the mel hop is {mel_config.hop_size}")
     if problems:
         raise ModelDirError(f"{yaml_path.name} is inconsistent: " + "; ".join(problems))
+
+
+def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
+              networks: tuple[Any, Any, Any], paths: tuple[Path, Path, Path], *,
+              device: torch.device, dtype: torch.dtype, fold_hift: bool,
+              tokenizer: CosyVoice2Tokenizer | None, onnx: OnnxFrontend | None,
+              mel_config: MelConfig, sampling: SamplingConfig, ratio: int,
+              sample_rate: int) -> _Models:
+    """Load the three checkpoints strictly into the built networks, move them to ``device``,
+    read the optional presets and bundle everything (shared with the CosyVoice 3 loader)."""
+    lm, flow, hift = networks
+    llm_path, flow_path, hift_path = paths
+    load_strict(lm, _read_state_dict(llm_path), llm_path.name, ModelDirError)
+    load_strict(flow, _read_state_dict(flow_path), flow_path.name, ModelDirError)
+    hift_state = _read_state_dict(hift_path)
+    try:
+        hift_state = normalize_state_dict(hift_state)
+    except ValueError as error:
+        raise ModelDirError(f"hift.pt: {error}") from error
+    load_strict(hift, hift_state, hift_path.name, ModelDirError)
+    if fold_hift:
+        hift.fold_weight_norm()  # g·v/‖v‖ once, not at every call
+
+    # The LM's speech tables and output layer stay float32 so its log-probabilities keep full
+    # precision; only the Qwen2 stack runs in a reduced dtype.
+    lm.to(device=device).set_backbone_dtype(dtype).eval()
+    flow.to(device=device, dtype=dtype).eval()
+    # The vocoder is built in float32 and stays so (CosyVoice 3's f0 predictor in float64: a
+    # dtype cast here would round its folded weights).
+    hift.to(device=device).eval()
+
+    spk2info = {}
+    if (root / "spk2info.pt").is_file():
+        spk2info = _read_spk2info(root / "spk2info.pt")
+
+    return models_class(
+        path=root, device=device, dtype=dtype, lm=lm, flow=flow, hift=hift,
+        tokenizer=tokenizer, onnx=onnx, mel_config=mel_config, sampling=sampling,
+        sample_rate=sample_rate, token_frame_rate=int(cfg.get("token_frame_rate", 25)),
+        token_mel_ratio=ratio, chunk_size=int(cfg.get("chunk_size", 25)), spk2info=spk2info,
+        config=cfg)
 
 
 def load_model_dir(path: Path, device: str | torch.device = "cpu",
@@ -228,33 +279,8 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     _check_consistent(yaml_path, lm_config, flow_config, hift_config, mel_config, ratio,
                       sample_rate)
 
-    lm = CosyVoice2LM(lm_config)
-    load_strict(lm, _read_state_dict(llm_path), llm_path.name, ModelDirError)
-    flow = CausalFlow(flow_config)
-    load_strict(flow, _read_state_dict(flow_path), flow_path.name, ModelDirError)
-    hift = HiFTGenerator(hift_config)
-    hift_state = _read_state_dict(hift_path)
-    try:
-        hift_state = normalize_state_dict(hift_state)
-    except ValueError as error:
-        raise ModelDirError(f"hift.pt: {error}") from error
-    load_strict(hift, hift_state, hift_path.name, ModelDirError)
-    if fold_hift:
-        hift.fold_weight_norm()  # g·v/‖v‖ once, not at every call
-
-    # The LM's speech tables and output layer stay float32 so its log-probabilities keep full
-    # precision; only the Qwen2 stack runs in a reduced dtype.
-    lm.to(device=device).set_backbone_dtype(dtype).eval()
-    flow.to(device=device, dtype=dtype).eval()
-    hift.to(device=device, dtype=torch.float32).eval()
-
-    spk2info = {}
-    if (root / "spk2info.pt").is_file():
-        spk2info = _read_spk2info(root / "spk2info.pt")
-
-    return CosyVoice2Models(
-        path=root, device=device, dtype=dtype, lm=lm, flow=flow, hift=hift,
-        tokenizer=tokenizer, onnx=onnx, mel_config=mel_config, sampling=lm_config.sampling,
-        sample_rate=sample_rate, token_frame_rate=int(cfg.get("token_frame_rate", 25)),
-        token_mel_ratio=ratio, chunk_size=int(cfg.get("chunk_size", 25)), spk2info=spk2info,
-        config=cfg)
+    networks = CosyVoice2LM(lm_config), CausalFlow(flow_config), HiFTGenerator(hift_config)
+    return _assemble(CosyVoice2Models, root, cfg, networks, (llm_path, flow_path, hift_path),
+                     device=device, dtype=dtype, fold_hift=fold_hift, tokenizer=tokenizer,
+                     onnx=onnx, mel_config=mel_config, sampling=lm_config.sampling, ratio=ratio,
+                     sample_rate=sample_rate)

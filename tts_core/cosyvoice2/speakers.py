@@ -7,6 +7,12 @@ registered speaker is stored as two files under ``<state_dir>/speakers/``: ``<id
 (the tensors) and ``<id>.json`` (the metadata, written last: a speaker exists once its JSON does).
 Both are written to a temporary name and renamed into place, so a crash never leaves a half
 written speaker. Ids are validated so an id can never name a path outside that directory.
+
+Each stored speaker names the features it holds (``"features"`` in its JSON: ``cosyvoice2`` —
+speech tokenizer v2, mel up to 8 kHz — or ``cosyvoice3`` — tokenizer v3, mel up to 12 kHz; files
+without the key are CosyVoice 2's). A registry only serves speakers of its own features: the
+others stay on disk untouched, are not listed, and asking for one gets an error that says to
+register the voice again (the prompt audio is not stored, so they cannot be recomputed).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ..limits import SPEAKER_ID_RULE, is_valid_speaker_id
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+DEFAULT_FEATURES = "cosyvoice2"  # the features of speakers stored before the tag existed
 
 
 class SpeakerError(ValueError):
@@ -124,11 +131,13 @@ class SpeakerRegistry:
     """Presets plus registered speakers; registered ones persist under ``state_dir`` (None:
     memory only). Thread-safe."""
 
-    def __init__(self, state_dir: Path | None, presets: dict[str, SpeakerProfile] | None = None
-                 ) -> None:
+    def __init__(self, state_dir: Path | None, presets: dict[str, SpeakerProfile] | None = None,
+                 features: str = DEFAULT_FEATURES) -> None:
         self._lock = threading.Lock()
         self._presets = dict(presets or {})
         self._registered: dict[str, SpeakerProfile] = {}
+        self.features = features
+        self._foreign: dict[str, str] = {}  # stored speakers of other features: id -> features
         self.directory = Path(state_dir) / "speakers" if state_dir is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -152,6 +161,11 @@ class SpeakerRegistry:
     def is_preset(self, speaker_id: str) -> bool:
         return speaker_id in self._presets
 
+    def foreign_features(self, speaker_id: str) -> str | None:
+        """The features of a stored speaker this registry cannot serve (None: not such a one)."""
+        with self._lock:
+            return self._foreign.get(speaker_id)
+
     # -- changes
 
     def add(self, profile: SpeakerProfile, replace: bool = False) -> SpeakerProfile:
@@ -163,8 +177,13 @@ class SpeakerRegistry:
             if profile.id in self._registered and not replace:
                 raise SpeakerError(f"speaker {profile.id!r} is already registered; delete it "
                                    "first or register under another id")
+            if profile.id in self._foreign and not replace:
+                raise SpeakerError(f"speaker id {profile.id!r} is taken by a voice registered "
+                                   f"with {self._foreign[profile.id]} features; register with "
+                                   "replace to overwrite it, or choose another id")
             if self.directory is not None:
                 self._save(profile)
+            self._foreign.pop(profile.id, None)
             self._registered[profile.id] = profile
         return profile
 
@@ -173,6 +192,12 @@ class SpeakerRegistry:
             if speaker_id in self._presets:
                 raise SpeakerError(f"speaker {speaker_id!r} is a preset of the model directory "
                                    "and cannot be deleted")
+            if speaker_id in self._foreign and speaker_id not in self._registered:
+                if self.directory is not None:
+                    for suffix in (".json", ".safetensors"):
+                        (self.directory / f"{speaker_id}{suffix}").unlink(missing_ok=True)
+                del self._foreign[speaker_id]
+                return
             if speaker_id not in self._registered:
                 raise KeyError(speaker_id)
             if self.directory is not None:
@@ -190,7 +215,7 @@ class SpeakerRegistry:
                    "speech_feat": profile.speech_feat.float().contiguous()}
         meta = {"format": FORMAT_VERSION, "id": profile.id, "language": profile.language,
                 "description": profile.description, "prompt_text": profile.prompt_text,
-                "created": profile.created or time.time()}
+                "created": profile.created or time.time(), "features": self.features}
         _atomic_write(self.directory / f"{profile.id}.safetensors",
                       lambda tmp: save_file(tensors, str(tmp)))
         _atomic_write(self.directory / f"{profile.id}.json",
@@ -201,6 +226,11 @@ class SpeakerRegistry:
         assert self.directory is not None
         for meta_path in sorted(self.directory.glob("*.json")):
             try:
+                validate_speaker_id(meta_path.stem)
+                features = self._features_of(meta_path)
+                if features != self.features:
+                    self._foreign[meta_path.stem] = features
+                    continue
                 profile = self._load(meta_path)
             except (OSError, ValueError, KeyError, TypeError) as error:
                 log.warning("skipping speaker file %s: %s", meta_path.name, error)
@@ -210,6 +240,16 @@ class SpeakerRegistry:
                             profile.id)
                 continue
             self._registered[profile.id] = profile
+
+        if self._foreign:
+            log.warning("%d stored speaker(s) hold features of another engine and are not used "
+                        "by this one (%s): %s", len(self._foreign), self.features,
+                        ", ".join(sorted(self._foreign)[:10]))
+
+    @staticmethod
+    def _features_of(meta_path: Path) -> str:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return str(meta.get("features", DEFAULT_FEATURES))
 
     def _load(self, meta_path: Path) -> SpeakerProfile:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

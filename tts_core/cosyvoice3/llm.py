@@ -17,7 +17,10 @@ Before ``min_len`` tokens the sampler is asked for a speech token (``ignore_eos`
 then refuses every stop id (6561…6760). The reference masks only id 6561 there — CosyVoice 2's
 end-of-speech id, which in CosyVoice 3 is the start row — so its sampler can still stop early
 with 6562; we do not copy that defect (the recorded log-probabilities are raw, before any mask,
-so parity is unaffected; ``tests/test_cv3_llm_parity.py`` checks both).
+so parity is unaffected; ``tests/test_cv3_llm_parity.py`` checks both). The same refusal holds
+in the text phase of bidirectional streaming, where the reference could sample 6562 (and raise)
+or 6564 (an early fill); fills come only from the 15-token schedule here. In the final phase any
+stop id ends the utterance (the reference raises on ids other than 6562).
 
 The reference driver also thins out silence: in a run of consecutive "silent" speech tokens only
 the first five go on to the vocoder (:func:`drop_long_silences`); the LM itself still sees all.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -84,8 +87,7 @@ class CosyVoice3LMConfig(LMConfig):
     def from_yaml(cls, node: Tagged, qwen: Qwen2Config,
                   end_of_prompt_id: int = OFFICIAL_END_OF_PROMPT_ID) -> CosyVoice3LMConfig:
         """Read the ``llm: !new:cosyvoice.llm.llm.CosyVoice3LM`` node of cosyvoice3.yaml."""
-        config = super().from_yaml(node, qwen)
-        return replace(config, end_of_prompt_id=end_of_prompt_id)
+        return super().from_yaml(node, qwen, end_of_prompt_id=end_of_prompt_id)
 
 
 class CosyVoice3LM(CosyVoice2LM):

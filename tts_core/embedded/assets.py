@@ -120,6 +120,41 @@ class VoicePack:
         return self.styles[row].reshape(1, -1)
 
 
+STYLE_HALF = 128  # Kokoro's style: [:128] conditions the decoder (timbre), [128:] the prosody
+
+
+def mix_voices(spec: str, voices: dict[str, VoicePack]) -> VoicePack:
+    """A new voice from the pack's voices, written ``TIMBRE|PROSODY`` (or one mix for both):
+    each side is ``voice*weight+voice*weight...`` (weights default to 1, normalised to sum 1).
+
+    Kokoro's style vector has two halves: the first conditions the decoder (timbre, voice
+    quality), the second the duration and pitch predictor. Mixing them separately gives a male
+    voice a new timbre while its pitch stays male, e.g. ``jm_kumo*0.75+jf_nezumi*0.25|jm_kumo``.
+    """
+    halves = spec.split("|")
+    if len(halves) > 2:
+        raise ValueError(f"voice {spec!r}: at most one '|' (timbre|prosody)")
+    timbre, prosody = (_weighted(h, voices, spec) for h in (halves[0], halves[-1]))
+    styles = np.concatenate([timbre[..., :STYLE_HALF], prosody[..., STYLE_HALF:]], axis=-1)
+    return VoicePack(spec, styles.astype(np.float32))
+
+
+def _weighted(mix: str, voices: dict[str, VoicePack], spec: str) -> np.ndarray:
+    total, weights = None, 0.0
+    for term in mix.split("+"):
+        name, _, weight = term.strip().partition("*")
+        if name not in voices:
+            raise ValueError(f"voice {spec!r}: the pack has no {name!r}; it has "
+                             f"{', '.join(sorted(voices))}")
+        w = float(weight) if weight else 1.0
+        if not (w > 0 and np.isfinite(w)):
+            raise ValueError(f"voice {spec!r}: weights must be positive, got {weight!r}")
+        part = w * voices[name].styles.astype(np.float64)
+        total = part if total is None else total + part
+        weights += w
+    return total / weights
+
+
 def load_voices() -> dict[str, VoicePack]:
     with (_DATA / "voices_ja.npz").open("rb") as f:
         npz = np.load(f)

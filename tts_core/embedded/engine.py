@@ -81,12 +81,22 @@ class EmbeddedEngine:
         self._vocab = assets.load_vocab()
         self._voices = assets.load_voices()
         self._speakers: dict[str, PresetSpeaker] = {s.id: s for s in PRESET_SPEAKERS}
-        missing = {s.voice for s in PRESET_SPEAKERS} - set(self._voices)
-        if missing:
-            raise assets.ModelAssetError(f"the voice pack lacks {sorted(missing)}")
+        self._mixed: dict[str, assets.VoicePack] = {}
+        for speaker in PRESET_SPEAKERS:
+            try:
+                self.voice(speaker.voice)
+            except ValueError as e:
+                raise assets.ModelAssetError(f"speaker {speaker.id}: {e}") from e
         self._break_ids = {self._vocab[c] for c in ",.!?;:—…" if c in self._vocab}
         self._space_ids = {self._vocab[" "]}
         self._warm_up()
+
+    def voice(self, spec: str) -> assets.VoicePack:
+        """The style vectors of a voice spec (a pack voice or a mix, see assets.mix_voices)."""
+        pack = self._mixed.get(spec)
+        if pack is None:
+            pack = self._mixed[spec] = assets.mix_voices(spec, self._voices)
+        return pack
 
     @staticmethod
     def _open_session(threads: int) -> ort.InferenceSession:
@@ -109,12 +119,14 @@ class EmbeddedEngine:
         return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
     def _warm_up(self) -> None:
-        """Load every G2P and run the model once, so the first request pays for neither."""
+        """Load every G2P and tagger and run the model once, so the first request pays for
+        none of them."""
         for speaker in PRESET_SPEAKERS:
             frontend.phonemize("1", speaker.language)
         frontend.phonemize("Hello, 你好, こんにちは, 안녕.", "zh")
+        text_split.split_text("我们明天一起去公园散步吧。今日は東京で会議に参加します。")
         ids = frontend.to_token_ids(frontend.phonemize("Hello.", "en"), self._vocab)
-        self._infer(ids, self._voices[PRESET_SPEAKERS[0].voice], 1.0)
+        self._infer(ids, self.voice(PRESET_SPEAKERS[0].voice), 1.0)
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -154,7 +166,7 @@ class EmbeddedEngine:
                    ) -> Iterator[np.ndarray]:
         self.validate(request)
         speaker = self._speakers[request.speaker_id]
-        voice = self._voices[speaker.voice]
+        voice = self.voice(speaker.voice)
         speed = float(request.speed)
         pieces = text_split.split_text(request.text, stream=request.stream)
         spoke = False

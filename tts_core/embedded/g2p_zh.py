@@ -36,6 +36,21 @@ def words(text: str) -> list[str]:
         return _jieba().lcut(text)
 
 
+@lru_cache(maxsize=1)
+def _posseg():
+    import jieba.posseg
+
+    _jieba()
+    return jieba.posseg
+
+
+def tagged_words(text: str) -> list[tuple[str, str]]:
+    """Words with jieba's part-of-speech flags (n noun, v verb, p preposition, c conjunction,
+    u* particle, t time word, m numeral, ...); the words join up to ``text``."""
+    with _lock:
+        return [(pair.word, pair.flag) for pair in _posseg().lcut(text)]
+
+
 def phonemize(text: str) -> str:
     with _lock:
         phonemes, _ = _g2p()(text)

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 SENTENCE_PAUSE = 0.3  # seconds of silence after a sentence, at speed 1
 CLAUSE_PAUSE = 0.12
-FIRST_PIECE_UNITS = 6  # a short first clause: about a second of speech
+# The first piece is what the listener waits for: keep it to a short phrase (about half a
+# second of speech; its synthesis time is roughly proportional to its length), cut at a phrase
+# boundary so it is still read as a well-formed phrase.
+FIRST_PIECE_UNITS = 4
+MIN_HEAD_UNITS = 2
 MIN_PIECE_UNITS = 3  # merge clauses shorter than this with the next one
 
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "no", "e.g",
@@ -23,9 +27,9 @@ _CLAUSE_END = re.compile(r"([，、,;；:：—]+)(?!\d)")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3\uf900-\ufaff]")
 _WORD = re.compile(r"[^\W\d_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7a3]+|\d+")
 _KANA = re.compile(r"[\u3040-\u30ff]")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 _PHRASE_STARTERS = {"the", "a", "an", "and", "or", "but", "to", "of", "in", "on", "at", "for",
-                    "with", "from", "by", "that", "which", "who", "when", "because", "so", "if",
-                    "是", "在", "和", "的", "把", "被", "给", "跟", "从", "到", "就", "也", "都"}
+                    "with", "from", "by", "that", "which", "who", "when", "because", "so", "if"}
 
 
 @dataclass(frozen=True)
@@ -89,51 +93,87 @@ def _merge_short(clauses: list[str], keep_first: bool = False) -> list[str]:
     return merged
 
 
-def _word_spans(text: str) -> list[tuple[int, int]]:
-    """Word boundaries; Chinese runs are cut into words by jieba so no word is split in two."""
-    from tts_core.embedded.g2p_zh import words
+def _word_spans(text: str) -> list[tuple[int, int, str]]:
+    """Words with their offsets and part of speech ("" outside Chinese): Chinese runs are cut
+    and tagged by jieba, so no word is split in two; other words end at spaces."""
+    from tts_core.embedded.g2p_zh import tagged_words
 
     spans = []
     for m in re.finditer(r"[\u3400-\u4dbf\u4e00-\u9fff]+|[^\s\u3400-\u4dbf\u4e00-\u9fff]+", text):
-        if _CJK.match(m.group()):
+        if _HAN.match(m.group()):
             pos = m.start()
-            for word in words(m.group()):
-                spans.append((pos, pos + len(word)))
+            for word, flag in tagged_words(m.group()):
+                spans.append((pos, pos + len(word), flag))
                 pos += len(word)
         else:
-            spans.append(m.span())
+            spans.append((*m.span(), ""))
     return spans
 
 
+def _binds_left(word: str, flag: str) -> bool:
+    """Chinese words that belong to the word before them: particles (的, 了, 吗), localisers
+    (里, 上), suffixes (们)."""
+    return flag[:1] in ("u", "y", "e", "k", "f") or word in _BOUND_RIGHT
+
+
+def _chinese_boundary(left: str, right: str, left_flag: str, right_flag: str) -> bool | None:
+    """Whether a cut between two Chinese words falls between phrases (True), inside a phrase but
+    between words (False), or would tear a unit apart (None: never cut there)."""
+    if left_flag[:1] == "p" or left == "的" or (left_flag[:1] == "m" and right_flag[:1] in "mq"):
+        return None  # a preposition, 的 or a numeral stays with what follows
+    if right_flag[:1] in ("p", "c") or left_flag[:1] == "t":
+        return True  # before a preposition or conjunction, after a time word
+    # subject (noun or pronoun) | predicate (verb, adverb, adjective)
+    return left_flag[:1] in ("n", "r", "s") and right_flag[:1] in ("v", "d", "a")
+
+
+_BOUND_RIGHT = {"们", "里", "上", "下", "中", "吧", "吗", "呢", "啊"}
+
+
 def _cut_candidates(clause: str) -> list[tuple[int, bool]]:
-    """Offsets where ``clause`` may be cut, each flagged when it falls between phrases: before
-    a function word ("the", "and", "的"), or after a Japanese particle."""
+    """Offsets where ``clause`` may be cut, each flagged when it falls between phrases: in
+    Chinese by part of speech (subject | predicate, before a preposition or conjunction, after
+    a time word; never before a particle such as 的 or 了), elsewhere before a function word
+    ("the", "and"), in Japanese after a particle."""
     if _KANA.search(clause):
         from tts_core.embedded.g2p_ja import particle_ends
 
         return [(end, True) for end in particle_ends(clause)]
     spans = _word_spans(clause)
-    return [(end, clause[start:stop].lower() in _PHRASE_STARTERS)
-            for (_, end), (start, stop) in zip(spans, spans[1:], strict=False)]
+    candidates = []
+    for (left_start, end, left_flag), (start, stop, right_flag) in zip(spans, spans[1:],
+                                                                        strict=False):
+        right = clause[start:stop]
+        if right_flag and _binds_left(right, right_flag):
+            continue
+        if left_flag and right_flag:  # two Chinese words
+            between = _chinese_boundary(clause[left_start:end], right, left_flag, right_flag)
+            if between is None:
+                continue
+        else:
+            between = right.lower() in _PHRASE_STARTERS
+        candidates.append((end, between))
+    return candidates
 
 
 def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
-    """Split ``clause`` after about ``units`` speech units at a word boundary, preferring a
-    phrase boundary within a few units of that; ("", clause) if it is short already or has no
-    safe place to cut."""
+    """Split ``clause`` at the phrase boundary nearest ``units`` speech units from its start
+    (between ``MIN_HEAD_UNITS`` and ``units + 3``), else at a word boundary within one unit of
+    ``units``; ("", clause) if it is short already or has no such place. The tail keeps at
+    least ``MIN_PIECE_UNITS``."""
     if speech_units(clause) <= units + MIN_PIECE_UNITS:
         return "", clause
-    candidates = []  # (head units, offset, between phrases)
+    candidates = []  # (distance from the target, offset, between phrases)
     for end, between_phrases in _cut_candidates(clause):
         head_units = speech_units(clause[:end])
         if speech_units(clause[end:]) < MIN_PIECE_UNITS or head_units > units + 3:
             break
-        if head_units >= units - 2:
-            candidates.append((head_units, end, between_phrases))
+        if head_units >= MIN_HEAD_UNITS and (between_phrases or abs(head_units - units) <= 1):
+            candidates.append((abs(head_units - units), end, between_phrases))
     if not candidates:
         return "", clause
     phrases = [c for c in candidates if c[2]]
-    _, end, _ = min(phrases or candidates, key=lambda c: abs(c[0] - units))
+    _, end, _ = min(phrases or candidates)
     return clause[:end].strip(), clause[end:].strip()
 
 

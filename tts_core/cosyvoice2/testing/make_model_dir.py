@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import hyperyaml
+from ..features import MelConfig
 from ..flow import CausalFlow, FlowConfig
 from ..hift import HiFTConfig, HiFTGenerator
 from ..llm import CosyVoice2LM, LMConfig
@@ -340,29 +342,48 @@ def synthetic_voice(seconds: float, f0: float, sample_rate: int, seed: int) -> n
 @torch.no_grad()
 def _calibrate_lm(lm: CosyVoice2LM, gen: torch.Generator, eos_prob: float) -> None:
     """Peaked next-token distributions (logits with std ~3), and an end-of-speech logit that gets
-    about ``eos_prob`` of the mass on typical hidden states, so utterances end."""
+    about ``eos_prob`` of the mass on typical hidden states, so utterances end.
+
+    With a bias (CosyVoice 2) the end-of-speech bias is tuned and the other stop ids get a very
+    low one; without (CosyVoice 3) the length of the end-of-speech row is tuned and the other
+    stop rows are zero (logit 0: negligible next to the peaked speech logits).
+    """
     decoder = lm.llm_decoder
     dim = decoder.in_features
     decoder.weight.copy_(_normal(tuple(decoder.weight.shape), 3.0 / math.sqrt(dim), gen))
     hidden = torch.randn(256, dim, generator=gen) * lm.llm.model.model.norm.weight
-    logits = hidden @ decoder.weight.T + decoder.bias
-    eos = lm.config.eos_token
-    low, high = -20.0, 40.0
-    for _ in range(40):  # bisection on the bias of the end-of-speech row
+    stop, eos = lm.config.speech_token_size, lm.config.eos_token
+    has_bias = decoder.bias is not None
+    if not has_bias:
+        decoder.weight[stop:] = 0.0
+    logits = hidden @ decoder.weight.T + (decoder.bias if has_bias else 0.0)
+    direction = decoder.weight[eos].clone() if has_bias else _normal((dim,), 1 / math.sqrt(dim),
+                                                                     gen)
+    low, high = (-20.0, 40.0) if has_bias else (0.0, 40.0)
+    for _ in range(40):  # bisection on the bias (or the scale) of the end-of-speech row
         mid = (low + high) / 2
-        logits[:, eos] = hidden @ decoder.weight[eos] + mid
+        logits[:, eos] = hidden @ direction + mid if has_bias else hidden @ (mid * direction)
         if float(logits.softmax(-1)[:, eos].mean()) < eos_prob:
             low = mid
         else:
             high = mid
-    decoder.bias[eos] = (low + high) / 2
-    # the other stop ids (unused, fill) are never wanted from the sampler
-    decoder.bias[eos + 1:] = -20.0
+    if has_bias:
+        decoder.bias[eos] = (low + high) / 2
+        # the other stop ids (unused, fill) are never wanted from the sampler
+        decoder.bias[eos + 1:] = -20.0
+    else:
+        decoder.weight[eos] = (low + high) / 2 * direction
 
 
 @torch.no_grad()
-def _calibrate_hift(hift: HiFTGenerator, mel: torch.Tensor) -> None:
-    """f0 median ~140 Hz and waveform peak ~0.5 on ``mel``."""
+def _calibrate_hift(hift: HiFTGenerator, mel: torch.Tensor,
+                    vocode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """f0 median ~140 Hz and waveform peak ~0.5 on ``mel`` (``vocode``: mel -> waveform, by
+    default the CosyVoice 2 vocoder without random excitation)."""
+    if vocode is None:
+        def vocode(m: torch.Tensor) -> torch.Tensor:
+            return hift.inference(m, deterministic=True)[0]
+
     f0 = hift.predict_f0(mel)
     median = float(f0.median())
     if median > 0:
@@ -372,7 +393,7 @@ def _calibrate_hift(hift: HiFTGenerator, mel: torch.Tensor) -> None:
     post = hift.conv_post
     bins = hift.config.istft_n_fft // 2 + 1
     for _ in range(30):
-        wav, _ = hift.inference(mel, deterministic=True)
+        wav = vocode(mel)
         peak = float(wav.abs().max())
         if 0.3 <= peak <= 0.7:
             break
@@ -450,14 +471,15 @@ def _onnx_speech_tokenizer(path: Path, gen: torch.Generator) -> None:
 # ----------------------------------------------------------------------------- the directory
 
 
-def _spk2info(out: Path, lm_config: LMConfig, ratio: int) -> dict[str, dict[str, torch.Tensor]]:
+def _spk2info(out: Path, ratio: int,
+              speech_tokenizer: str = "speech_tokenizer_v2.onnx",
+              mel_config: MelConfig | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Two preset speakers in the released ``spk2info.pt`` format (embedding, speech tokens,
     speech feat), computed with the directory's own front end from synthetic voices."""
-    from ..features import MelConfig
     from ..onnx_frontend import OnnxFrontend, PromptEncoder
 
-    encoder = PromptEncoder(OnnxFrontend(out / "campplus.onnx", out / "speech_tokenizer_v2.onnx"),
-                            MelConfig(), ratio)
+    encoder = PromptEncoder(OnnxFrontend(out / "campplus.onnx", out / speech_tokenizer),
+                            mel_config or MelConfig(), ratio)
     presets = {}
     for index, (name, f0) in enumerate((("中文女", 220.0), ("英文男", 110.0))):
         features = encoder.encode(synthetic_voice(3.0, f0, 24000, seed=index), 24000)
@@ -503,7 +525,7 @@ def make_model_dir(out: Path, preset: str = "tiny", seed: int = 0, spk2info: boo
     randomize(flow, gen)
     randomize(hift, gen)
     # Calibrate the vocoder on what the flow makes of a voice-like prompt.
-    from ..features import MelConfig, mel_spectrogram_24k
+    from ..features import mel_spectrogram_24k
 
     prompt_mel = mel_spectrogram_24k(torch.from_numpy(synthetic_voice(1.0, 150.0, 24000, 7))[None],
                                      MelConfig())
@@ -517,9 +539,7 @@ def make_model_dir(out: Path, preset: str = "tiny", seed: int = 0, spk2info: boo
     torch.save(hift.state_dict(), out / "hift.pt")
 
     if spk2info:
-        qwen = Qwen2Config.from_hf_config(qwen_config_json(sizes))
-        lm_config = LMConfig.from_yaml(hyperyaml.loads(yaml_text(sizes))["llm"], qwen)
-        torch.save(_spk2info(out, lm_config, 2), out / "spk2info.pt")
+        torch.save(_spk2info(out, 2), out / "spk2info.pt")
     return out
 
 

@@ -14,6 +14,10 @@ class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_ENCODING_PCM_S16LE: _ClassVar[AudioEncoding]
     AUDIO_ENCODING_WAV: _ClassVar[AudioEncoding]
     AUDIO_ENCODING_PCM_F32LE: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_MP3: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_OPUS: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_AAC: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_FLAC: _ClassVar[AudioEncoding]
 
 class PromptAudioFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +37,10 @@ AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
 AUDIO_ENCODING_PCM_S16LE: AudioEncoding
 AUDIO_ENCODING_WAV: AudioEncoding
 AUDIO_ENCODING_PCM_F32LE: AudioEncoding
+AUDIO_ENCODING_MP3: AudioEncoding
+AUDIO_ENCODING_OPUS: AudioEncoding
+AUDIO_ENCODING_AAC: AudioEncoding
+AUDIO_ENCODING_FLAC: AudioEncoding
 PROMPT_AUDIO_FORMAT_UNSPECIFIED: PromptAudioFormat
 PROMPT_AUDIO_FORMAT_CONTAINER: PromptAudioFormat
 PROMPT_AUDIO_FORMAT_PCM_S16LE: PromptAudioFormat

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""First audio of the embedded engine for a two-sentence text: p50/p95, in-process and through
+the gateway, plus the real-time factor and the memory the process holds.
+
+    .venv/bin/python scripts/bench_embedded_ttfb.py [--runs 10] [--threads N] [--no-gateway]
+        [--speakers 英文女,中文女]
+
+In-process: ``EmbeddedEngine.synthesize`` until its first chunk, then cancelled. Gateway: the
+stack of scripts/bench_ttfb.py (Envoy + gRPC server, embedded engine, loopback ports), REST
+``/inference_sft`` through Envoy and direct gRPC ``Synthesize``, time to the first audio byte,
+then the call is closed. Every figure is over ``--runs`` runs after one untimed warm-up run per
+text; p95 is the nearest-rank value. Then the real-time factor of whole texts (wall time /
+audio time) and the process's peak memory. Run it on a quiet machine: the load average is
+printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS.parent))
+sys.path.insert(0, str(SCRIPTS))
+
+from tts_core.embedded.engine import SAMPLE_RATE, EmbeddedEngine  # noqa: E402
+from tts_core.engine import Mode, SynthesisRequest  # noqa: E402
+
+# Two sentences per preset, none of them in the tuning or the test sets.
+TWO_SENTENCES = {
+    "英文女": "Good evening, and welcome back. Tonight we look at how rivers shape the land.",
+    "英文男": "The meeting has been moved to Friday. Please bring the printed plans with you.",
+    "中文女": "欢迎收听今天的晚间新闻。首先来看一下明天的天气情况。",
+    "中文男": "我们的列车即将到达终点站。请带好您的随身物品，准备下车。",
+    "日语男": "本日はご来店ありがとうございます。ごゆっくりお過ごしください。",
+    "粤语女": "各位乘客，列車即將到站。請準備好你嘅行李。",
+    "韩语女": "오늘 회의는 오후 세 시에 시작합니다. 늦지 않게 와 주세요.",
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def first_chunk(engine: EmbeddedEngine, speaker: str, text: str) -> tuple[float, float]:
+    """(seconds to the first chunk, its audio seconds); the request is cancelled after it."""
+    request = SynthesisRequest(Mode.SFT, text=text, speaker_id=speaker)
+    cancel = threading.Event()
+    start = time.perf_counter()
+    chunk = next(engine.synthesize(request, cancel))
+    elapsed = time.perf_counter() - start
+    cancel.set()
+    return elapsed, len(chunk) / SAMPLE_RATE
+
+
+def whole(engine: EmbeddedEngine, speaker: str, text: str) -> tuple[float, float]:
+    """(wall seconds, audio seconds) of the whole text."""
+    request = SynthesisRequest(Mode.SFT, text=text, speaker_id=speaker)
+    start = time.perf_counter()
+    samples = sum(len(c) for c in engine.synthesize(request, threading.Event()))
+    return time.perf_counter() - start, samples / SAMPLE_RATE
+
+
+def ms(values: list[float]) -> str:
+    return (f"{percentile(values, 0.5) * 1000:8.0f} {percentile(values, 0.95) * 1000:8.0f} "
+            f"{min(values) * 1000:8.0f}")
+
+
+HEADER = f"{'speaker / path':<24} {'p50 ms':>8} {'p95 ms':>8} {'min ms':>8}"
+
+
+def bench_in_process(args: argparse.Namespace, speakers: list[str]) -> None:
+    start = time.perf_counter()
+    engine = EmbeddedEngine(threads=args.threads)
+    print(f"engine start-up {time.perf_counter() - start:.2f} s, threads={engine.threads}")
+    print(f"\nin-process first audio, {args.runs} runs per text\n{HEADER} {'1st chunk s':>11}")
+    all_first = []
+    for speaker in speakers:
+        text = TWO_SENTENCES[speaker]
+        first_chunk(engine, speaker, text)
+        runs = [first_chunk(engine, speaker, text) for _ in range(args.runs)]
+        all_first += [r[0] for r in runs]
+        print(f"{speaker:<24} {ms([r[0] for r in runs])} {runs[0][1]:11.2f}")
+    print(f"{'all speakers':<24} {ms(all_first)}")
+    print(f"\nwhole text, {args.rtf_runs} runs per text\n{'speaker':<24} {'wall s':>8} "
+          f"{'audio s':>8} {'RTF':>6}")
+    walls = audios = 0.0
+    for speaker in speakers:
+        runs = [whole(engine, speaker, TWO_SENTENCES[speaker]) for _ in range(args.rtf_runs)]
+        wall, audio = percentile([r[0] for r in runs], 0.5), runs[0][1]
+        walls, audios = walls + wall, audios + audio
+        print(f"{speaker:<24} {wall:8.2f} {audio:8.2f} {wall / audio:6.3f}")
+    print(f"{'all speakers':<24} {walls:8.2f} {audios:8.2f} {walls / audios:6.3f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process {peak:.0f} MiB (model, voices, G2P dictionaries, taggers)")
+
+
+def rest_first_byte(rest_url: str, key: str, speaker: str, text: str) -> float:
+    import requests
+
+    started = time.perf_counter()
+    with requests.request("GET", f"{rest_url}/inference_sft", stream=True, timeout=300,
+                          data={"tts_text": text, "spk_id": speaker},
+                          headers={"X-API-TOKEN": key}) as reply:
+        reply.raise_for_status()
+        next(piece for piece in reply.iter_content(chunk_size=None) if piece)
+        return time.perf_counter() - started
+
+
+def grpc_first_byte(stub, key: str, speaker: str, text: str) -> float:
+    from service.gen.cosyvoice.v1 import tts_pb2
+
+    started = time.perf_counter()
+    request = tts_pb2.SynthesizeRequest(text=text, sft=tts_pb2.SftMode(speaker_id=speaker),
+                                        sample_rate=22050)
+    call = stub.Synthesize(request, metadata=(("x-api-token", key),), timeout=300)
+    next(reply for reply in call if reply.HasField("audio"))
+    elapsed = time.perf_counter() - started
+    call.cancel()
+    return elapsed
+
+
+def bench_gateway(args: argparse.Namespace, speakers: list[str]) -> None:
+    """First audio byte through the stack; each call is closed after it (the server cancels the
+    rest), then a short pause lets the engine go idle before the next call."""
+    import signal
+
+    import grpc
+    from bench_ttfb import start_stack
+
+    from service.gen.cosyvoice.v1 import tts_pb2_grpc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, rest_url, target, key = start_stack(Path(tmp))
+        try:
+            with grpc.insecure_channel(target) as channel:
+                stub = tts_pb2_grpc.TextToSpeechServiceStub(channel)
+                print(f"\nthrough the stack, first audio byte, {args.runs} runs per text and "
+                      f"path\n{HEADER}")
+                for speaker in speakers:
+                    text = TWO_SENTENCES[speaker]
+                    paths = (("REST/Envoy", rest_first_byte, rest_url), ("gRPC", grpc_first_byte,
+                                                                          stub))
+                    for label, call, via in paths:
+                        call(via, key, speaker, text)
+                        times = []
+                        for _ in range(args.runs):
+                            time.sleep(args.pause)
+                            times.append(call(via, key, speaker, text))
+                        print(f"{speaker + ' ' + label:<24} {ms(times)}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--rtf-runs", type=int, default=3, help="whole-text runs per text")
+    parser.add_argument("--pause", type=float, default=1.0,
+                        help="seconds between gateway calls (the cancelled rest winds down)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--speakers", default=",".join(TWO_SENTENCES),
+                        help="comma-separated preset speakers (in-process)")
+    parser.add_argument("--gateway-speakers", default="英文女,中文女",
+                        help="comma-separated preset speakers timed through the stack")
+    parser.add_argument("--no-gateway", action="store_true", help="in-process figures only")
+    parser.add_argument("--no-in-process", action="store_true", help="gateway figures only")
+    args = parser.parse_args()
+    speakers = [s for s in args.speakers.split(",") if s]
+    unknown = [s for s in speakers if s not in TWO_SENTENCES]
+    if unknown:
+        parser.error(f"no two-sentence text for {unknown}; choose from {', '.join(TWO_SENTENCES)}")
+    with open("/proc/loadavg") as f:
+        print(f"load average {' '.join(f.read().split()[:3])}")
+    if not args.no_in_process:
+        bench_in_process(args, speakers)
+    if not args.no_gateway:
+        bench_gateway(args, [s for s in args.gateway_speakers.split(",") if s])
+    with open("/proc/loadavg") as f:
+        print(f"load average {' '.join(f.read().split()[:3])}")
+
+
+if __name__ == "__main__":
+    main()
