@@ -88,6 +88,9 @@ class Metrics:
         self.build = Info(
             "cosyvoice_build", "The engine this process runs: engine, model directory's name, "
             "device, precision", registry=r)
+        for surface in SURFACES:  # shown as 0 from the start, so rate() and alerts see them
+            for counter in (self.audio_seconds, self.cancelled, self.engine_errors):
+                counter.labels(surface)
 
     # ---------------------------------------------------------------- per call
 
