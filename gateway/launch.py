@@ -201,7 +201,9 @@ def run(args: GatewayOptions) -> int:
 
         key_note = ("the key printed above" if keys.generated else f"a key from {keys.source}")
         stopping["ready"] = True
-        print(f"Ready. Web page and REST API: {rest_url}/   gRPC: {grpc_target}\n"
+        metrics = (f"   Metrics: http://{_url_host(server_options.metrics_host)}:"
+                   f"{server_options.metrics_port}/metrics" if server_options.metrics_port else "")
+        print(f"Ready. Web page and REST API: {rest_url}/   gRPC: {grpc_target}{metrics}\n"
               f"Send {key_note} in the X-API-TOKEN header (gRPC: x-api-token metadata).",
               flush=True)
         while stopping["signal"] is None:

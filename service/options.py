@@ -35,6 +35,8 @@ class ServerOptions:
     api_key_file: Path | None = None
     state_dir: Path | None = None
     port_file: Path | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
     log_level: str = "INFO"
 
     @property
@@ -93,6 +95,9 @@ _OPTIONS = (
             "gateway's config are kept (default $COSYVOICE_STATE_DIR or var/)", Path),
     _Option("port_file", ("--port-file",), "write the bound gRPC port here once serving (useful "
             "with port 0)", Path),
+    _Option("metrics_host", ("--metrics-host",), "Prometheus /metrics listen address (loopback "
+            "unless the scraper runs elsewhere)"),
+    _Option("metrics_port", ("--metrics-port",), "Prometheus /metrics port (0: no metrics)", int),
     _Option("log_level", ("--log-level",), "gRPC server log level"),
 )
 

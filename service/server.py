@@ -38,7 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from service import compat, convert, errors, openai_api
+from service import compat, convert, errors, metrics, openai_api
 from service import limits as service_limits
 from service.audio import OutputEncoder, decode_audio
 from service.auth import ApiKeyInterceptor, KeyChecker
@@ -72,11 +72,14 @@ class CallLog:
     """What one synthesis call asked for and produced: for its stats message and its log line.
 
     Each RPC function owns one and logs it once, where the call ends (never the text, the
-    prompt or any metadata: only sizes and timings).
+    prompt or any metadata: only sizes and timings); the Prometheus metrics are counted there
+    too, once per call.
     """
 
     def __init__(self, name: str, native_rate: int):
         self.name = name  # the RPC, or the REST path
+        self.surface = metrics.surface_of(name)
+        self.ended = False
         self.native_rate = native_rate  # the engine's: what ``samples`` counts in
         self.started = time.monotonic()
         self.mode = "-"
@@ -87,6 +90,7 @@ class CallLog:
         self.samples = 0  # engine samples (native rate)
         self.first_chunk_at = 0.0
         self.finished_at = 0.0
+        metrics.METRICS.call_started()
 
     def request(self, request: SynthesisRequest, text_feed: TextFeed | None = None) -> None:
         self.mode = request.mode.value
@@ -105,11 +109,19 @@ class CallLog:
             engine=engine, chunks=self.chunks, sample_rate=self.sample_rate))
 
     def finish(self, outcome: str) -> None:
+        """The call ended with ``outcome`` (a gRPC status name): log and count it (once)."""
+        if self.ended:
+            return
+        self.ended = True
         chars = self.text_feed.chars if self.text_feed is not None else self.chars
         audio = self.samples / float(self.native_rate)
+        total = time.monotonic() - self.started
         log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
                  self.name, self.mode, chars, self.sample_rate, outcome, self.chunks,
-                 self.first_chunk_at, time.monotonic() - self.started, audio)
+                 self.first_chunk_at, total, audio)
+        metrics.METRICS.call_ended(self.surface, self.mode, outcome, duration=total,
+                                   first_audio=self.first_chunk_at if self.chunks else None,
+                                   audio_seconds=audio)
 
 
 async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:

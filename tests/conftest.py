@@ -53,6 +53,7 @@ class Stack:
     grpc_target: str  # e.g. 127.0.0.1:41235
     api_key: str
     admin_url: str  # Envoy admin, loopback only
+    metrics_url: str  # the server's Prometheus /metrics, loopback only
     state_dir: Path
     log_path: Path  # stdout + stderr of the launcher, the gRPC server and Envoy
     max_concurrent: int
@@ -99,11 +100,13 @@ def start_stack(workdir: Path, *, max_concurrent: int = STACK_MAX_CONCURRENT,
     state_dir = workdir / "state"
     log_path = workdir / "stack.log"
     api_key = "" if generate_key else secrets.token_urlsafe(24)
-    rest_port, grpc_port, admin_port = free_port(), free_port(), free_port()
+    rest_port, grpc_port, admin_port, metrics_port = (free_port(), free_port(), free_port(),
+                                                      free_port())
     env = {**os.environ, "COSYVOICE_API_KEYS": api_key, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(rest_port),
            "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
-           "--admin-port", str(admin_port), "--state-dir", str(state_dir),
+           "--admin-port", str(admin_port), "--metrics-port", str(metrics_port),
+           "--state-dir", str(state_dir),
            "--engine", "embedded", "--threads", "1",
            "--max-concurrent", str(max_concurrent), "--max-queue", str(max_queue), *extra_args]
     log = log_path.open("wb")
@@ -112,7 +115,8 @@ def start_stack(workdir: Path, *, max_concurrent: int = STACK_MAX_CONCURRENT,
     log.close()
     stack = Stack(rest_url=f"http://127.0.0.1:{rest_port}",
                   grpc_target=f"127.0.0.1:{grpc_port}", api_key=api_key,
-                  admin_url=f"http://127.0.0.1:{admin_port}", state_dir=state_dir,
+                  admin_url=f"http://127.0.0.1:{admin_port}",
+                  metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", state_dir=state_dir,
                   log_path=log_path, max_concurrent=max_concurrent, max_queue=max_queue,
                   process=process)
     deadline = time.monotonic() + STACK_START_TIMEOUT
