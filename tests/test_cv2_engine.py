@@ -408,4 +408,5 @@ def test_device_choice(model_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="unknown device"):
         CosyVoice2Engine.from_model_dir(model_dirs["bare"], device="tpu")
     auto = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="auto")
-    assert auto.models.device.type == "cpu" and auto.models.dtype == torch.float32
+    assert auto.models.device.type == "cpu" and auto.models.precision is not None
+    assert auto.models.precision.name == "int8"  # the CPU default (see precision.py)

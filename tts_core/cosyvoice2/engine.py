@@ -30,7 +30,7 @@ owns its KV cache, its streaming driver state and its random generator.
 from __future__ import annotations
 
 import logging
-import os
+import queue
 import re
 import secrets
 import threading
@@ -52,6 +52,7 @@ from ..engine import (
     UnknownSpeaker,
     UnsupportedMode,
 )
+from .llm import PrefixCache
 from .model_dir import CosyVoice2Models, load_model_dir
 from .onnx_frontend import (
     MAX_PROMPT_SECONDS,
@@ -61,7 +62,8 @@ from .onnx_frontend import (
     PromptFeatures,
     check_audio,
 )
-from .sampling import RasSampler
+from .precision import PRECISIONS, resolve_precision
+from .sampling import RasSampler, Sampler
 from .speakers import (
     SpeakerError,
     SpeakerProfile,
@@ -100,6 +102,7 @@ class _Voice:
     flow_prompt_feat: torch.Tensor  # [1, ratio·P, 80]
     embedding: torch.Tensor  # [1, 192]
     tag_language: bool  # cross-lingual: prefix the text with its <|lang|> tag
+    stored: bool = False  # a preset or registered speaker: its LM prefix KV may be cached
 
 
 def _resolve_device(device: str) -> str:
@@ -112,20 +115,16 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
-    """float32 on CPU; on CUDA bfloat16 where supported (its range avoids the float16 overflows
-    Qwen2 activations are known for), else float16. ``COSYVOICE2_DTYPE`` overrides."""
-    name = dtype or os.environ.get("COSYVOICE2_DTYPE")
-    if name:
-        table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        if name not in table:
-            raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
-        if table[name] != torch.float32 and not device.startswith("cuda"):
-            raise ValueError(f"dtype {name} is only supported on CUDA")
-        return table[name]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+def _precision_name(precision: str, dtype: str | None) -> str:
+    """The precision option; ``dtype`` (float32 / float16 / bfloat16) is the older spelling."""
+    if dtype is None:
+        return precision
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    if precision not in ("auto", dtype):
+        raise ValueError(f"dtype {dtype!r} contradicts precision {precision!r}; give only "
+                         "precision")
+    return dtype
 
 
 # The reference starts streaming after chunk_size (25) tokens plus padding of the prompt to a
@@ -160,7 +159,8 @@ class CosyVoice2Engine:
     name = "cosyvoice2"
 
     def __init__(self, models: CosyVoice2Models, state_dir: Path | None = None,
-                 seed: int | None = None, schedule: StreamSchedule | None = None) -> None:
+                 seed: int | None = None, schedule: StreamSchedule | None = None,
+                 pipeline: bool = True, prefix_cache_size: int = 32) -> None:
         if models.tokenizer is None or models.onnx is None:
             raise ValueError("the engine needs the tokenizer and the ONNX front end "
                              "(load the model directory with require_frontend=True)")
@@ -180,33 +180,55 @@ class CosyVoice2Engine:
             except SpeakerError as error:
                 log.warning("ignoring preset speaker: %s", error)
         self.registry = SpeakerRegistry(state_dir, presets)
+        # Streaming: the LM decodes in a thread of its own while the request's thread runs the
+        # flow and the vocoder on the tokens it has (see _pipelined).
+        self.pipeline = pipeline
+        # KV of sos + prompt text of stored speakers, reused across their requests. Every
+        # request computes its prefix as a step of its own (a prompt in the request through a
+        # cache that keeps nothing), so a stored speaker gives exactly the audio of its prompt
+        # whether the prefix came from the cache or not, in every precision (dynamic int8
+        # scales activations per call, so how rows are grouped into calls matters there).
+        self.prefix_cache = PrefixCache(prefix_cache_size)
+        self._uncached_prefix = PrefixCache(0)
 
     @classmethod
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
-                       seed: int | None = None,
-                       first_chunk_tokens: int | None = None) -> CosyVoice2Engine:
+                       seed: int | None = None, first_chunk_tokens: int | None = None,
+                       precision: str = "auto", pipeline: bool = True,
+                       prefix_cache_size: int = 32) -> CosyVoice2Engine:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
         available), "cpu" or "cuda[:N]"; state_dir: where registered speakers persist (None:
-        they live in memory only); dtype: LM/flow precision override (see ``_resolve_dtype``);
-        first_chunk_tokens: speech tokens in the first streamed chunk (None: the default below).
+        they live in memory only); precision: one of ``PRECISIONS`` (see :mod:`precision`;
+        "float32" is the exact path, "auto" the fastest within the README's tolerances); dtype:
+        the older spelling of precision (float32 / float16 / bfloat16); first_chunk_tokens:
+        speech tokens in the first streamed chunk (None: the default below); pipeline: decode
+        in a thread of its own while streamed chunks are vocoded; prefix_cache_size: stored
+        speakers whose LM prefix KV is kept (0: none).
         """
         device = _resolve_device(device)
+        name = _precision_name(precision, dtype)
+        if name not in PRECISIONS:
+            raise ValueError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
+        plan = resolve_precision(name, device)
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        models = load_model_dir(Path(path), device=device, dtype=_resolve_dtype(device, dtype),
+        models = load_model_dir(Path(path), device=device, precision=plan,
                                 onnx_threads=min(threads or 1, 4))
-        log.info("loaded CosyVoice 2 model directory %s on %s (%s) in %.1f s", path, device,
-                 models.dtype, time.perf_counter() - started)
+        log.info("loaded CosyVoice 2 model directory %s on %s (precision %s: LM %s%s, flow %s) "
+                 "in %.1f s", path, device, plan.name, plan.lm_dtype,
+                 " + int8 Linear" if plan.lm_int8 else "", plan.flow_dtype,
+                 time.perf_counter() - started)
         schedule = None
         if first_chunk_tokens is not None:
             schedule = default_schedule(models.chunk_size, first_chunk_tokens)
-        return cls(models, state_dir=state_dir, seed=seed, schedule=schedule)
+        return cls(models, state_dir=state_dir, seed=seed, schedule=schedule, pipeline=pipeline,
+                   prefix_cache_size=prefix_cache_size)
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -252,7 +274,8 @@ class CosyVoice2Engine:
             text_ids = self.tokenizer.encode(segment)
             tokens = self.models.lm.inference(
                 text_ids, voice.lm_prompt_text_ids, voice.lm_prompt_tokens,
-                self._sampler(randomness), cancel=cancel)
+                self._sampler(randomness), cancel=cancel,
+                prefix_cache=self.prefix_cache if voice.stored else self._uncached_prefix)
             yield from self._vocode(tokens, voice, request, cancel, randomness)
 
     # ------------------------------------------------------------------ extras
@@ -395,7 +418,7 @@ class CosyVoice2Engine:
         return _Randomness(torch.Generator().manual_seed(seed),
                            torch.Generator().manual_seed(seed + 1))
 
-    def _sampler(self, randomness: _Randomness) -> RasSampler:
+    def _sampler(self, randomness: _Randomness) -> Sampler:
         return RasSampler(self.models.sampling, self.models.lm.config.speech_token_size,
                           randomness.sampler)
 
@@ -440,7 +463,8 @@ class CosyVoice2Engine:
         tag = mode is Mode.CROSS_LINGUAL or (mode is Mode.SFT and not lm_text)
         return _Voice(lm_prompt_text_ids=lm_text, lm_prompt_tokens=lm_tokens,
                       flow_prompt_tokens=tokens.to(device), flow_prompt_feat=feat.to(device),
-                      embedding=embedding.to(device), tag_language=tag)
+                      embedding=embedding.to(device), tag_language=tag,
+                      stored=request.prompt is None and mode is not Mode.INSTRUCT)
 
     def _text_id_chunks(self, pieces: Iterable[str], voice: _Voice, cancel: threading.Event
                         ) -> Iterator[list[int]]:
@@ -490,8 +514,9 @@ class CosyVoice2Engine:
             stream = self.token2wav.start_stream(
                 voice.flow_prompt_tokens, voice.flow_prompt_feat, voice.embedding,
                 generator=randomness.vocoder, cancel=cancel)
-            for token in tokens:
-                for chunk in stream.push([token]):
+            batches = _pipelined(tokens, cancel) if self.pipeline else ([t] for t in tokens)
+            for batch in batches:
+                for chunk in stream.push(batch):
                     if chunk.shape[-1]:
                         yield _to_numpy(chunk)
                 if stream.cancelled:
@@ -525,6 +550,63 @@ class CosyVoice2Engine:
         if cancel.is_set():
             return
         yield from self._vocode(source.flatten().tolist(), voice, request, cancel, randomness)
+
+
+_DONE = object()
+
+
+def _pipelined(tokens: Iterable[int], cancel: threading.Event) -> Iterator[list[int]]:
+    """Run the token iterator (the LM) in a thread of its own; yield the tokens it has made so
+    far, as lists, while the caller vocodes.
+
+    The vocoder then no longer waits for the LM's next tokens nor the LM for the vocoder: each
+    keeps one core busy. Tokens and their order are those of the iterator, so the audio is the
+    same as in sequence (the stream driver cuts chunks by token count, not by batch). Leaving
+    the loop early (cancel, an error, the consumer closing) stops the producer at its next
+    token.
+    """
+    handoff: queue.SimpleQueue[object] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        iterator = iter(tokens)
+        try:
+            for token in iterator:
+                handoff.put(token)
+                if stop.is_set() or cancel.is_set():
+                    break
+        except BaseException as error:  # handed to the consumer, raised there
+            handoff.put(error)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            handoff.put(_DONE)
+
+    producer = threading.Thread(target=produce, name="cosyvoice2-lm", daemon=True)
+    producer.start()
+    try:
+        finished = False
+        while not finished:
+            batch: list[int] = []
+            item = handoff.get()  # wait for at least one token
+            while True:
+                if item is _DONE:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch.append(item)  # type: ignore[arg-type]
+                try:
+                    item = handoff.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                yield batch
+    finally:
+        # Not joined: the producer may be waiting for streamed text; it ends after its
+        # current step.
+        stop.set()
 
 
 def _to_numpy(wav: torch.Tensor) -> np.ndarray:
