@@ -86,11 +86,15 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
         raise ValueError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
     cuda = device.type == "cuda"
-    bf16 = cpu_bf16_support() if not cuda else (
-        "cuda" if torch.cuda.is_bf16_supported() else "none")
+
+    def bf16() -> str:
+        if cuda:
+            return "cuda" if torch.cuda.is_bf16_supported() else "none"
+        return cpu_bf16_support()
+
     if name == "auto":
         if cuda:
-            name = "bfloat16" if bf16 != "none" else "float16"
+            name = "bfloat16" if bf16() != "none" else "float16"
         else:
             name = "int8"
     if name == "float32":
@@ -101,7 +105,7 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
                              "on CPU use int8, bfloat16 or float32")
         return Precision("float16", torch.float16, False, torch.float16)
     if name == "bfloat16":
-        if bf16 == "none":
+        if bf16() == "none":
             raise ValueError("precision bfloat16 needs a GPU or a CPU with avx512_bf16 or AMX, "
                              "which this one lacks; use int8 or float32")
         return Precision("bfloat16", torch.bfloat16, False, torch.bfloat16)
@@ -109,5 +113,5 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
     if cuda:
         raise ValueError("precision int8 (dynamic int8 Linear) runs on CPU only; on CUDA use "
                          "bfloat16 or float16")
-    flow_dtype = torch.bfloat16 if bf16 == "amx" else torch.float32
+    flow_dtype = torch.bfloat16 if bf16() == "amx" else torch.float32
     return Precision("int8", torch.float32, True, flow_dtype)
