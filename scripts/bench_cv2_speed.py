@@ -243,6 +243,11 @@ def run_config(args: argparse.Namespace) -> None:
     first_chunk(probe, probe.request(prompt, True, False))
     first_chunk(probe, probe.request(prompt, True, True))
 
+    def progress(what: str) -> None:
+        print(f"  {args.worker}: {what} ({time.strftime('%H:%M:%S')}, load "
+              f"{os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+
+    progress("warmed up")
     prefill, decode, tokens = [], [], []
     for _ in range(runs):
         p, d, tokens = probe.lm_timing(prompt)
@@ -254,8 +259,11 @@ def run_config(args: argparse.Namespace) -> None:
         ttfa_prompt.append(t)
         chunk_s.append(seconds)
         ttfa_spk.append(first_chunk(probe, probe.request(prompt, True, True))[0])
+    progress("LM and first-audio runs done")
     streamed = [whole(probe, probe.request(prompt, True, True)) for _ in range(runs)]
+    progress("streaming runs done")
     at_once = [whole(probe, probe.request(prompt, False, True)) for _ in range(runs)]
+    progress("non-streaming runs done")
 
     med = statistics.median
     result: dict[str, Any] = {
