@@ -115,8 +115,9 @@ class FlowStreamCache:
     change again, so later calls reuse them (per Euler step and CFG row: conv contexts and
     attention keys/values) and compute only the frames after them. Owned by one stream and
     written in place by :meth:`CausalFlow.inference_cached`; a cache meant to be shared (a
-    registered speaker's prompt, :meth:`CausalFlow.prompt_cache`) is copied by ``clone``
-    before use. ``prompt``: the conditioning it was built for, checked on every call.
+    registered speaker's prompt, :meth:`CausalFlow.prompt_cache`) is handed on by ``clone``
+    before use (without copying). ``prompt``: the conditioning it was built for, checked on
+    every call.
     """
 
     prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -129,12 +130,27 @@ class FlowStreamCache:
         return 0 if self.mel is None else self.mel.shape[-1]
 
     def clone(self) -> FlowStreamCache:
+        """An independent cache that goes on from this one. It shares the finished rows
+        without copying them: every write goes past them, into newly grown buffers, so this
+        cache is never changed through the clone (any number of streams may share it)."""
         return FlowStreamCache(self.prompt, self.encoder.clone(),
-                               [step.clone() for step in self.estimator],
-                               None if self.mel is None else self.mel.clone())
+                               [step.clone(self.frames) for step in self.estimator], self.mel)
+
+    def compact(self) -> FlowStreamCache:
+        """A copy holding exactly the finished rows (no room to grow), to keep for long."""
+        shared = self.clone()
+
+        def copy(items: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+            return [None if t is None else t.clone() for t in items]
+        shared.encoder.keys, shared.encoder.values = copy(shared.encoder.keys), \
+            copy(shared.encoder.values)
+        for step in shared.estimator:
+            step.keys, step.values = copy(step.keys), copy(step.values)
+        return shared
 
     def nbytes(self) -> int:
-        """Memory held (buffers are grown ahead, so this exceeds the finished rows)."""
+        """Memory of its tensors (a stream's buffers are grown ahead of the finished rows;
+        a clone counts the rows it shares)."""
         mel = 0 if self.mel is None else self.mel.numel() * self.mel.element_size()
         return self.encoder.nbytes() + sum(s.nbytes() for s in self.estimator) + mel
 
@@ -280,15 +296,16 @@ class CausalFlow(nn.Module):
     def prompt_cache(self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                      embedding: torch.Tensor) -> FlowStreamCache:
         """The streaming cache of a prompt alone: its finished chunks (those whose look-ahead
-        lies inside the prompt), to keep with a registered speaker and hand (it is copied, never
-        written) to each of its streams. Empty when the prompt is shorter than one chunk."""
+        lies inside the prompt), to keep with a registered speaker and hand to each of its
+        streams (streams go on from a ``clone``, which shares it and never writes to it). Empty
+        when the prompt is shorter than one chunk."""
         if not self.supports_chunk_streaming:
             raise ValueError("flow: this configuration cannot stream chunk by chunk")
         self._check_inputs(prompt_token[:, :0], prompt_token, prompt_feat, embedding)
         cache = FlowStreamCache()
         self._run_chunks(prompt_token, prompt_token, prompt_feat, embedding, cache,
                          finalize=False, keep_unfinished=False)
-        return cache
+        return cache.compact()
 
     def _run_chunks(self, tokens: torch.Tensor, prompt_token: torch.Tensor,
                     prompt_feat: torch.Tensor, embedding: torch.Tensor, cache: FlowStreamCache,

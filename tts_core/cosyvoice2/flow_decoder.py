@@ -246,10 +246,12 @@ class EstimatorStepCache:
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
 
-    def clone(self) -> EstimatorStepCache:
-        def copy(items: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-            return [None if t is None else t.clone() for t in items]
-        return EstimatorStepCache(copy(self.convs), copy(self.keys), copy(self.values))
+    def clone(self, frames: int) -> EstimatorStepCache:
+        """A cache that goes on after ``frames`` finished frames, sharing them without copying
+        (its buffers end there, so its first write grows them into new memory)."""
+        def finished(items: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+            return [None if t is None else t[:, :frames] for t in items]
+        return EstimatorStepCache(list(self.convs), finished(self.keys), finished(self.values))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
@@ -320,7 +322,8 @@ def _grow_rows(buffer: torch.Tensor | None, rows: int, like: torch.Tensor, width
     if have >= rows:
         assert buffer is not None
         return buffer
-    grown = like.new_empty(like.shape[0], max(rows, int(have * 1.5)), width)
+    # some room ahead, as growing copies everything
+    grown = like.new_empty(like.shape[0], max(rows, have + have // 4), width)
     if buffer is not None and have:
         grown[:, :have] = buffer
     return grown

@@ -394,6 +394,7 @@ class UpsampleConformerEncoder(nn.Module):
         if not cache.keys:
             cache.keys, cache.values = [None] * layers, [None] * layers
             cache.pos = [None] * layers
+            cache.token_layers, cache.stride = len(self.encoders), stride
         outputs = []
         for start in range(cache.tokens, main, chunk):
             end = min(start + chunk, main)
@@ -447,7 +448,7 @@ def _grow(buffer: torch.Tensor | None, rows: int, like: torch.Tensor, dim: int =
         assert buffer is not None
         return buffer
     shape = list(like.shape)
-    shape[dim] = max(rows, int(have * 1.5))
+    shape[dim] = max(rows, have + have // 4)  # some room: growing copies everything
     grown = like.new_empty(shape)
     if buffer is not None and have:
         grown.narrow(dim, 0, have).copy_(buffer)
@@ -462,8 +463,8 @@ class EncoderStreamCache:
     [B, capacity, E] whose first rows are the finished rows. ``pos``: per layer the projected
     relative-position rows for offsets -(chunk-1), -(chunk-2), ... in finished tiles. ``tail``: the
     last two token rows of the token layers' output (left context of the upsampling conv).
-    Only :meth:`UpsampleConformerEncoder.forward_chunks` writes to it; a cache that might be
-    shared (a speaker's prompt cache) is copied first with :meth:`clone`.
+    Only :meth:`UpsampleConformerEncoder.forward_chunks` writes to it, and only rows past the
+    finished ones; tensors are otherwise replaced, never changed.
     """
 
     tokens: int = 0  # finished tokens (a multiple of the chunk size)
@@ -471,13 +472,18 @@ class EncoderStreamCache:
     values: list[torch.Tensor | None] = field(default_factory=list)
     pos: list[torch.Tensor | None] = field(default_factory=list)
     tail: torch.Tensor | None = None
+    token_layers: int = 0  # the first layers count rows in tokens, the others in frames
+    stride: int = 1  # frames per token
 
     def clone(self) -> EncoderStreamCache:
-        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.clone()
-        return EncoderStreamCache(self.tokens, [copy(k) for k in self.keys],
-                                  [copy(v) for v in self.values], [copy(p) for p in self.pos],
-                                  copy(self.tail))
+        """A cache that goes on from here, sharing this one's finished rows without copying:
+        its buffers end at those rows, so its first write grows them into new memory."""
+        def finished(index: int, t: torch.Tensor | None) -> torch.Tensor | None:
+            rows = self.tokens * (1 if index < self.token_layers else self.stride)
+            return None if t is None else t[:, :rows]
+        return EncoderStreamCache(self.tokens, [finished(i, k) for i, k in enumerate(self.keys)],
+                                  [finished(i, v) for i, v in enumerate(self.values)],
+                                  list(self.pos), self.tail, self.token_layers, self.stride)
 
     def nbytes(self) -> int:
         tensors = [*self.keys, *self.values, *self.pos, self.tail]

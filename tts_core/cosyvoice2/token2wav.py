@@ -199,8 +199,8 @@ class Token2Wav:
     ) -> Token2WavStream:
         """A new per-request stream; feed it with ``push`` and close it with ``finish``.
 
-        prompt_cache: :meth:`prompt_cache` of this very prompt (it is copied, never written),
-        so the prompt's share of the flow is not computed again.
+        prompt_cache: :meth:`prompt_cache` of this very prompt (shared, never written), so the
+        prompt's share of the flow is not computed again.
         """
         schedule = schedule or self.schedule
         self._check_schedule(schedule)
