@@ -186,3 +186,13 @@ def test_token2wav_streams_with_speaker_cache_equal_recomputation(tiny_models, s
         assert all(torch.equal(a, b) for a, b in zip(chunks, expected, strict=True))
     with pytest.raises(ValueError, match="no stream cache"):
         uncached.start_stream(prompt_token, prompt_feat, embedding, prompt_cache=speaker)
+
+
+def test_reduced_precision_cache_is_exact_too(parity) -> None:
+    """The modules work in whatever dtype they are cast to; the cache stays exact there."""
+    flow, s = parity
+    low = copy.deepcopy(flow).to(torch.bfloat16)
+    prompt = (s["prompt_token"], s["prompt_feat"], s["embedding"])
+    pairs = run_cached(low, s["token"], prompt, [13, 41, 95])
+    assert_all_equal(pairs)
+    assert all(cached.dtype == torch.float32 for cached, _ in pairs)  # the solver's dtype

@@ -323,7 +323,7 @@ def _grow_rows(buffer: torch.Tensor | None, rows: int, like: torch.Tensor, width
         assert buffer is not None
         return buffer
     # some room ahead, as growing copies everything
-    grown = like.new_empty(like.shape[0], max(rows, have + have // 4), width)
+    grown = like.new_empty(like.shape[0], max(rows, have + have // 2), width)
     if buffer is not None and have:
         grown[:, :have] = buffer
     return grown

@@ -448,7 +448,7 @@ def _grow(buffer: torch.Tensor | None, rows: int, like: torch.Tensor, dim: int =
         assert buffer is not None
         return buffer
     shape = list(like.shape)
-    shape[dim] = max(rows, have + have // 4)  # some room: growing copies everything
+    shape[dim] = max(rows, have + have // 2)  # room ahead: growing copies everything
     grown = like.new_empty(shape)
     if buffer is not None and have:
         grown.narrow(dim, 0, have).copy_(buffer)
