@@ -260,9 +260,10 @@ def run_config(args: argparse.Namespace) -> None:
         chunk_s.append(seconds)
         ttfa_spk.append(first_chunk(probe, probe.request(prompt, True, True))[0])
     progress("LM and first-audio runs done")
-    streamed = [whole(probe, probe.request(prompt, True, True)) for _ in range(runs)]
+    full_runs = args.full_runs or runs
+    streamed = [whole(probe, probe.request(prompt, True, True)) for _ in range(full_runs)]
     progress("streaming runs done")
-    at_once = [whole(probe, probe.request(prompt, False, True)) for _ in range(runs)]
+    at_once = [whole(probe, probe.request(prompt, False, True)) for _ in range(full_runs)]
     progress("non-streaming runs done")
 
     med = statistics.median
@@ -351,6 +352,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100, help="speech tokens per utterance")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--full-runs", type=int, default=0,
+                    help="whole-utterance runs (streaming and not) per configuration "
+                    "(default: --runs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
@@ -375,10 +379,11 @@ def main() -> None:
             command = [sys.executable, __file__, "--model-dir", str(args.model_dir),
                        "--worker", config, "--out", str(out), "--reference", str(reference),
                        "--tokens", str(args.tokens), "--threads", str(args.threads),
-                       "--runs", str(args.runs)]
+                       "--runs", str(args.runs), "--full-runs", str(args.full_runs)]
             started = time.perf_counter()
             subprocess.run(command, check=True)
             results.append(json.loads(out.read_text()))
+            print(json.dumps(results[-1]), flush=True)  # each result as soon as it is known
             print(f"{config}: done in {time.perf_counter() - started:.0f} s; load "
                   f"{os.getloadavg()}", flush=True)
     print_table(results)
