@@ -24,7 +24,13 @@ directory's ``spk2info.pt`` and speakers registered with :meth:`CosyVoice2Engine
 which persist under ``state_dir``.
 
 Concurrency: requests may run in parallel threads. The modules are shared read-only; each request
-owns its KV cache, its streaming driver state and its random generator.
+owns its KV cache, its streaming driver state and its random generator. A streaming request uses
+two threads: the LM decodes in one of its own (``_pipelined``) while the request's thread runs the
+flow and the vocoder; the caches that outlive a request (LM prefix KV, flow prompt caches of
+stored speakers) hand out copies.
+
+Numerics follow the ``precision`` option (:mod:`precision`): float32 is exact, "auto" picks the
+fastest plan within the README's tolerances (dynamic int8 LM on CPU).
 """
 
 from __future__ import annotations
