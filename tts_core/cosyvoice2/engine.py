@@ -30,7 +30,8 @@ flow and the vocoder; the caches that outlive a request (LM prefix KV, flow prom
 stored speakers) hand out copies.
 
 Numerics follow the ``precision`` option (:mod:`precision`): float32 is exact, "auto" picks the
-fastest plan within the README's tolerances (dynamic int8 LM on CPU).
+fastest plan within the README's tolerances, "int8" (dynamic int8 LM, CPU) is faster still but
+outside them on the full-size directory.
 """
 
 from __future__ import annotations
