@@ -16,6 +16,7 @@ import pytest
 import soundfile
 import torch
 
+import tts_core.cosyvoice2.engine as cv2_engine
 from tts_core.cosyvoice2.engine import (
     DEFAULT_FIRST_CHUNK_TOKENS,
     NO_PRESETS,
@@ -408,4 +409,34 @@ def test_device_choice(model_dirs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="unknown device"):
         CosyVoice2Engine.from_model_dir(model_dirs["bare"], device="tpu")
     auto = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="auto")
-    assert auto.models.device.type == "cpu" and auto.models.dtype == torch.float32
+    assert auto.models.device.type == "cpu" and auto.models.precision is not None
+    # the CPU default (see precision.py): bfloat16 with AMX, else float32
+    assert auto.models.precision.name in ("float32", "bfloat16")
+
+
+def test_registered_speaker_streams_from_its_flow_prompt_cache(
+        model_dirs: dict[str, Path], tmp_path: Path, zh_prompt: Audio, en_prompt: Audio,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registration computes the prompt's share of the flow once; streams that start from it
+    give exactly the samples of streams that compute it themselves."""
+    engine = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
+                                             state_dir=tmp_path, seed=3)
+    engine.register_speaker("erin", zh_prompt, PROMPT_TEXT)
+    profile, cache = engine._flow_caches["erin"]
+    assert profile is engine.registry.get("erin") and cache.frames > 0
+    source = Audio(en_prompt.samples[: 3 * en_prompt.sample_rate], en_prompt.sample_rate)
+    requests = [SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好，我们去公园散步吧！",
+                                 speaker_id="erin"),
+                SynthesisRequest(Mode.VOICE_CONVERSION, source=source, speaker_id="erin")]
+    cached = [collect(engine, r) for r in requests]
+    monkeypatch.setattr(cv2_engine, "SPEAKER_FLOW_CACHES", 0)
+    uncached = [collect(engine, r) for r in requests]
+    for with_cache, without in zip(cached, uncached, strict=True):
+        assert len(with_cache) == len(without) > 2
+        assert all(np.array_equal(a, b) for a, b in zip(with_cache, without, strict=True))
+    engine.register_speaker("erin", en_prompt, "", replace=True)  # a new voice, a new cache
+    monkeypatch.setattr(cv2_engine, "SPEAKER_FLOW_CACHES", 2)
+    collect(engine, SynthesisRequest(Mode.CROSS_LINGUAL, text="Hi there.", speaker_id="erin"))
+    assert engine._flow_caches["erin"][0] is engine.registry.get("erin")
+    engine.delete_speaker("erin")
+    assert "erin" not in engine._flow_caches

@@ -26,20 +26,29 @@ which persist under ``state_dir``.
 Concurrency: requests may run in parallel threads. The modules are shared read-only; each request
 owns its KV cache, its streaming driver state and its random generator. With ``max_batch`` > 1
 :meth:`synthesize` hands each request to one batch scheduler (:mod:`tts_core.batching`) that steps
-all of them together; the caller's thread only waits for its chunks.
+all of them together; the caller's thread only waits for its chunks. Otherwise a streaming request
+uses two threads: the LM decodes in one of its own (``_pipelined``) while the request's thread runs
+the flow and the vocoder; the caches that outlive a request (LM prefix KV, flow prompt caches of
+stored speakers) hand out copies.
+
+Numerics follow the ``precision`` option (:mod:`precision`): float32 is exact, "auto" picks the
+fastest plan within the README's tolerances, "int8" (dynamic int8 LM, CPU) is faster still but
+outside them on the full-size directory.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -56,6 +65,7 @@ from ..engine import (
     UnknownSpeaker,
     UnsupportedMode,
 )
+from .llm import PrefixCache
 from .model_dir import CosyVoice2Models, load_model_dir
 from .onnx_frontend import (
     PromptAudioError,
@@ -63,7 +73,8 @@ from .onnx_frontend import (
     PromptFeatures,
     check_audio,
 )
-from .sampling import RasSampler
+from .precision import PRECISIONS, resolve_precision
+from .sampling import RasSampler, Sampler
 from .speakers import (
     SpeakerError,
     SpeakerProfile,
@@ -98,6 +109,8 @@ class _Voice:
     flow_prompt_feat: torch.Tensor  # [1, ratio·P, 80]
     embedding: torch.Tensor  # [1, 192]
     tag_language: bool  # cross-lingual: prefix the text with its <|lang|> tag
+    stored: bool = False  # a preset or registered speaker: its LM prefix KV may be cached
+    speaker: SpeakerProfile | None = None  # the stored speaker the flow prompt comes from
 
 
 def _resolve_device(device: str) -> str:
@@ -110,24 +123,16 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
-    """float32 on CPU; on CUDA bfloat16 where supported (its range avoids the float16 overflows
-    Qwen2 activations are known for), else float16. ``dtype`` ("auto" or None: that default)
-    overrides."""
-    name = None if dtype == "auto" else dtype
-    if name == "int8":
-        raise ValueError("precision int8 is not available for the cosyvoice2 engine yet; use "
-                         "auto, float32, bfloat16 or float16")
-    if name:
-        table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        if name not in table:
-            raise ValueError(f"unknown dtype {name!r}; use float32, float16 or bfloat16")
-        if table[name] != torch.float32 and not device.startswith("cuda"):
-            raise ValueError(f"dtype {name} is only supported on CUDA")
-        return table[name]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+def _precision_name(precision: str, dtype: str | None) -> str:
+    """The precision option; ``dtype`` (float32 / float16 / bfloat16) is the older spelling."""
+    if dtype is None:
+        return precision
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    if precision not in ("auto", dtype):
+        raise ValueError(f"dtype {dtype!r} contradicts precision {precision!r}; give only "
+                         "precision")
+    return dtype
 
 
 # The reference starts streaming after chunk_size (25) tokens plus padding of the prompt to a
@@ -135,6 +140,11 @@ def _resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
 # that latency by more than half; scripts/bench_cv2_stream_quality.py measured no extra
 # difference from one-shot output on the parity model compared with the reference schedule.
 DEFAULT_FIRST_CHUNK_TOKENS = 10
+
+# Flow stream caches of stored speakers' prompts kept in memory (least recently used dropped):
+# each holds the prompt's attention keys/values for every Euler step and CFG row, about
+# 4.6 MB per prompt mel frame (0.7 GB for a 3 s prompt) at the official size in float32.
+SPEAKER_FLOW_CACHES = 2
 
 # Streamed text is normalised (and tokenised) up to its last word or clause boundary; text
 # without one (CJK without punctuation) is flushed once it is this long.
@@ -151,9 +161,13 @@ def default_schedule(chunk_size: int,
     for first chunks of whole attention chunks; for others the padding would just add latency.
     """
     aligned = first_chunk_tokens % chunk_size == 0
+    # chunk attention in the last call as in the others: with the flow's stream cache, nothing
+    # of the past is computed again (the reference switches to full attention there, which
+    # recomputes the whole utterance)
     return StreamSchedule(first_hop=first_chunk_tokens, growth=2.0,
                           max_hop=max(4 * chunk_size, first_chunk_tokens),
-                          prompt_align=chunk_size if aligned else 0)
+                          prompt_align=chunk_size if aligned else 0,
+                          full_attention_final=False)
 
 
 class CosyVoice2Engine:
@@ -171,7 +185,8 @@ class CosyVoice2Engine:
 
     def __init__(self, models: CosyVoice2Models, state_dir: Path | None = None,
                  seed: int | None = None, schedule: StreamSchedule | None = None,
-                 max_batch: int = 1) -> None:
+                 max_batch: int = 1, pipeline: bool = True,
+                 prefix_cache_size: int = 32) -> None:
         if models.tokenizer is None or models.onnx is None:
             raise ValueError("the engine needs the tokenizer and the ONNX front end "
                              "(load the model directory with require_frontend=True)")
@@ -197,6 +212,19 @@ class CosyVoice2Engine:
             from ..batching.cosyvoice2_job import make_scheduler
 
             self.scheduler = make_scheduler(models.lm, max_batch)
+        # Streaming: the LM decodes in a thread of its own while the request's thread runs the
+        # flow and the vocoder on the tokens it has (see _pipelined).
+        self.pipeline = pipeline
+        # KV of sos + prompt text of stored speakers, reused across their requests. Every
+        # request computes its prefix as a step of its own (a prompt in the request through a
+        # cache that keeps nothing), so a stored speaker gives exactly the audio of its prompt
+        # whether the prefix came from the cache or not, in every precision (dynamic int8
+        # scales activations per call, so how rows are grouped into calls matters there).
+        self.prefix_cache = PrefixCache(prefix_cache_size)
+        self._uncached_prefix = PrefixCache(0)
+        # speaker id -> (profile it was built from, flow prompt cache); see SPEAKER_FLOW_CACHES
+        self._flow_caches: OrderedDict[str, tuple[SpeakerProfile, Any]] = OrderedDict()
+        self._flow_caches_lock = threading.Lock()
 
     def _make_token2wav(self, schedule: StreamSchedule) -> Token2Wav:
         return Token2Wav(self.models.flow, self.models.hift,
@@ -205,35 +233,42 @@ class CosyVoice2Engine:
     @classmethod
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
-                       seed: int | None = None,
-                       first_chunk_tokens: int | None = None,
-                       precision: str = "auto", max_batch: int = 1) -> Self:
+                       seed: int | None = None, first_chunk_tokens: int | None = None,
+                       precision: str = "auto", max_batch: int = 1, pipeline: bool = True,
+                       prefix_cache_size: int = 32) -> Self:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
         available), "cpu" or "cuda[:N]"; state_dir: where registered speakers persist (None:
-        they live in memory only); precision: LM/flow precision, one of
-        ``tts_core.registry.PRECISIONS`` (see ``_resolve_dtype``; ``dtype``, its older name,
-        wins when given);
-        first_chunk_tokens: speech tokens in the first streamed chunk (None: the default below);
-        max_batch: requests decoded together by the batch scheduler (1: no scheduler).
+        they live in memory only); precision: one of ``PRECISIONS`` (see :mod:`precision`;
+        "float32" is the exact path, "auto" the fastest within the README's tolerances); dtype:
+        the older spelling of precision (float32 / float16 / bfloat16); first_chunk_tokens:
+        speech tokens in the first streamed chunk (None: the default below); max_batch: requests
+        decoded together by the batch scheduler (1: no scheduler); pipeline: decode in a thread
+        of its own while streamed chunks are vocoded; prefix_cache_size: stored speakers whose
+        LM prefix KV is kept (0: none).
         """
         device = _resolve_device(device)
+        name = _precision_name(precision, dtype)
+        if name not in PRECISIONS:
+            raise ValueError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
+        plan = resolve_precision(name, device)
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        models = cls.load_models(Path(path), device=device,
-                                 dtype=_resolve_dtype(device, dtype or precision),
+        models = cls.load_models(Path(path), device=device, precision=plan,
                                  onnx_threads=min(threads or 1, 4))
-        log.info("loaded %s model directory %s on %s (%s) in %.1f s", cls.display_name, path,
-                 device, models.dtype, time.perf_counter() - started)
+        log.info("loaded %s model directory %s on %s (precision %s: LM %s%s, flow %s) in %.1f s",
+                 cls.display_name, path, device, plan.name, plan.lm_dtype,
+                 " + int8 Linear" if plan.lm_int8 else "", plan.flow_dtype,
+                 time.perf_counter() - started)
         schedule = None
         if first_chunk_tokens is not None:
             schedule = default_schedule(models.chunk_size, first_chunk_tokens)
         return cls(models, state_dir=state_dir, seed=seed, schedule=schedule,
-                   max_batch=max_batch)
+                   max_batch=max_batch, pipeline=pipeline, prefix_cache_size=prefix_cache_size)
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -289,7 +324,8 @@ class CosyVoice2Engine:
             text_ids = self.tokenizer.encode(segment)
             tokens = self._lm_tokens(self.models.lm.inference(
                 text_ids, voice.lm_prompt_text_ids, voice.lm_prompt_tokens,
-                self._sampler(randomness), cancel=cancel))
+                self._sampler(randomness), cancel=cancel,
+                prefix_cache=self.prefix_cache if voice.stored else self._uncached_prefix))
             yield from self._vocode(tokens, voice, request, cancel, randomness)
 
     # ------------------------------------------------------------------ extras
@@ -344,10 +380,21 @@ class CosyVoice2Engine:
             self.registry.add(profile, replace=replace)
         except SpeakerError as error:
             raise InvalidRequest(str(error)) from error
+        with self._flow_caches_lock:  # a replaced voice's cache goes at once
+            self._flow_caches.pop(speaker_id, None)
+        if profile.has_prompt_audio:  # the prompt's share of the flow, once for all requests
+            device = self.models.device
+            self._speaker_flow_cache(_Voice(
+                lm_prompt_text_ids=[], lm_prompt_tokens=[],
+                flow_prompt_tokens=profile.speech_tokens.to(device),
+                flow_prompt_feat=profile.speech_feat.to(device),
+                embedding=profile.embedding.to(device), tag_language=False, speaker=profile))
         return profile.to_speaker()
 
     def delete_speaker(self, speaker_id: str) -> None:
         """Forget a registered speaker (and its files). Presets cannot be deleted."""
+        with self._flow_caches_lock:
+            self._flow_caches.pop(speaker_id, None)
         try:
             self.registry.delete(speaker_id)
         except KeyError:
@@ -416,7 +463,7 @@ class CosyVoice2Engine:
         return _Randomness(torch.Generator().manual_seed(seed),
                            torch.Generator().manual_seed(seed + 1))
 
-    def _sampler(self, randomness: _Randomness) -> RasSampler:
+    def _sampler(self, randomness: _Randomness) -> Sampler:
         return RasSampler(self.models.sampling, self.models.lm.config.speech_token_size,
                           randomness.sampler)
 
@@ -458,9 +505,11 @@ class CosyVoice2Engine:
             lm_text, lm_tokens = self._lm_no_prompt_ids(), []
         tag = self.uses_language_tags and (
             mode is Mode.CROSS_LINGUAL or (mode is Mode.SFT and not lm_text))
-        return _Voice(lm_prompt_text_ids=lm_text, lm_prompt_tokens=lm_tokens,
+        return _Voice(speaker=profile if request.prompt is None else None,
+                      lm_prompt_text_ids=lm_text, lm_prompt_tokens=lm_tokens,
                       flow_prompt_tokens=tokens.to(device), flow_prompt_feat=feat.to(device),
-                      embedding=embedding.to(device), tag_language=tag)
+                      embedding=embedding.to(device), tag_language=tag,
+                      stored=request.prompt is None and mode is not Mode.INSTRUCT)
 
     # Hooks where the CosyVoice 3 engine differs: the LM prompt layout and the LM's tokens.
 
@@ -528,9 +577,11 @@ class CosyVoice2Engine:
         if request.stream and request.speed == 1.0:
             stream = self.token2wav.start_stream(
                 voice.flow_prompt_tokens, voice.flow_prompt_feat, voice.embedding,
-                generator=randomness.vocoder, cancel=cancel)
-            for token in tokens:
-                for chunk in stream.push([token]):
+                generator=randomness.vocoder, cancel=cancel,
+                prompt_cache=self._speaker_flow_cache(voice))
+            batches = _pipelined(tokens, cancel) if self.pipeline else ([t] for t in tokens)
+            for batch in batches:
+                for chunk in stream.push(batch):
                     if chunk.shape[-1]:
                         yield _to_numpy(chunk)
                 if stream.cancelled:
@@ -551,6 +602,26 @@ class CosyVoice2Engine:
                                         generator=randomness.vocoder)
         if wav.shape[-1]:
             yield _to_numpy(wav)
+
+    def _speaker_flow_cache(self, voice: _Voice) -> Any:
+        """The flow's prompt cache of a stored speaker, built on first use and kept (LRU);
+        a replaced speaker is a new profile object, so its old cache is never used."""
+        profile = voice.speaker
+        if profile is None or not self.token2wav.caches_streams or SPEAKER_FLOW_CACHES < 1:
+            return None
+        with self._flow_caches_lock:
+            entry = self._flow_caches.get(profile.id)
+            if entry is not None and entry[0] is profile:
+                self._flow_caches.move_to_end(profile.id)
+                return entry[1]
+        cache = self.token2wav.prompt_cache(voice.flow_prompt_tokens, voice.flow_prompt_feat,
+                                            voice.embedding)
+        with self._flow_caches_lock:
+            self._flow_caches[profile.id] = (profile, cache)
+            self._flow_caches.move_to_end(profile.id)
+            while len(self._flow_caches) > SPEAKER_FLOW_CACHES:
+                self._flow_caches.popitem(last=False)
+        return cache
 
     def _voice_conversion(self, request: SynthesisRequest, cancel: threading.Event,
                           randomness: _Randomness) -> Iterator[np.ndarray]:
@@ -587,6 +658,63 @@ class CosyVoice2Engine:
         if self.scheduler is None:
             return 0, 1
         return self.scheduler.occupancy(), self.max_batch
+
+
+_DONE = object()
+
+
+def _pipelined(tokens: Iterable[int], cancel: threading.Event) -> Iterator[list[int]]:
+    """Run the token iterator (the LM) in a thread of its own; yield the tokens it has made so
+    far, as lists, while the caller vocodes.
+
+    The vocoder then no longer waits for the LM's next tokens nor the LM for the vocoder: each
+    keeps one core busy. Tokens and their order are those of the iterator, so the audio is the
+    same as in sequence (the stream driver cuts chunks by token count, not by batch). Leaving
+    the loop early (cancel, an error, the consumer closing) stops the producer at its next
+    token.
+    """
+    handoff: queue.SimpleQueue[object] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        iterator = iter(tokens)
+        try:
+            for token in iterator:
+                handoff.put(token)
+                if stop.is_set() or cancel.is_set():
+                    break
+        except BaseException as error:  # handed to the consumer, raised there
+            handoff.put(error)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            handoff.put(_DONE)
+
+    producer = threading.Thread(target=produce, name="cosyvoice2-lm", daemon=True)
+    producer.start()
+    try:
+        finished = False
+        while not finished:
+            batch: list[int] = []
+            item = handoff.get()  # wait for at least one token
+            while True:
+                if item is _DONE:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                batch.append(item)  # type: ignore[arg-type]
+                try:
+                    item = handoff.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                yield batch
+    finally:
+        # Not joined: the producer may be waiting for streamed text; it ends after its
+        # current step.
+        stop.set()
 
 
 def _to_numpy(wav: torch.Tensor) -> np.ndarray:

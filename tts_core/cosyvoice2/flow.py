@@ -18,8 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tts_core.cosyvoice2.flow_decoder import FlowDecoderConfig
-from tts_core.cosyvoice2.flow_encoder import FlowEncoderConfig, UpsampleConformerEncoder
+from tts_core.cosyvoice2.flow_decoder import EstimatorStepCache, FlowDecoderConfig
+from tts_core.cosyvoice2.flow_encoder import (
+    EncoderStreamCache,
+    FlowEncoderConfig,
+    UpsampleConformerEncoder,
+)
 from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig
 from tts_core.cosyvoice2.hyperyaml import Tagged
 
@@ -102,6 +106,55 @@ class FlowConfig:
         )
 
 
+@dataclass
+class FlowStreamCache:
+    """Per-request streaming state of the flow: everything about the finished chunks.
+
+    Finished means a whole attention chunk (``static_chunk_size`` tokens, ``ratio`` times as
+    many mel frames) whose look-ahead tokens were seen: its encoder and estimator rows never
+    change again, so later calls reuse them (per Euler step and CFG row: conv contexts and
+    attention keys/values) and compute only the frames after them. Owned by one stream and
+    written in place by :meth:`CausalFlow.inference_cached`; a cache meant to be shared (a
+    registered speaker's prompt, :meth:`CausalFlow.prompt_cache`) is handed on by ``clone``
+    before use (without copying). ``prompt``: the conditioning it was built for, checked on
+    every call.
+    """
+
+    prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    encoder: EncoderStreamCache = field(default_factory=EncoderStreamCache)
+    estimator: list[EstimatorStepCache] = field(default_factory=list)
+    mel: torch.Tensor | None = None  # [1, 80, frames] float32 mel of the finished frames
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.mel is None else self.mel.shape[-1]
+
+    def clone(self) -> FlowStreamCache:
+        """An independent cache that goes on from this one. It shares the finished rows
+        without copying them: every write goes past them, into newly grown buffers, so this
+        cache is never changed through the clone (any number of streams may share it)."""
+        return FlowStreamCache(self.prompt, self.encoder.clone(),
+                               [step.clone(self.frames) for step in self.estimator], self.mel)
+
+    def compact(self) -> FlowStreamCache:
+        """A copy holding exactly the finished rows (no room to grow), to keep for long."""
+        shared = self.clone()
+
+        def copy(items: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+            return [None if t is None else t.clone() for t in items]
+        shared.encoder.keys, shared.encoder.values = copy(shared.encoder.keys), \
+            copy(shared.encoder.values)
+        for step in shared.estimator:
+            step.keys, step.values = copy(step.keys), copy(step.values)
+        return shared
+
+    def nbytes(self) -> int:
+        """Memory of its tensors (a stream's buffers are grown ahead of the finished rows;
+        a clone counts the rows it shares)."""
+        mel = 0 if self.mel is None else self.mel.numel() * self.mel.element_size()
+        return self.encoder.nbytes() + sum(s.nbytes() for s in self.estimator) + mel
+
+
 class CausalFlow(nn.Module):
     def __init__(self, config: FlowConfig):
         super().__init__()
@@ -124,6 +177,9 @@ class CausalFlow(nn.Module):
         """
         self._check_tokens(tokens)
         x = self.input_embedding(tokens.long())
+        if streaming and self.supports_chunk_streaming:
+            main = tokens.shape[1] - (0 if finalize else self._lookahead_of(tokens))
+            return torch.cat(self.encoder.forward_chunks(x, main, EncoderStreamCache()), dim=1)
         if finalize:
             return self.encoder(x, None, streaming)
         lookahead = self.config.pre_lookahead_len
@@ -131,6 +187,22 @@ class CausalFlow(nn.Module):
             raise ValueError(f"flow: a non-final call needs more than {lookahead} tokens "
                              f"(the last {lookahead} are look-ahead), got {tokens.shape[1]}")
         return self.encoder(x[:, :-lookahead], x[:, -lookahead:], streaming)
+
+    def _lookahead_of(self, tokens: torch.Tensor) -> int:
+        lookahead = self.config.pre_lookahead_len
+        if tokens.shape[1] <= lookahead:
+            raise ValueError(f"flow: a non-final call needs more than {lookahead} tokens "
+                             f"(the last {lookahead} are look-ahead), got {tokens.shape[1]}")
+        return lookahead
+
+    @property
+    def supports_chunk_streaming(self) -> bool:
+        """Whether streaming calls run chunk by chunk (and can be cached): a single-level
+        estimator whose attention chunk is the encoder's, upsampled."""
+        config = self.config
+        return (self.decoder.estimator.supports_chunks and config.encoder.static_chunk_size > 0
+                and config.estimator.static_chunk_size
+                == config.encoder.static_chunk_size * config.encoder.upsample_stride)
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.dim() != 2 or tokens.dtype.is_floating_point:
@@ -143,6 +215,19 @@ class CausalFlow(nn.Module):
         if low < 0 or high >= vocab:
             raise ValueError(f"flow: speech token ids must lie in [0, {vocab}), "
                              f"got {low}..{high}")
+
+    def _check_inputs(self, token: torch.Tensor, prompt_token: torch.Tensor,
+                      prompt_feat: torch.Tensor, embedding: torch.Tensor) -> None:
+        if token.dim() != 2 or prompt_token.dim() != 2 or token.shape[0] != 1 \
+                or prompt_token.shape[0] != 1:
+            raise ValueError("flow: token and prompt_token must be [1, length] tensors")
+        if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 \
+                or prompt_feat.shape[2] != self.config.output_size:
+            raise ValueError(f"flow: prompt_feat must be [1, frames, {self.config.output_size}], "
+                             f"got {tuple(prompt_feat.shape)}")
+        if embedding.shape != (1, self.config.spk_embed_dim):
+            raise ValueError(f"flow: embedding must be [1, {self.config.spk_embed_dim}], "
+                             f"got {tuple(embedding.shape)}")
 
     @torch.inference_mode()
     def inference(self, token: torch.Tensor, prompt_token: torch.Tensor,
@@ -158,19 +243,12 @@ class CausalFlow(nn.Module):
         Returns float32 [1, output_size, frames], the prompt's frames excluded:
         frames = ratio * (P + N) - F, minus ratio * pre_lookahead_len when not finalize.
         """
+        if streaming and self.supports_chunk_streaming:
+            return self.inference_cached(token, prompt_token, prompt_feat, embedding,
+                                         FlowStreamCache(), finalize)
+        self._check_inputs(token, prompt_token, prompt_feat, embedding)
         weight = self.input_embedding.weight
         device, dtype = weight.device, weight.dtype
-        if token.dim() != 2 or prompt_token.dim() != 2 or token.shape[0] != 1 \
-                or prompt_token.shape[0] != 1:
-            raise ValueError("flow: token and prompt_token must be [1, length] tensors")
-        if prompt_feat.dim() != 3 or prompt_feat.shape[0] != 1 \
-                or prompt_feat.shape[2] != self.config.output_size:
-            raise ValueError(f"flow: prompt_feat must be [1, frames, {self.config.output_size}], "
-                             f"got {tuple(prompt_feat.shape)}")
-        if embedding.shape != (1, self.config.spk_embed_dim):
-            raise ValueError(f"flow: embedding must be [1, {self.config.spk_embed_dim}], "
-                             f"got {tuple(embedding.shape)}")
-
         spks = self.project_speaker(embedding.to(device, dtype))
         tokens = torch.cat([prompt_token, token], dim=1).to(device)
         h = self.encode(tokens, streaming, finalize)
@@ -185,3 +263,90 @@ class CausalFlow(nn.Module):
         mask = torch.ones(1, 1, frames, device=device, dtype=dtype)
         mel = self.decoder(mu, mask, spks, cond, streaming)
         return mel[:, :, prompt_frames:].float()
+
+    # --- streaming, chunk by chunk --------------------------------------------------------
+
+    @torch.inference_mode()
+    def inference_cached(self, token: torch.Tensor, prompt_token: torch.Tensor,
+                         prompt_feat: torch.Tensor, embedding: torch.Tensor,
+                         cache: FlowStreamCache, finalize: bool = False, skip: int = 0
+                         ) -> torch.Tensor:
+        """``inference(..., streaming=True, finalize)`` computing only what ``cache`` lacks.
+
+        token: all new tokens so far (not only the latest ones); the cache must come from
+        earlier calls of the same request (or :meth:`prompt_cache` of the same prompt) and is
+        updated in place. skip: mel frames to leave out at the start of the output (those
+        already emitted), so the result is frames ``skip`` onwards of what ``inference``
+        returns. The output equals ``inference``'s bit for bit: the uncached streaming path is
+        this one with an empty cache.
+        """
+        if not self.supports_chunk_streaming:
+            raise ValueError("flow: this configuration cannot stream chunk by chunk")
+        self._check_inputs(token, prompt_token, prompt_feat, embedding)
+        tokens = torch.cat([prompt_token, token.to(prompt_token.device)], dim=1)
+        mel = self._run_chunks(tokens, prompt_token, prompt_feat, embedding, cache, finalize,
+                               keep_unfinished=True)
+        prompt_frames = prompt_feat.shape[1]
+        if prompt_frames > mel.shape[-1]:
+            raise ValueError(f"flow: prompt_feat has {prompt_frames} frames but the tokens give "
+                             f"only {mel.shape[-1]}")
+        return mel[:, :, prompt_frames + skip:]
+
+    @torch.inference_mode()
+    def prompt_cache(self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                     embedding: torch.Tensor) -> FlowStreamCache:
+        """The streaming cache of a prompt alone: its finished chunks (those whose look-ahead
+        lies inside the prompt), to keep with a registered speaker and hand to each of its
+        streams (streams go on from a ``clone``, which shares it and never writes to it). Empty
+        when the prompt is shorter than one chunk."""
+        if not self.supports_chunk_streaming:
+            raise ValueError("flow: this configuration cannot stream chunk by chunk")
+        self._check_inputs(prompt_token[:, :0], prompt_token, prompt_feat, embedding)
+        cache = FlowStreamCache()
+        self._run_chunks(prompt_token, prompt_token, prompt_feat, embedding, cache,
+                         finalize=False, keep_unfinished=False)
+        return cache.compact()
+
+    def _run_chunks(self, tokens: torch.Tensor, prompt_token: torch.Tensor,
+                    prompt_feat: torch.Tensor, embedding: torch.Tensor, cache: FlowStreamCache,
+                    finalize: bool, keep_unfinished: bool) -> torch.Tensor:
+        """Frames 0.. of prompt + tokens (finished ones from the cache), float32 [1, 80, T]."""
+        weight = self.input_embedding.weight
+        device, dtype = weight.device, weight.dtype
+        prompt = (prompt_token, prompt_feat, embedding)
+        if cache.prompt is None:
+            cache.prompt = tuple(t.detach().clone() for t in prompt)  # type: ignore[assignment]
+        elif not all(a.shape == b.shape and torch.equal(a, b.to(a.device))
+                     for a, b in zip(cache.prompt, prompt, strict=True)):
+            raise ValueError("flow: this stream cache belongs to another prompt")
+        self._check_tokens(tokens)
+        encoder = self.encoder
+        chunk = self.config.encoder.static_chunk_size
+        ratio = self.config.encoder.upsample_stride
+        main = tokens.shape[1] - (0 if finalize else self._lookahead_of(tokens))
+        if not keep_unfinished:
+            main = max(cache.encoder.tokens, main // chunk * chunk)
+        start_frame = ratio * cache.encoder.tokens
+        if cache.frames != start_frame:
+            raise ValueError("flow: stream cache is inconsistent (encoder and mel disagree)")
+        spks = self.project_speaker(embedding.to(device, dtype))
+        feat = prompt_feat.to(device, dtype).transpose(1, 2)  # [1, 80, F]
+        hidden = encoder.forward_chunks(self.input_embedding(tokens.long()), main,
+                                        cache.encoder)
+        pieces = [] if cache.mel is None else [cache.mel]
+        frame = start_frame
+        for h in hidden:
+            frames = h.shape[1]
+            mu = self.encoder_proj(h).transpose(1, 2).contiguous()  # [1, 80, frames]
+            cond = torch.zeros(1, self.config.output_size, frames, device=device, dtype=dtype)
+            shown = max(0, min(frames, feat.shape[-1] - frame))
+            cond[:, :, :shown] = feat[:, :, frame:frame + shown]
+            complete = frames == ratio * chunk
+            mel = self.decoder.solve_chunk(frame, mu, spks, cond, cache.estimator, complete)
+            pieces.append(mel)
+            if complete:
+                cache.mel = mel if cache.mel is None else torch.cat([cache.mel, mel], dim=2)
+            frame += frames
+        if not pieces:
+            return torch.zeros(1, self.config.output_size, 0, device=device)
+        return torch.cat(pieces, dim=2)

@@ -224,6 +224,111 @@ class UpsampleTransposed(nn.Module):
         return self.conv(x)
 
 
+# --- chunk-by-chunk streaming ---------------------------------------------------------------
+#
+# Only for single-level U-Nets (the CosyVoice 2 estimator): every op is then causal in time
+# except attention inside a chunk, so a chunk's rows are final once the chunk is complete. A
+# chunk is computed alone, on shapes that depend only on that chunk, attending to exactly the
+# keys it may see; see flow_encoder for why. The frame mask is all ones in inference and is left
+# out (multiplying by one is exact).
+
+
+@dataclass
+class EstimatorStepCache:
+    """What one Euler step of the estimator keeps of the finished chunks of one request.
+
+    convs: per causal conv (in call order) its last ``kernel-1`` input frames [B, C, k-1];
+    keys/values: per attention layer a buffer [B, capacity, heads*head_dim] whose first rows
+    belong to finished frames.
+    """
+
+    convs: list[torch.Tensor | None] = field(default_factory=list)
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+
+    def clone(self, frames: int) -> EstimatorStepCache:
+        """A cache that goes on after ``frames`` finished frames, sharing them without copying
+        (its buffers end there, so its first write grows them into new memory)."""
+        def finished(items: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+            return [None if t is None else t[:, :frames] for t in items]
+        return EstimatorStepCache(list(self.convs), finished(self.keys), finished(self.values))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.convs, *self.keys, *self.values) if t is not None)
+
+
+class _ChunkRun:
+    """Walks one chunk through the estimator, reading and extending a step cache."""
+
+    def __init__(self, cache: EstimatorStepCache, start: int, left_frames: int | None):
+        self.cache, self.start, self.left_frames = cache, start, left_frames
+        self.conv_index = self.attn_index = 0
+        self.new_convs: list[torch.Tensor] = []
+
+    def conv(self, module: CausalConv1d, x: torch.Tensor) -> torch.Tensor:
+        i, self.conv_index = self.conv_index, self.conv_index + 1
+        if i == len(self.cache.convs):
+            self.cache.convs.append(None)
+        context = self.cache.convs[i]
+        if context is None:  # the causal conv's zero padding
+            context = x.new_zeros(x.shape[0], x.shape[1], module.left_pad)
+        x = torch.cat([context, x], dim=2)
+        self.new_convs.append(x[:, :, -module.left_pad:])
+        return F.conv1d(x, module.weight, module.bias)
+
+    def causal_block(self, block: CausalBlock, x: torch.Tensor) -> torch.Tensor:
+        conv, _, norm, _, mish = block.block
+        return mish(norm(self.conv(conv, x)))
+
+    def resnet(self, block: CausalResnetBlock, x: torch.Tensor, time: torch.Tensor
+               ) -> torch.Tensor:
+        h = self.causal_block(block.block1, x) + block.mlp(time).unsqueeze(-1)
+        h = self.causal_block(block.block2, h)
+        return h + block.res_conv(x)
+
+    def attention(self, attn: SelfAttention, x: torch.Tensor) -> torch.Tensor:
+        i, self.attn_index = self.attn_index, self.attn_index + 1
+        cache = self.cache
+        if i == len(cache.keys):
+            cache.keys.append(None)
+            cache.values.append(None)
+        b, r, _ = x.shape
+        start, end = self.start, self.start + r
+        keys = cache.keys[i] = _grow_rows(cache.keys[i], end, x, attn.to_k.out_features)
+        values = cache.values[i] = _grow_rows(cache.values[i], end, x, attn.to_v.out_features)
+        keys[:, start:end] = attn.to_k(x)
+        values[:, start:end] = attn.to_v(x)
+        first = 0 if self.left_frames is None else max(0, start - self.left_frames)
+
+        def split(h: torch.Tensor) -> torch.Tensor:
+            return h.view(b, h.shape[1], attn.heads, attn.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(attn.to_q(x)), split(keys[:, first:end]),
+                                             split(values[:, first:end]))
+        return attn.to_out[0](out.transpose(1, 2).reshape(b, r, attn.heads * attn.head_dim))
+
+    def transformers(self, blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
+        x = h.transpose(1, 2).contiguous()
+        for block in blocks:
+            x = x + self.attention(block.attn1, block.norm1(x))
+            x = x + block.ff(block.norm3(x))
+        return x.transpose(1, 2).contiguous()
+
+
+def _grow_rows(buffer: torch.Tensor | None, rows: int, like: torch.Tensor, width: int
+               ) -> torch.Tensor:
+    have = 0 if buffer is None else buffer.shape[1]
+    if have >= rows:
+        assert buffer is not None
+        return buffer
+    # some room ahead, as growing copies everything
+    grown = like.new_empty(like.shape[0], max(rows, have + have // 2), width)
+    if buffer is not None and have:
+        grown[:, :have] = buffer
+    return grown
+
+
 class CausalConditionalDecoder(nn.Module):
     def __init__(self, config: FlowDecoderConfig):
         super().__init__()
@@ -309,3 +414,39 @@ class CausalConditionalDecoder(nn.Module):
             h = resample(h * level_mask)
         h = self.final_block(h, level_mask)
         return self.final_proj(h * level_mask) * mask
+
+    @property
+    def supports_chunks(self) -> bool:
+        """Whether :meth:`forward_chunk` applies (a single level: no down/upsampling)."""
+        return len(self.config.channels) == 1 and self.config.static_chunk_size > 0
+
+    def forward_chunk(self, x: torch.Tensor, mu: torch.Tensor, time: torch.Tensor,
+                      spks: torch.Tensor, cond: torch.Tensor, cache: EstimatorStepCache,
+                      start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Velocity of frames start..start+r-1 of a streamed sequence (one attention chunk, maybe
+        unfinished). x, mu, cond [B, 80, r]; time: :meth:`time_embedding` [B, time_dim].
+
+        Attention keys/values of these frames are written into ``cache``; the causal convs' new
+        left contexts are returned, for the caller to keep once the chunk is complete.
+        """
+        if not self.supports_chunks:
+            raise ValueError("flow decoder: chunk streaming needs a single-level U-Net")
+        left = self.config.num_decoding_left_chunks
+        run = _ChunkRun(cache, start, None if left < 0 else left * self.config.static_chunk_size)
+        h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
+        (resnet, blocks, resample), = self.down_blocks
+        h = run.resnet(resnet, h, time)
+        skip = h = run.transformers(blocks, h)
+        h = run.conv(resample, h)
+        for resnet, blocks in self.mid_blocks:
+            h = run.transformers(blocks, run.resnet(resnet, h, time))
+        (resnet, blocks, resample), = self.up_blocks
+        h = run.resnet(resnet, torch.cat([h, skip], dim=1), time)
+        h = run.conv(resample, run.transformers(blocks, h))
+        h = run.causal_block(self.final_block, h)
+        return self.final_proj(h), run.new_convs
+
+    def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B] flow times -> the time MLP's output [B, time_dim] in ``dtype``."""
+        embedded = sinusoidal_time_embedding(t.float(), self.config.in_channels)
+        return self.time_mlp(embedded.to(dtype))

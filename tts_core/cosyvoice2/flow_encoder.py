@@ -18,7 +18,7 @@ the look-ahead convolution in place of its zero padding; they produce no output 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -192,6 +192,35 @@ class RelPositionSelfAttention(nn.Module):
         out = torch.matmul(weights, v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.linear_out(out)
 
+    def forward_chunk(self, x: torch.Tensor, start: int, keys: torch.Tensor,
+                      values: torch.Tensor, pos: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Rows start..start+r-1 (one attention chunk, maybe unfinished) attending to every
+        row before them and to each other; no mask needed.
+
+        keys/values: [B, >= start+r, E] buffers holding the earlier rows (this chunk's rows are
+        written into them); pos: projected relative positions, row m for offset m - (chunk-1).
+        """
+        b, r, _ = x.shape
+        end = start + r
+        heads, dim = self.heads, self.head_dim
+        q = self.linear_q(x).view(b, r, heads, dim)
+        keys[:, start:end] = self.linear_k(x)
+        values[:, start:end] = self.linear_v(x)
+        k = keys[:, :end].view(b, end, heads, dim).transpose(1, 2)
+        v = values[:, :end].view(b, end, heads, dim).transpose(1, 2)
+        # offsets end-1 (query end-1, key 0) down to -(r-1) (query start, key end-1)
+        p = pos[chunk - r:end + chunk - 1].flip(0).view(1, -1, heads, dim).transpose(1, 2)
+        content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))
+        position = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))
+        # column of (query start+a, key j) is r-1-a+j: a diagonal band read as a strided view
+        position = position.contiguous()
+        s_b, s_h, _, _ = position.stride()
+        band = position.as_strided((b, heads, r, end), (s_b, s_h, position.shape[-1] - 1, 1),
+                                   position.storage_offset() + r - 1)
+        weights = torch.softmax((content + band) / math.sqrt(dim), dim=-1)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(b, r, heads * dim)
+        return self.linear_out(out)
+
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -217,6 +246,11 @@ class ConformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, pos_table: torch.Tensor, mask: torch.Tensor | None
                 ) -> torch.Tensor:
         x = x + self.self_attn(self.norm_mha(x), pos_table, mask)
+        return x + self.feed_forward(self.norm_ff(x))
+
+    def forward_chunk(self, x: torch.Tensor, start: int, keys: torch.Tensor,
+                      values: torch.Tensor, pos: torch.Tensor, chunk: int) -> torch.Tensor:
+        x = x + self.self_attn.forward_chunk(self.norm_mha(x), start, keys, values, pos, chunk)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -298,3 +332,172 @@ class UpsampleConformerEncoder(nn.Module):
         up_chunk = None if chunk is None else chunk * self.config.upsample_stride
         x = self._run_layers(self.up_encoders, x, up_chunk)
         return self.after_norm(x)
+
+    # --- streaming, chunk by chunk (see EncoderStreamCache) ---------------------------------
+
+    def _embed_rows(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Embedded rows first..last-1 of the token embeddings x [B, L, D], zeros outside
+        [0, L) (the look-ahead's zero padding); computed on whole, zero-padded chunk tiles."""
+        chunk, length = self.config.static_chunk_size, x.shape[1]
+        tiles = []
+        for tile in range(first // chunk, (last - 1) // chunk + 1):
+            lo, hi = max(tile * chunk, 0), min((tile + 1) * chunk, length)
+            rows = x.new_zeros(x.shape[0], chunk, x.shape[2])
+            if hi > lo:
+                rows[:, lo - tile * chunk:hi - tile * chunk] = x[:, lo:hi]
+            embedded = self.embed(rows)
+            inside = torch.arange(tile * chunk, (tile + 1) * chunk, device=x.device)
+            inside = (inside >= 0) & (inside < length)
+            tiles.append(embedded * inside.to(embedded.dtype)[None, :, None])
+        rows = torch.cat(tiles, dim=1)
+        skip = first - (first // chunk) * chunk
+        return rows[:, skip:skip + last - first]
+
+    def _position_rows(self, cache: EncoderStreamCache, index: int, attention: nn.Module,
+                       chunk: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """Projected relative-position rows 0..rows-1 of one layer, extended tile by tile."""
+        table = cache.pos[index]
+        have = 0 if table is None else table.shape[0]
+        if have < rows:
+            tiles = [attention.linear_pos(_position_tile(i, chunk, like.shape[-1], like.device)
+                                          .to(like.dtype))
+                     for i in range(have // chunk, -(-rows // chunk))]
+            table = torch.cat(([table] if table is not None else []) + tiles)
+            cache.pos[index] = table
+        assert table is not None
+        return table
+
+    def _layers_chunk(self, layers: nn.ModuleList, first_index: int, x: torch.Tensor,
+                      start: int, chunk: int, cache: EncoderStreamCache) -> torch.Tensor:
+        end = start + x.shape[1]
+        for i, layer in enumerate(layers):
+            index = first_index + i
+            cache.keys[index] = _grow(cache.keys[index], end, x)
+            cache.values[index] = _grow(cache.values[index], end, x)
+            pos = self._position_rows(cache, index, layer.self_attn, chunk, end + chunk, x)
+            x = layer.forward_chunk(x, start, cache.keys[index], cache.values[index], pos,
+                                    chunk)
+        return x
+
+    def forward_chunks(self, x: torch.Tensor, main: int, cache: EncoderStreamCache
+                       ) -> list[torch.Tensor]:
+        """Streaming encoder over token embeddings x [B, L, input_size] (before ``embed``).
+
+        Tokens main..L-1 are look-ahead context only (main = L when the input is final).
+        Computes tokens cache.tokens..main-1 chunk by chunk and returns each chunk's output
+        frames [B, stride*tokens, E] (the last one maybe unfinished); finished chunks are kept
+        in ``cache``. Callers must keep applying row-wise layers chunk by chunk too.
+        """
+        config = self.config
+        chunk, stride, lookahead = config.static_chunk_size, config.upsample_stride, \
+            config.lookahead
+        layers = len(self.encoders) + len(self.up_encoders)
+        if not cache.keys:
+            cache.keys, cache.values = [None] * layers, [None] * layers
+            cache.pos = [None] * layers
+            cache.token_layers, cache.stride = len(self.encoders), stride
+        outputs = []
+        for start in range(cache.tokens, main, chunk):
+            end = min(start + chunk, main)
+            # look-ahead conv on a fixed tile: tokens start-2 .. start+chunk+lookahead-1
+            embedded = self._embed_rows(x, start - 2, start + chunk + lookahead)
+            look = self.pre_lookahead_layer
+            h = F.leaky_relu(look.conv1(embedded.transpose(1, 2)))
+            if start == 0:  # the causal conv's zero padding
+                h[:, :, :2] = 0
+            h = look.conv2(h).transpose(1, 2) + embedded[:, 2:2 + chunk]
+            h = self._layers_chunk(self.encoders, 0, h[:, :end - start], start, chunk, cache)
+
+            tail = cache.tail if start == cache.tokens else outputs[-1][1]
+            if tail is None:
+                tail = h.new_zeros(h.shape[0], 2, h.shape[2])
+            up_in = torch.cat([tail, h], dim=1)
+            up = F.interpolate(up_in.transpose(1, 2), scale_factor=float(stride),
+                               mode="nearest")
+            up = self.up_layer.conv(up).transpose(1, 2)
+            up = self._layers_chunk(self.up_encoders, len(self.encoders), self.up_embed(up),
+                                    stride * start, stride * chunk, cache)
+            outputs.append((self.after_norm(up), up_in[:, -2:]))
+        last = outputs[-1][1] if outputs else None
+        finished = cache.tokens + (main - cache.tokens) // chunk * chunk
+        if outputs and finished > cache.tokens:
+            # the tail of the last finished chunk: from the last output when that chunk is
+            # complete, otherwise from the one before
+            complete = (main - cache.tokens) % chunk == 0
+            cache.tail = last if complete else outputs[-2][1]
+            cache.tokens = finished
+        return [frames for frames, _ in outputs]
+
+
+# --- chunk-by-chunk streaming ---------------------------------------------------------------
+#
+# With chunk masks, the rows of a finished attention chunk never change again, so a stream can
+# keep them and compute only what is new. To make the kept rows bit-identical to a recomputation,
+# every op here runs on a shape that depends only on the chunk it serves, never on how much of
+# the sequence a call happens to cover (CPU GEMMs round differently for different row counts):
+# token embeddings and the look-ahead conv run on padded, chunk-aligned tiles, the relative
+# position table is projected in chunk-sized tiles, and each chunk attends to exactly the keys
+# it may see (no masked columns). The uncached streaming path is the same code from an empty
+# cache, so "cached" and "uncached" are the same computation.
+
+
+def _grow(buffer: torch.Tensor | None, rows: int, like: torch.Tensor, dim: int = 1
+          ) -> torch.Tensor:
+    """A buffer with room for ``rows`` rows along ``dim`` (contents kept; new rows undefined)."""
+    have = 0 if buffer is None else buffer.shape[dim]
+    if have >= rows:
+        assert buffer is not None
+        return buffer
+    shape = list(like.shape)
+    shape[dim] = max(rows, have + have // 2)  # room ahead: growing copies everything
+    grown = like.new_empty(shape)
+    if buffer is not None and have:
+        grown.narrow(dim, 0, have).copy_(buffer)
+    return grown
+
+
+@dataclass
+class EncoderStreamCache:
+    """Per-request state of the encoder: everything about its finished chunks.
+
+    ``keys``/``values``: per conformer layer (token layers then frame layers) a buffer
+    [B, capacity, E] whose first rows are the finished rows. ``pos``: per layer the projected
+    relative-position rows for offsets -(chunk-1), -(chunk-2), ... in finished tiles. ``tail``: the
+    last two token rows of the token layers' output (left context of the upsampling conv).
+    Only :meth:`UpsampleConformerEncoder.forward_chunks` writes to it, and only rows past the
+    finished ones; tensors are otherwise replaced, never changed.
+    """
+
+    tokens: int = 0  # finished tokens (a multiple of the chunk size)
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    pos: list[torch.Tensor | None] = field(default_factory=list)
+    tail: torch.Tensor | None = None
+    token_layers: int = 0  # the first layers count rows in tokens, the others in frames
+    stride: int = 1  # frames per token
+
+    def clone(self) -> EncoderStreamCache:
+        """A cache that goes on from here, sharing this one's finished rows without copying:
+        its buffers end at those rows, so its first write grows them into new memory."""
+        def finished(index: int, t: torch.Tensor | None) -> torch.Tensor | None:
+            rows = self.tokens * (1 if index < self.token_layers else self.stride)
+            return None if t is None else t[:, :rows]
+        return EncoderStreamCache(self.tokens, [finished(i, k) for i, k in enumerate(self.keys)],
+                                  [finished(i, v) for i, v in enumerate(self.values)],
+                                  list(self.pos), self.tail, self.token_layers, self.stride)
+
+    def nbytes(self) -> int:
+        tensors = [*self.keys, *self.values, *self.pos, self.tail]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _position_tile(index: int, chunk: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Sinusoids of relative offsets index*chunk - (chunk-1) ... (one tile, [chunk, dim])."""
+    offset = torch.arange(chunk, dtype=torch.float32, device=device) + (index * chunk - chunk + 1)
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+                         * -(math.log(10000.0) / dim))
+    angle = offset.unsqueeze(1) * inv_freq
+    table = torch.zeros(chunk, dim, device=device)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle)
+    return table

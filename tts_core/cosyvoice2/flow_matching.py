@@ -20,7 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tts_core.cosyvoice2.flow_decoder import CausalConditionalDecoder, FlowDecoderConfig
+from tts_core.cosyvoice2.flow_decoder import (
+    CausalConditionalDecoder,
+    EstimatorStepCache,
+    FlowDecoderConfig,
+)
 
 NOISE_SEED = 0
 NOISE_FRAMES = 15000
@@ -135,6 +139,48 @@ class CausalConditionalCFM(nn.Module):
             if rate > 0:
                 v_cond, v_uncond = velocity[:batch], velocity[batch:]
                 velocity = (1.0 + rate) * v_cond - rate * v_uncond
+            x = x + dt * velocity
+            t = t + dt
+            if step < steps:
+                dt = t_span[step + 1] - t
+        return x
+
+    def solve_chunk(self, start: int, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                    caches: list[EstimatorStepCache], keep: bool) -> torch.Tensor:
+        """Euler steps for frames start..start+r-1 of a streamed sequence (one estimator chunk,
+        maybe unfinished), given ``caches`` (one per step) of every chunk before it.
+
+        mu, cond [1, 80, r]; spks [1, 80]. Same arithmetic as :meth:`solve_euler`; keep: the
+        chunk is complete, so its conv contexts join the caches (its keys/values always do).
+        Returns the float32 mel [1, 80, r].
+        """
+        frames = mu.shape[-1]
+        x = self.initial_noise(start + frames)[:, :, start:].float()
+        rate = self.config.inference_cfg_rate
+        if rate > 0:
+            mu_in = torch.cat([mu, torch.zeros_like(mu)])
+            spks_in = torch.cat([spks, torch.zeros_like(spks)])
+            cond_in = torch.cat([cond, torch.zeros_like(cond)])
+        else:
+            mu_in, spks_in, cond_in = mu, spks, cond
+        t_span = time_grid(self.config.n_timesteps, self.config.t_scheduler, mu.device,
+                           torch.float32)
+        while len(caches) < len(t_span) - 1:
+            caches.append(EstimatorStepCache())
+        t = t_span[0].unsqueeze(0)
+        dt = t_span[1] - t_span[0]
+        steps = len(t_span) - 1
+        for step in range(1, steps + 1):
+            x_in = (torch.cat([x, x]) if rate > 0 else x).to(mu.dtype)
+            time = self.estimator.time_embedding(t.expand(x_in.shape[0]), mu.dtype)
+            cache = caches[step - 1]
+            velocity, convs = self.estimator.forward_chunk(x_in, mu_in, time, spks_in, cond_in,
+                                                           cache, start)
+            if keep:
+                cache.convs = list(convs)
+            velocity = velocity.to(x.dtype)
+            if rate > 0:
+                velocity = (1.0 + rate) * velocity[:1] - rate * velocity[1:]
             x = x + dt * velocity
             t = t + dt
             if step < steps:

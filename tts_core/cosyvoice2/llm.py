@@ -14,6 +14,8 @@ Attribute names reproduce the official ``llm.pt`` keys (``llm_embedding.weight``
 from __future__ import annotations
 
 import threading
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -107,6 +109,52 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+class PrefixCache:
+    """Keys and values of LM prefixes (sos + prompt text) kept across requests, LRU.
+
+    A registered speaker's requests all start with the same rows, so their KV cache is computed
+    once. Entries are keyed by the prompt text ids; ``get`` hands out a copy, so requests never
+    share mutable state. Capacity 0 keeps nothing (every request computes its prefix), which is
+    the uncached path the cache must reproduce bit for bit.
+    """
+
+    def __init__(self, capacity: int = 32) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[int, ...]) -> KVCache | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return entry.clone()
+
+    def put(self, key: tuple[int, ...], cache: KVCache) -> None:
+        if self.capacity == 0:
+            return
+        entry = cache.clone()
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
 class _Backbone(nn.Module):
     """Holder that reproduces the checkpoint nesting ``llm.model.<Qwen2ForCausalLM>``."""
 
@@ -157,6 +205,31 @@ class CosyVoice2LM(nn.Module):
         self.llm.to(dtype)
         return self
 
+    def quantize_backbone_int8(self) -> CosyVoice2LM:
+        """Replace every Linear of the Qwen2 decoder layers by a dynamic int8 Linear (CPU).
+
+        Weights are int8 per output channel; activations are quantised per call (per tensor)
+        and products accumulate in int32, so a decode step reads a quarter of the weight bytes.
+        The embeddings, final norm, speech tables and output layer stay float32. Irreversible:
+        load the checkpoint again for float32.
+        """
+        if self._device.type != "cpu":
+            raise ValueError("dynamic int8 Linear layers run on CPU only")
+        self.llm.to(torch.float32)
+        layers = self.llm.model.model.layers
+        with warnings.catch_warnings():
+            # torch.ao.quantization warns of its planned move to torchao; the eager dynamic
+            # quantisation it provides is what this CPU path uses until then.
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+            quantize_dynamic(layers, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+        self._int8 = True
+        return self
+
+    @property
+    def is_int8(self) -> bool:
+        return getattr(self, "_int8", False)
+
     # --- pieces -----------------------------------------------------------------------------
 
     @property
@@ -199,6 +272,22 @@ class CosyVoice2LM(nn.Module):
         hidden = hidden.to(self.llm_decoder.weight.dtype)
         return hidden, self.llm_decoder(hidden).float().log_softmax(dim=-1)
 
+    @torch.inference_mode()
+    def prefix_kv(self, prompt_text_ids: Sequence[int], prefix_cache: PrefixCache) -> KVCache:
+        """A KV cache holding sos + ``prompt_text_ids``: a copy of the cached one, or computed
+        (and stored) on a miss."""
+        key = tuple(int(i) for i in prompt_text_ids)
+        cache = prefix_cache.get(key)
+        if cache is None:
+            cache = self.llm.model.model.new_cache()
+            rows = [self._special_row(SOS_ROW)]
+            if key:
+                rows.append(self.embed_text(key))
+            backbone = self.llm.model.model
+            backbone(torch.cat(rows, dim=1).to(backbone.embed_tokens.weight.dtype), cache)
+            prefix_cache.put(key, cache)
+        return cache
+
     def _check_token(self, token: int) -> int:
         token = int(token)
         if not 0 <= token < self.config.num_speech_rows:
@@ -214,12 +303,14 @@ class CosyVoice2LM(nn.Module):
                   min_token_text_ratio: float | None = None,
                   max_token_text_ratio: float | None = None,
                   cancel: threading.Event | None = None,
-                  on_step: StepObserver | None = None) -> Iterator[int]:
+                  on_step: StepObserver | None = None,
+                  prefix_cache: PrefixCache | None = None) -> Iterator[int]:
         """Yield speech token ids for ``text_ids`` in the voice of the prompt.
 
         Generates at most ``int(len(text_ids) * max_ratio)`` tokens and refuses stop ids for the
         first ``int(len(text_ids) * min_ratio)`` steps (the prompt text does not count). Stops at
         any stop id (>= speech_token_size), which is not yielded, or when ``cancel`` is set.
+        With ``prefix_cache`` the KV of sos + prompt text is taken from (or stored in) it.
         """
         cfg = self.config
         if not text_ids:
@@ -232,12 +323,19 @@ class CosyVoice2LM(nn.Module):
             rows.append(self.embed_speech(prompt_speech_tokens))
         inputs = torch.cat(rows, dim=1)
         cache = self.llm.model.model.new_cache()
+        prefix_len = 0
+        if prefix_cache is not None:
+            # The prefix (sos + prompt text) runs as a step of its own, whether its KV comes from
+            # the cache or is computed here, so both ways compute the rest identically.
+            prefix_len = 1 + len(prompt_text_ids)
+            cache = self.prefix_kv(prompt_text_ids, prefix_cache)
         decoded: list[int] = []
         for index in range(max_len):
             if cancel is not None and cancel.is_set():
                 return
-            cache_len = len(cache)
-            hidden, logp = self.step(inputs, cache)
+            cache_len = len(cache) - prefix_len  # the prefix belongs to the first step
+            hidden, logp = self.step(inputs[:, prefix_len:], cache)
+            prefix_len = 0
             ignore_eos = index < min_len
             token = self._check_token(sampler(logp, decoded, ignore_eos))
             if on_step is not None:

@@ -32,6 +32,7 @@ from .flow import CausalFlow, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator, normalize_state_dict
 from .llm import CosyVoice2LM, LMConfig
 from .onnx_frontend import OnnxFrontend
+from .precision import Precision, resolve_precision
 from .qwen2 import Qwen2Config
 from .sampling import SamplingConfig
 from .tokenizer import CosyVoice2Tokenizer
@@ -65,7 +66,7 @@ class CosyVoice2Models:
 
     path: Path
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the flow's (and, unless int8, the LM stack's) dtype
     lm: CosyVoice2LM
     flow: CausalFlow
     hift: HiFTGenerator
@@ -79,6 +80,7 @@ class CosyVoice2Models:
     chunk_size: int  # streaming chunk, in speech tokens
     spk2info: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # the parsed yaml
+    precision: Precision | None = None  # the per-module plan the modules were loaded with
 
 
 # The helpers below are shared with the CosyVoice 3 loader, which passes its own names.
@@ -199,7 +201,7 @@ def _check_consistent(yaml_path: Path, lm_config: LMConfig, flow_config: FlowCon
 
 def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
               networks: tuple[Any, Any, Any], paths: tuple[Path, Path, Path], *,
-              device: torch.device, dtype: torch.dtype, fold_hift: bool,
+              device: torch.device, precision: Precision, fold_hift: bool,
               tokenizer: CosyVoice2Tokenizer | None, onnx: OnnxFrontend | None,
               mel_config: MelConfig, sampling: SamplingConfig, ratio: int,
               sample_rate: int) -> _Models:
@@ -220,8 +222,10 @@ def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
 
     # The LM's speech tables and output layer stay float32 so its log-probabilities keep full
     # precision; only the Qwen2 stack runs in a reduced dtype.
-    lm.to(device=device).set_backbone_dtype(dtype).eval()
-    flow.to(device=device, dtype=dtype).eval()
+    lm.to(device=device).set_backbone_dtype(precision.lm_dtype).eval()
+    if precision.lm_int8:
+        lm.quantize_backbone_int8()
+    flow.to(device=device, dtype=precision.flow_dtype).eval()
     # The vocoder is built in float32 and stays so (CosyVoice 3's f0 predictor in float64: a
     # dtype cast here would round its folded weights).
     hift.to(device=device).eval()
@@ -231,20 +235,33 @@ def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
         spk2info = _read_spk2info(root / "spk2info.pt")
 
     return models_class(
-        path=root, device=device, dtype=dtype, lm=lm, flow=flow, hift=hift,
+        path=root, device=device, dtype=precision.flow_dtype, lm=lm, flow=flow, hift=hift,
         tokenizer=tokenizer, onnx=onnx, mel_config=mel_config, sampling=sampling,
         sample_rate=sample_rate, token_frame_rate=int(cfg.get("token_frame_rate", 25)),
         token_mel_ratio=ratio, chunk_size=int(cfg.get("chunk_size", 25)), spk2info=spk2info,
-        config=cfg)
+        config=cfg, precision=precision)
+
+
+def precision_plan(precision: Precision | str | None, dtype: torch.dtype,
+                   device: torch.device) -> Precision:
+    """The per-module plan of a loader call: an option name is resolved for ``device``;
+    without one, ``dtype`` applies to the LM stack and the flow."""
+    if isinstance(precision, str):
+        return resolve_precision(precision, device)
+    if precision is None:
+        return Precision(str(dtype).removeprefix("torch."), dtype, False, dtype)
+    return precision
 
 
 def load_model_dir(path: Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, require_frontend: bool = True,
-                   onnx_threads: int = 1, fold_hift: bool = True) -> CosyVoice2Models:
+                   onnx_threads: int = 1, fold_hift: bool = True,
+                   precision: Precision | str | None = None) -> CosyVoice2Models:
     """Load a CosyVoice 2 model directory.
 
-    ``dtype`` applies to the LM and the flow (float16/bfloat16 make sense on CUDA only); the
-    vocoder always runs in float32, its output is too sensitive to rounding. With
+    ``precision`` (a :class:`Precision` plan or an option name such as "int8", see
+    :mod:`precision`) sets each module's numerics; without it ``dtype`` applies to the LM stack
+    and the flow. The vocoder always runs in float32, its output is too sensitive to rounding. With
     ``require_frontend=False`` the ONNX models and the tokenizer files may be absent (only the
     neural parts are loaded; text and prompt audio then cannot be processed). ``fold_hift``
     replaces the vocoder's weight-norm parametrisations by plain weights (same outputs, faster;
@@ -254,6 +271,7 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     if not root.is_dir():
         raise MissingModelFile(f"model directory {root} does not exist; {OFFICIAL_SOURCES}")
     device = torch.device(device)
+    plan = precision_plan(precision, dtype, device)
     yaml_path, cfg = _read_yaml(root)
     llm_path = _need(root / "llm.pt", "the language model weights")
     flow_path = _need(root / "flow.pt", "the flow-matching model weights")
@@ -281,6 +299,6 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
 
     networks = CosyVoice2LM(lm_config), CausalFlow(flow_config), HiFTGenerator(hift_config)
     return _assemble(CosyVoice2Models, root, cfg, networks, (llm_path, flow_path, hift_path),
-                     device=device, dtype=dtype, fold_hift=fold_hift, tokenizer=tokenizer,
+                     device=device, precision=plan, fold_hift=fold_hift, tokenizer=tokenizer,
                      onnx=onnx, mel_config=mel_config, sampling=lm_config.sampling, ratio=ratio,
                      sample_rate=sample_rate)

@@ -131,6 +131,19 @@ class KVCache:
         """Number of cached positions (the position index of the next input)."""
         return self._lengths[0]
 
+    def clone(self) -> KVCache:
+        """An independent copy with the same storage layout (capacity included), so a request
+        continuing from the copy computes exactly what it would from the original."""
+        copy = KVCache(len(self._keys))
+        copy._keys = [None if k is None else k.clone() for k in self._keys]
+        copy._values = [None if v is None else v.clone() for v in self._values]
+        copy._lengths = list(self._lengths)
+        return copy
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values)
+                   if t is not None)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k/v [B, Hkv, L, hd] of one layer; return all cached k/v of that layer."""

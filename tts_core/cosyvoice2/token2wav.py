@@ -6,9 +6,13 @@ then one vocoder call.
 Streaming (:meth:`Token2Wav.start_stream`): every request gets its own :class:`Token2WavStream`
 holding all of its state; the shared :class:`Token2Wav` (and the modules it wraps) is never
 written to, so any number of requests can stream at once. A stream cuts the token sequence into
-chunks following a :class:`StreamSchedule`. For each chunk the flow is re-run on every token so
-far (prompt included) with chunked attention plus ``pre_lookahead_len`` tokens of look-ahead; only
-the new mel frames are kept. To hide the seams, the vocoder input of each chunk is prefixed with the
+chunks following a :class:`StreamSchedule`. For each chunk the flow sees every token so far
+(prompt included) with chunked attention plus ``pre_lookahead_len`` tokens of look-ahead; only
+the new mel frames are kept. With a flow that streams chunk by chunk (``CausalFlow``) the stream
+keeps a :class:`~tts_core.cosyvoice2.flow.FlowStreamCache`, so each chunk computes only frames
+that are not final yet (bit-identical to re-running the flow); a registered speaker's prompt
+share can be computed once (:meth:`Token2Wav.prompt_cache`) and handed to every stream.
+To hide the seams, the vocoder input of each chunk is prefixed with the
 last ``mel_cache_len`` mel frames of the previous one, the start of its excitation is replaced by
 the previous chunk's excitation tail (so the harmonics continue in phase), and the first samples of
 its output are cross-faded (Hamming, float64) with the previous chunk's held-back tail.
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .flow import FlowStreamCache
 from .hift import HiFTGenerator
 
 
@@ -52,6 +57,9 @@ class StreamSchedule:
     growth: float = 2.0
     max_hop: int = 100
     prompt_align: int | None = None
+    # The reference runs the last chunk with full attention over everything, which recomputes
+    # the whole utterance; False keeps chunk attention there too, so nothing is recomputed.
+    full_attention_final: bool = True
 
     def __post_init__(self) -> None:
         if self.first_hop < 1 or self.max_hop < self.first_hop:
@@ -187,12 +195,30 @@ class Token2Wav:
         generator: torch.Generator | None = None,
         cancel: threading.Event | None = None,
         on_chunk: Callable[[ChunkTrace], None] | None = None,
+        prompt_cache: Any = None,
     ) -> Token2WavStream:
-        """A new per-request stream; feed it with ``push`` and close it with ``finish``."""
+        """A new per-request stream; feed it with ``push`` and close it with ``finish``.
+
+        prompt_cache: :meth:`prompt_cache` of this very prompt (shared, never written), so the
+        prompt's share of the flow is not computed again.
+        """
         schedule = schedule or self.schedule
         self._check_schedule(schedule)
         return Token2WavStream(self, prompt_token, prompt_feat, embedding, schedule,
-                               generator, cancel, on_chunk)
+                               generator, cancel, on_chunk, prompt_cache)
+
+    @property
+    def caches_streams(self) -> bool:
+        """Whether streams keep a flow cache (the flow computes chunk by chunk)."""
+        return bool(getattr(self.flow, "supports_chunk_streaming", False))
+
+    def prompt_cache(self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
+                     embedding: torch.Tensor) -> Any:
+        """The flow's streaming cache of a prompt alone (None when the flow cannot cache), to
+        keep with a registered speaker and pass to :meth:`start_stream`."""
+        if not self.caches_streams or prompt_token.shape[1] == 0:
+            return None
+        return self.flow.prompt_cache(prompt_token, prompt_feat, embedding)  # type: ignore
 
     def stream(
         self,
@@ -250,7 +276,7 @@ class Token2WavStream:
     def __init__(self, driver: Token2Wav, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                  embedding: torch.Tensor, schedule: StreamSchedule,
                  generator: torch.Generator | None, cancel: threading.Event | None,
-                 on_chunk: Callable[[ChunkTrace], None] | None):
+                 on_chunk: Callable[[ChunkTrace], None] | None, prompt_cache: Any = None):
         if prompt_token.dim() != 2 or prompt_token.shape[0] != 1:
             raise ValueError(f"prompt_token must be [1, P], got {list(prompt_token.shape)}")
         self._driver = driver
@@ -267,6 +293,13 @@ class Token2WavStream:
         self._hop = schedule.first_hop
         self._pad = schedule.prompt_pad(prompt_token.shape[1])
         self._cache: _VocoderCache | None = None
+        # the flow's per-request cache (its own copy of a speaker's prompt cache)
+        self._flow_cache: Any = None
+        if driver.caches_streams:
+            self._flow_cache = (prompt_cache.clone() if prompt_cache is not None
+                                else FlowStreamCache())
+        elif prompt_cache is not None:
+            raise ValueError("this flow model keeps no stream cache; pass no prompt_cache")
         self.finished = False
         self.cancelled = False
 
@@ -306,19 +339,28 @@ class Token2WavStream:
             raise RuntimeError("finish() called twice")
         self.finished = True
         if self._is_cancelled() or self.num_tokens == 0:
+            self._flow_cache = None
             return torch.zeros(1, 0, device=self._prompt_feat.device)
-        return self._step(self.num_tokens, finalize=True)
+        wav = self._step(self.num_tokens, finalize=True)
+        self._flow_cache = None  # free its memory even if the stream object lives on
+        return wav
 
     @torch.inference_mode()
     def _step(self, token_len: int, finalize: bool) -> torch.Tensor:
         d = self._driver
         token = torch.tensor([self._tokens[:token_len]], dtype=self._prompt_token.dtype,
                              device=self._prompt_token.device)
-        # the final call runs without chunk masks, as the reference driver does
-        streaming = not finalize
-        mel = d.flow.inference(token, self._prompt_token, self._prompt_feat, self._embedding,
-                               streaming=streaming, finalize=finalize)
-        mel = mel[:, :, self.token_offset * d.token_mel_ratio:]
+        # the reference runs the final call without chunk masks (full_attention_final)
+        streaming = not (finalize and self.schedule.full_attention_final)
+        skip = self.token_offset * d.token_mel_ratio
+        if streaming and self._flow_cache is not None:
+            mel = d.flow.inference_cached(  # type: ignore[attr-defined]
+                token, self._prompt_token, self._prompt_feat, self._embedding,
+                self._flow_cache, finalize=finalize, skip=skip)
+        else:
+            mel = d.flow.inference(token, self._prompt_token, self._prompt_feat,
+                                   self._embedding, streaming=streaming, finalize=finalize)
+            mel = mel[:, :, skip:]
         wav, self._cache, trace = d._vocode(mel, self._cache, finalize, self._generator)
         self.chunks += 1
         if self._on_chunk is not None:

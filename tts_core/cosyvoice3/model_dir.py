@@ -35,8 +35,10 @@ from ..cosyvoice2.model_dir import (
     _read_frontend,
     _read_qwen_config,
     _read_yaml,
+    precision_plan,
 )
 from ..cosyvoice2.onnx_frontend import OnnxFrontend
+from ..cosyvoice2.precision import Precision
 from ..cosyvoice2.tokenizer import ENDOFPROMPT
 from .flow import CausalFlowDiT, FlowConfig
 from .hift import CausalHiFTConfig, CausalHiFTGenerator
@@ -66,7 +68,8 @@ def is_cosyvoice3_dir(path: Path) -> bool:
 
 def load_model_dir(path: Path, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32, require_frontend: bool = True,
-                   onnx_threads: int = 1, fold_hift: bool = True) -> CosyVoice3Models:
+                   onnx_threads: int = 1, fold_hift: bool = True,
+                   precision: Precision | str | None = None) -> CosyVoice3Models:
     """Load a CosyVoice 3 model directory (arguments as the CosyVoice 2 loader's).
 
     ``dtype`` applies to the LM backbone and the flow; the vocoder always runs in float32 (its
@@ -77,6 +80,7 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     if not root.is_dir():
         raise MissingModelFile(f"model directory {root} does not exist; {OFFICIAL_SOURCES}")
     device = torch.device(device)
+    plan = precision_plan(precision, dtype, device)
     yaml_path, cfg = _read_yaml(root, YAML_NAMES, OFFICIAL_SOURCES)
     llm_path = _need(root / "llm.pt", "the language model weights", OFFICIAL_SOURCES)
     flow_path = _need(root / "flow.pt", "the flow-matching model weights", OFFICIAL_SOURCES)
@@ -111,6 +115,6 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     networks = (CosyVoice3LM(lm_config), CausalFlowDiT(flow_config),
                 CausalHiFTGenerator(hift_config))
     return _assemble(CosyVoice3Models, root, cfg, networks, (llm_path, flow_path, hift_path),
-                     device=device, dtype=dtype, fold_hift=fold_hift, tokenizer=tokenizer,
+                     device=device, precision=plan, fold_hift=fold_hift, tokenizer=tokenizer,
                      onnx=onnx, mel_config=mel_config, sampling=lm_config.sampling, ratio=ratio,
                      sample_rate=sample_rate)

@@ -1,0 +1,198 @@
+"""The flow's streaming cache: a stream that computes only new frames must give exactly what
+re-running the flow on every token so far gives (torch.equal, not a tolerance), whatever the
+chunk hops, for a registered speaker's prompt cache, and with streams interleaved.
+
+Exactness holds by construction (the uncached streaming path is the chunked path from an empty
+cache, and every op runs on shapes that depend only on its chunk); these tests pin it down on
+the parity model, a small model with other sizes, and a generated model directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cv2_parity import parity_models, vectors
+from tts_core.cosyvoice2.flow import CausalFlow, FlowConfig, FlowStreamCache
+from tts_core.cosyvoice2.flow_decoder import FlowDecoderConfig
+from tts_core.cosyvoice2.flow_encoder import FlowEncoderConfig
+from tts_core.cosyvoice2.flow_matching import CFMConfig
+from tts_core.cosyvoice2.model_dir import load_model_dir
+from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir, randomize
+from tts_core.cosyvoice2.token2wav import StreamSchedule, Token2Wav
+
+torch.set_num_threads(1)
+
+
+def run_cached(flow: CausalFlow, token: torch.Tensor, prompt: tuple[torch.Tensor, ...],
+               lengths: list[int], cache: FlowStreamCache | None = None
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream calls on token[:, :n] for each n (the last one final, chunk attention); return
+    (cached output, uncached output) per call, both with already emitted frames cut."""
+    cache = cache if cache is not None else FlowStreamCache()
+    lookahead, ratio = flow.config.pre_lookahead_len, flow.config.token_mel_ratio
+    pairs, emitted = [], 0
+    for i, n in enumerate(lengths):
+        final = i == len(lengths) - 1
+        cached = flow.inference_cached(token[:, :n], *prompt, cache, finalize=final,
+                                       skip=emitted)
+        whole = flow.inference(token[:, :n], *prompt, streaming=True, finalize=final)
+        pairs.append((cached, whole[:, :, emitted:]))
+        assert whole.shape[-1] == ratio * (prompt[0].shape[1] + n - (0 if final else lookahead)) \
+            - prompt[1].shape[1]
+        emitted = whole.shape[-1]
+    return pairs
+
+
+def assert_all_equal(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for i, (cached, whole) in enumerate(pairs):
+        assert cached.shape == whole.shape, f"call {i}"
+        assert torch.equal(cached, whole), \
+            f"call {i}: max abs diff {(cached - whole).abs().max().item():.3e}"
+
+
+@pytest.fixture(scope="module")
+def parity() -> tuple[CausalFlow, dict[str, torch.Tensor]]:
+    return parity_models().flow, vectors("flow_stream")
+
+
+# the reference schedule; hops off the 25-token attention chunks; one token at a time around
+# chunk boundaries (the unfinished chunk recomputed again and again)
+@pytest.mark.parametrize("lengths", [[33, 83, 95], [13, 20, 41, 57, 90, 95],
+                                     [4, 5, 6, 7, 8, 9, 30, 31, 32, 33, 60, 95]])
+def test_parity_model_cached_equals_uncached(parity, lengths: list[int]) -> None:
+    flow, s = parity
+    prompt = (s["prompt_token"], s["prompt_feat"], s["embedding"])
+    assert_all_equal(run_cached(flow, s["token"], prompt, lengths))
+
+
+def test_parity_model_streaming_still_matches_the_reference(parity) -> None:
+    """The chunked path is what streaming calls run now; the recorded non-final chunks of
+    the reference check it (the parity tests do too, this names the reason)."""
+    flow, s = parity
+    prompt = (s["prompt_token"], s["prompt_feat"], s["embedding"])
+    cache = FlowStreamCache()
+    for i in range(2):
+        n = int(s["chunk_token_len"][i])
+        mel = flow.inference_cached(s["token"][:, :n], *prompt, cache, finalize=False)
+        assert (mel - s[f"chunk{i}_mel"]).abs().max() < 1e-4
+
+
+def _small_flow(cfg_rate: float, seed: int) -> CausalFlow:
+    config = FlowConfig(
+        input_size=48, output_size=32, spk_embed_dim=24, vocab_size=97, token_mel_ratio=3,
+        pre_lookahead_len=2, spk_proj_dim=32,
+        encoder=FlowEncoderConfig(input_size=48, output_size=48, attention_heads=3,
+                                  linear_units=80, num_blocks=2, num_up_blocks=2, lookahead=2,
+                                  upsample_stride=3, static_chunk_size=5),
+        estimator=FlowDecoderConfig(in_channels=128, out_channels=32, channels=(40,),
+                                    attention_head_dim=8, n_blocks=2, num_mid_blocks=1,
+                                    num_heads=2, static_chunk_size=15,
+                                    num_decoding_left_chunks=-1),
+        cfm=CFMConfig(n_feats=32, inference_cfg_rate=cfg_rate, n_timesteps=3))
+    flow = CausalFlow(config).eval()
+    randomize(flow, torch.Generator().manual_seed(seed))
+    return flow
+
+
+@pytest.mark.parametrize("cfg_rate", [0.7, 0.0])
+def test_small_model_prompt_cache_and_interleaving(cfg_rate: float) -> None:
+    flow = _small_flow(cfg_rate, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    prompt_token = torch.randint(0, 97, (1, 18), generator=gen)  # 3 chunks + 3 tokens
+    prompt = (prompt_token, torch.randn(1, 54, 32, generator=gen), torch.randn(1, 24,
+                                                                                generator=gen))
+    tokens = torch.randint(0, 97, (1, 40), generator=gen)
+    lengths = [3, 4, 9, 16, 17, 29, 40]
+
+    speaker = flow.prompt_cache(*prompt)
+    assert speaker.encoder.tokens == 15 and speaker.frames == 45  # (18 - 2) // 5 * 5 tokens
+    kept = copy.deepcopy(speaker)
+    with_prompt_cache = run_cached(flow, tokens, prompt, lengths, speaker.clone())
+    assert_all_equal(with_prompt_cache)
+    assert_all_equal(run_cached(flow, tokens, prompt, lengths))
+    # the speaker's cache was only copied, never written
+    assert all(torch.equal(a, b) for a, b in zip(kept.encoder.keys, speaker.encoder.keys,
+                                                 strict=True))
+    assert all(torch.equal(a, b) for step_a, step_b in zip(kept.estimator, speaker.estimator,
+                                                           strict=True)
+               for a, b in zip(step_a.keys + step_a.convs, step_b.keys + step_b.convs,
+                               strict=True))
+    # a cache refuses another prompt
+    other = (prompt_token.flip(1), prompt[1], prompt[2])
+    with pytest.raises(ValueError, match="another prompt"):
+        flow.inference_cached(tokens[:, :10], *other, speaker.clone())
+
+    # two requests interleaved call by call: each equals itself alone
+    second = (torch.randint(0, 97, (1, 7), generator=gen), torch.randn(1, 21, 32, generator=gen),
+              torch.randn(1, 24, generator=gen))
+    caches = [FlowStreamCache(), FlowStreamCache()]
+    alone = [run_cached(flow, tokens, p, lengths) for p in (prompt, second)]
+    for i, n in enumerate(lengths):
+        for k, p in enumerate((prompt, second)):
+            emitted = 0 if i == 0 else 3 * (p[0].shape[1] + lengths[i - 1] - 2) - p[1].shape[1]
+            out = flow.inference_cached(tokens[:, :n], *p, caches[k],
+                                        finalize=i == len(lengths) - 1, skip=emitted)
+            assert torch.equal(out, alone[k][i][0])
+
+
+class _Uncached:
+    """The flow without its stream cache: every chunk recomputes everything."""
+
+    def __init__(self, flow: CausalFlow):
+        self.flow, self.config = flow, flow.config
+
+    def inference(self, *args, **kwargs) -> torch.Tensor:
+        return self.flow.inference(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    path = make_model_dir(tmp_path_factory.mktemp("cv2-cache") / "tiny", "tiny", seed=21)
+    return load_model_dir(Path(path), device="cpu", require_frontend=False)
+
+
+@pytest.mark.parametrize("schedule", [
+    StreamSchedule(first_hop=10, prompt_align=0, full_attention_final=False),  # engine-like
+    StreamSchedule(first_hop=7, growth=1.5, max_hop=33, prompt_align=0,
+                   full_attention_final=False),
+    StreamSchedule(),  # the reference's: aligned hops, full attention in the last call
+])
+def test_token2wav_streams_with_speaker_cache_equal_recomputation(tiny_models, schedule
+                                                                  ) -> None:
+    models = tiny_models
+    gen = torch.Generator().manual_seed(3)
+    prompt_token = torch.randint(0, 6561, (1, 61), generator=gen, dtype=torch.int32)
+    prompt_feat = torch.randn(1, 122, 80, generator=gen)
+    embedding = torch.randn(1, 192, generator=gen)
+    tokens = torch.randint(0, 6561, (131,), generator=gen).tolist()
+    cached = Token2Wav(models.flow, models.hift, deterministic=True, schedule=schedule)
+    uncached = Token2Wav(_Uncached(models.flow), models.hift, deterministic=True,
+                         schedule=schedule)
+    assert cached.caches_streams and not uncached.caches_streams
+    speaker = cached.prompt_cache(prompt_token, prompt_feat, embedding)
+    assert speaker is not None and speaker.encoder.tokens == 50
+
+    def run(driver: Token2Wav, **options) -> list[torch.Tensor]:
+        return list(driver.stream(iter(tokens), prompt_token, prompt_feat, embedding,
+                                  **options))
+
+    expected = run(uncached)
+    for chunks in (run(cached), run(cached, prompt_cache=speaker)):
+        assert len(chunks) == len(expected) >= 3
+        assert all(torch.equal(a, b) for a, b in zip(chunks, expected, strict=True))
+    with pytest.raises(ValueError, match="no stream cache"):
+        uncached.start_stream(prompt_token, prompt_feat, embedding, prompt_cache=speaker)
+
+
+def test_reduced_precision_cache_is_exact_too(parity) -> None:
+    """The modules work in whatever dtype they are cast to; the cache stays exact there."""
+    flow, s = parity
+    low = copy.deepcopy(flow).to(torch.bfloat16)
+    prompt = (s["prompt_token"], s["prompt_feat"], s["embedding"])
+    pairs = run_cached(low, s["token"], prompt, [13, 41, 95])
+    assert_all_equal(pairs)
+    assert all(cached.dtype == torch.float32 for cached, _ in pairs)  # the solver's dtype
