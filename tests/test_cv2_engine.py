@@ -432,7 +432,7 @@ def test_registered_speaker_streams_from_its_flow_prompt_cache(
     monkeypatch.setattr(cv2_engine, "SPEAKER_FLOW_CACHES", 0)
     uncached = [collect(engine, r) for r in requests]
     for with_cache, without in zip(cached, uncached, strict=True):
-        assert len(with_cache) == len(without) > 2
+        assert len(with_cache) == len(without) >= 2
         assert all(np.array_equal(a, b) for a, b in zip(with_cache, without, strict=True))
     engine.register_speaker("erin", en_prompt, "", replace=True)  # a new voice, a new cache
     monkeypatch.setattr(cv2_engine, "SPEAKER_FLOW_CACHES", 2)

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from tests.cv2_parity import parity_models, vectors
+from tts_core.cosyvoice2.engine import default_schedule
 from tts_core.cosyvoice2.flow import CausalFlow, FlowConfig, FlowStreamCache
 from tts_core.cosyvoice2.flow_decoder import FlowDecoderConfig
 from tts_core.cosyvoice2.flow_encoder import FlowEncoderConfig
 from tts_core.cosyvoice2.flow_matching import CFMConfig
 from tts_core.cosyvoice2.model_dir import load_model_dir
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir, randomize
-from tts_core.cosyvoice2.token2wav import StreamSchedule, Token2Wav
+from tts_core.cosyvoice2.token2wav import ChunkTrace, StreamSchedule, Token2Wav
 
 torch.set_num_threads(1)
 
@@ -156,7 +157,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("schedule", [
-    StreamSchedule(first_hop=10, prompt_align=0, full_attention_final=False),  # engine-like
+    default_schedule(25, 10),  # the engine's: hops after the first end on attention chunks
     StreamSchedule(first_hop=7, growth=1.5, max_hop=33, prompt_align=0,
                    full_attention_final=False),
     StreamSchedule(),  # the reference's: aligned hops, full attention in the last call
@@ -181,9 +182,14 @@ def test_token2wav_streams_with_speaker_cache_equal_recomputation(tiny_models, s
                                   **options))
 
     expected = run(uncached)
-    for chunks in (run(cached), run(cached, prompt_cache=speaker)):
+    traces: list[ChunkTrace] = []
+    for chunks in (run(cached, on_chunk=traces.append), run(cached, prompt_cache=speaker)):
         assert len(chunks) == len(expected) >= 3
         assert all(torch.equal(a, b) for a, b in zip(chunks, expected, strict=True))
+    if schedule.hop_align:  # every chunk after the first starts on an attention chunk
+        assert [(61 + t.token_offset) % 25 for t in traces[2:len(expected)]] \
+            == [0] * (len(expected) - 2)
+        assert (61 + traces[1].token_offset) % 25 != 0
     with pytest.raises(ValueError, match="no stream cache"):
         uncached.start_stream(prompt_token, prompt_feat, embedding, prompt_cache=speaker)
 

@@ -161,13 +161,14 @@ def default_schedule(chunk_size: int,
     for first chunks of whole attention chunks; for others the padding would just add latency.
     """
     aligned = first_chunk_tokens % chunk_size == 0
-    # chunk attention in the last call as in the others: with the flow's stream cache, nothing
-    # of the past is computed again (the reference switches to full attention there, which
-    # recomputes the whole utterance)
+    # With the flow's stream cache nothing of the past is computed again, provided the last
+    # call keeps chunk attention (the reference switches to full attention there, recomputing
+    # the whole utterance) and chunks after the first end on attention chunks (an unfinished
+    # one is computed again by the next chunk); the first chunk stays short for latency.
     return StreamSchedule(first_hop=first_chunk_tokens, growth=2.0,
                           max_hop=max(4 * chunk_size, first_chunk_tokens),
                           prompt_align=chunk_size if aligned else 0,
-                          full_attention_final=False)
+                          full_attention_final=False, hop_align=chunk_size)
 
 
 class CosyVoice2Engine:

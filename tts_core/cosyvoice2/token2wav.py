@@ -60,6 +60,10 @@ class StreamSchedule:
     # The reference runs the last chunk with full attention over everything, which recomputes
     # the whole utterance; False keeps chunk attention there too, so nothing is recomputed.
     full_attention_final: bool = True
+    # > 0: lengthen every hop after the first so that prompt + tokens end on a multiple of it
+    # (the flow's attention chunk): a chunk that ends inside an attention chunk leaves it
+    # unfinished, and the next chunk must compute it again.
+    hop_align: int = 0
 
     def __post_init__(self) -> None:
         if self.first_hop < 1 or self.max_hop < self.first_hop:
@@ -69,6 +73,8 @@ class StreamSchedule:
             raise ValueError(f"stream schedule: growth must be >= 1, got {self.growth}")
         if self.prompt_align is not None and self.prompt_align < 0:
             raise ValueError("stream schedule: prompt_align must be >= 0 or None")
+        if self.hop_align < 0:
+            raise ValueError("stream schedule: hop_align must be >= 0")
 
     def prompt_pad(self, prompt_len: int) -> int:
         align = self.first_hop if self.prompt_align is None else self.prompt_align
@@ -310,6 +316,9 @@ class Token2WavStream:
     def next_chunk_tokens(self) -> int:
         """Tokens the next chunk needs in all (look-ahead included) before it can be cut."""
         hop = self._hop + (self._pad if self.token_offset == 0 else 0)
+        align = self.schedule.hop_align
+        if align and self.token_offset > 0:  # end on an attention chunk: nothing to redo
+            hop += -(self._prompt_token.shape[1] + self.token_offset + hop) % align
         return self.token_offset + hop + self._driver.pre_lookahead_len
 
     def _is_cancelled(self) -> bool:
