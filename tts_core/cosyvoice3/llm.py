@@ -36,7 +36,14 @@ import torch
 from torch import nn
 
 from ..cosyvoice2.hyperyaml import Tagged
-from ..cosyvoice2.llm import SOS_ROW, TASK_ID_ROW, CosyVoice2LM, LMConfig, StepObserver
+from ..cosyvoice2.llm import (
+    SOS_ROW,
+    TASK_ID_ROW,
+    CosyVoice2LM,
+    LMConfig,
+    PrefixCache,
+    StepObserver,
+)
 from ..cosyvoice2.qwen2 import Qwen2Config
 from ..cosyvoice2.sampling import Sampler
 
@@ -133,12 +140,14 @@ class CosyVoice3LM(CosyVoice2LM):
                   min_token_text_ratio: float | None = None,
                   max_token_text_ratio: float | None = None,
                   cancel: threading.Event | None = None,
-                  on_step: StepObserver | None = None) -> Iterator[int]:
+                  on_step: StepObserver | None = None,
+                  prefix_cache: PrefixCache | None = None) -> Iterator[int]:
         """As CosyVoice 2's; ``<|endofprompt|>`` must be in the prompt text or the text (in
         cross-lingual use the text itself starts with the system part)."""
         self._split_at_end_of_prompt(list(prompt_text_ids) + list(text_ids))
         return super().inference(text_ids, prompt_text_ids, prompt_speech_tokens, sampler,
-                                 min_token_text_ratio, max_token_text_ratio, cancel, on_step)
+                                 min_token_text_ratio, max_token_text_ratio, cancel, on_step,
+                                 prefix_cache)
 
     def inference_bistream(self, text_id_chunks: Iterable[Sequence[int]],
                            prompt_text_ids: Sequence[int], prompt_speech_tokens: Sequence[int],
