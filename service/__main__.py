@@ -11,6 +11,7 @@ from pathlib import Path
 
 from service import limits
 from service.auth import ENV_KEYS, default_state_dir, load_api_keys
+from service.state_dir import prepare_state_dir
 from tts_core.registry import ENGINE_NAMES, create_engine
 
 log = logging.getLogger("service")
@@ -51,6 +52,7 @@ def _listen_host(host: str) -> str:
 async def serve(args: argparse.Namespace) -> None:
     from service.server import start_server
 
+    args.state_dir = prepare_state_dir(args.state_dir or default_state_dir())
     keys = load_api_keys(args.api_key_file, args.state_dir)
     if keys.generated:
         # Shown once, on the terminal (stdout), never through the logger.
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(args))
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # StateDirError included: one line, no traceback
         log.error("%s", error)
         return 2
     return 0
