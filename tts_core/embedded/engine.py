@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnxruntime as ort
 
+from tts_core import text_guard
 from tts_core.embedded import assets, frontend, text_split
 from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker
 from tts_core.engine import (
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
 MAX_TOKENS = 510  # Kokoro's context is 512 tokens, two of which are the boundary pads
+# Tokens per model call: bounds the memory one call takes (onnxruntime keeps its arena at the
+# largest size it ever needed) and the length of one chunk (~15 s of speech).
+CALL_TOKENS = 250
 MAX_TEXT_CHARS = 20000
 MIN_SPEED, MAX_SPEED = 0.5, 2.0
 _PAD_ID = 0
@@ -144,6 +148,7 @@ class EmbeddedEngine:
         if len(request.text) > MAX_TEXT_CHARS:
             raise InvalidRequest(f"text is {len(request.text)} characters long; the limit is "
                                  f"{MAX_TEXT_CHARS}, split it into several requests")
+        text_guard.check_words(request.text)
         if not frontend.has_speakable(request.text):
             raise InvalidRequest("text has nothing speakable: it needs letters or digits "
                                  "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
@@ -167,14 +172,14 @@ class EmbeddedEngine:
         speaker = self._speakers[request.speaker_id]
         voice = self._voices[speaker.voice]
         speed = float(request.speed)
-        pieces = text_split.split_text(request.text, stream=request.stream)
+        pieces = text_split.split_text(text_guard.guard_text(request.text), stream=request.stream)
         spoke = False
         for piece in pieces:
             if cancel.is_set():
                 return
             ids = frontend.to_token_ids(frontend.phonemize(piece.text, speaker.language),
                                         self._vocab)
-            batches = frontend.split_tokens(ids, MAX_TOKENS, self._break_ids, self._space_ids)
+            batches = frontend.split_tokens(ids, CALL_TOKENS, self._break_ids, self._space_ids)
             for i, batch in enumerate(batches):
                 if cancel.is_set():
                     return
