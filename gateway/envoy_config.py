@@ -31,11 +31,30 @@ _TEXT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/jav
 
 # The server puts the HTTP status it means in trailing metadata: gRPC has no code for 413, and
 # the transcoder would answer RESOURCE_EXHAUSTED (overload) with 429, where we promise 503.
-# The request hook keeps the client's method for the access log: the transcoder rewrites it.
+# The request hook keeps the client's method for the access log (the transcoder rewrites it),
+# and applies the key rule of service/auth.py (presented_key) before api_key_auth sees the
+# request: a non-empty X-API-TOKEN is the key (an Authorization header is then dropped);
+# without one, "Authorization: Bearer KEY" with the scheme in any case (RFC 7235) and one or
+# more spaces is rewritten to the exact "Bearer KEY" form the filter knows.
 _STATUS_LUA = f"""
 function envoy_on_request(handle)
-  local method = handle:headers():get(":method")
+  local headers = handle:headers()
+  local method = headers:get(":method")
   handle:streamInfo():dynamicMetadata():set("cosyvoice", "method", method)
+  local token = headers:get("{API_KEY_HEADER.lower()}")
+  if token ~= nil and string.match(token, "^[ \t]*$") then
+    headers:remove("{API_KEY_HEADER.lower()}")
+    token = nil
+  end
+  local authorization = headers:get("authorization")
+  if authorization ~= nil then
+    local key = string.match(authorization, "^[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr] +([^ \t]+)[ \t]*$")
+    if token ~= nil or key == nil then
+      headers:remove("authorization")
+    else
+      headers:replace("authorization", "Bearer " .. key)
+    end
+  end
 end
 
 function envoy_on_response(handle)

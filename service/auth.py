@@ -109,15 +109,34 @@ class KeyChecker:
         return matched
 
     def from_metadata(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        for name, value in metadata or ():
-            if isinstance(value, bytes):
-                continue
-            if name == HEADER and self.is_valid(value):
-                return True
-            if name == "authorization" and value[:7].lower() == "bearer " \
-                    and self.is_valid(value[7:].strip()):
-                return True
-        return False
+        return self.is_valid(presented_key(metadata))
+
+
+# RFC 7235: credentials = auth-scheme [ 1*SP token68 ]; the scheme is case-insensitive.
+_BEARER = re.compile(r"bearer +([^\s]+)", re.IGNORECASE)
+
+
+def bearer_token(value: str) -> str | None:
+    """The key of an ``Authorization`` value ``Bearer KEY`` (scheme in any case, one or more
+    spaces; surrounding white space ignored), else None."""
+    match = _BEARER.fullmatch(value.strip(" \t"))
+    return match.group(1) if match else None
+
+
+def presented_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The one rule, the same at the gateway (see gateway/envoy_config.py): a non-empty
+    ``x-api-token`` is the key; without one, ``authorization: Bearer KEY`` is."""
+    token = authorization = None
+    for name, value in metadata or ():
+        if isinstance(value, bytes):
+            continue
+        if name == HEADER and token is None and value.strip(" \t"):
+            token = value.strip(" \t")
+        elif name == "authorization" and authorization is None:
+            authorization = value
+    if token is not None:
+        return token
+    return bearer_token(authorization) if authorization is not None else None
 
 
 UNAUTHENTICATED_MESSAGE = (f"missing or wrong API key: send it in the {HEADER} metadata "
