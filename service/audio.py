@@ -9,9 +9,10 @@ import numpy as np
 import soundfile
 import soxr
 
-from service import limits
+from service import limits as service_limits
 from service.errors import bad_request, too_large
 from service.gen.cosyvoice.v1 import tts_pb2
+from tts_core import limits
 from tts_core.engine import Audio
 
 PromptAudioFormat = tts_pb2.PromptAudioFormat
@@ -19,13 +20,18 @@ AudioEncoding = tts_pb2.AudioEncoding
 
 
 def decode_audio(data: bytes, fmt: int = PromptAudioFormat.PROMPT_AUDIO_FORMAT_UNSPECIFIED,
-                 sample_rate: int = 0, *, what: str = "prompt audio") -> Audio:
-    """Decode an upload into mono float32; raises a ServiceError a person can act on."""
+                 sample_rate: int = 0, *, what: str = "prompt audio",
+                 min_seconds: float = limits.MIN_PROMPT_SECONDS) -> Audio:
+    """Decode an upload into mono float32; raises a ServiceError a person can act on.
+
+    ``min_seconds``: the shortest audio accepted (prompts and voice-conversion sources differ).
+    """
+    max_bytes = service_limits.MAX_UPLOAD_BYTES
     if not data:
         raise bad_request(f"{what} is missing or empty: upload a WAV/FLAC/OGG file")
-    if len(data) > limits.MAX_UPLOAD_BYTES:
-        raise too_large(f"{what} is {len(data)} bytes; the limit is {limits.MAX_UPLOAD_BYTES} "
-                        f"bytes ({limits.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB)")
+    if len(data) > max_bytes:
+        raise too_large(f"{what} is {len(data)} bytes; the limit is {max_bytes} "
+                        f"bytes ({max_bytes // (1024 * 1024)} MiB)")
     if fmt == PromptAudioFormat.PROMPT_AUDIO_FORMAT_PCM_S16LE:
         _check_input_rate(sample_rate, what, "set sample_rate for raw PCM")
         if len(data) % 2:
@@ -41,9 +47,9 @@ def decode_audio(data: bytes, fmt: int = PromptAudioFormat.PROMPT_AUDIO_FORMAT_U
     if not np.isfinite(audio.samples).all():
         raise bad_request(f"{what} contains NaN or infinite samples")
     _check_max_duration(audio.duration, what)
-    if audio.duration < limits.MIN_PROMPT_SECONDS:
+    if audio.duration < min_seconds:
         raise bad_request(f"{what} is {audio.duration:.2f} s long; at least "
-                          f"{limits.MIN_PROMPT_SECONDS:g} s of speech is needed")
+                          f"{min_seconds:g} s of speech is needed")
     return audio
 
 
@@ -55,9 +61,10 @@ def _read_container(data: bytes, what: str) -> tuple[np.ndarray, int]:
             # limit can hold hours of many-channel audio, gigabytes once decoded.
             _check_input_rate(file.samplerate, what, "resample the file")
             _check_max_duration(file.frames / file.samplerate, what)
-            if file.channels > limits.MAX_INPUT_CHANNELS:
+            if file.channels > service_limits.MAX_INPUT_CHANNELS:
                 raise bad_request(f"{what} has {file.channels} channels; at most "
-                                  f"{limits.MAX_INPUT_CHANNELS} are accepted (mono is best)")
+                                  f"{service_limits.MAX_INPUT_CHANNELS} are accepted (mono is "
+                                  "best)")
             samples = file.read(dtype="float32", always_2d=True)
             rate = file.samplerate
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:

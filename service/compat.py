@@ -25,6 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from service import limits
 from service.errors import bad_request, too_large, unsupported_media_type
 from service.gen.cosyvoice.v1 import tts_pb2
+from tts_core.limits import FieldNames
 
 AudioEncoding = tts_pb2.AudioEncoding
 
@@ -32,6 +33,9 @@ _COMMON = ("sample_rate", "speed", "format", "stream")
 PROMPT_FIELD = "prompt_wav"
 SOURCE_FIELD = "source_wav"
 FILE_FIELDS = (PROMPT_FIELD, SOURCE_FIELD)
+# How this API spells the fields the request rules (tts_core.limits) talk about.
+REST_NAMES = FieldNames(text="tts_text", prompt=PROMPT_FIELD, speaker="spk_id",
+                        cross_lingual="/inference_cross_lingual")
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,11 @@ def _set_voice(mode: Message, prompt: bytes, speaker: str) -> None:
 
 
 def decode(kind: str, request: Message) -> tts_pb2.SynthesizeRequest:
-    """Turn an Inference*Request (query fields + raw body) into a SynthesizeRequest."""
+    """Turn an Inference*Request (query fields + raw body) into a SynthesizeRequest.
+
+    Only the form of the request is checked here; its values are checked where every surface's
+    are, by ``convert.to_engine_request(..., names=REST_NAMES)``.
+    """
     endpoint = ENDPOINTS[kind]
     fields, files = _fields(endpoint, request)
     prompt, speaker = _voice(endpoint, fields, files) if endpoint.voice else (b"", "")
@@ -115,14 +123,8 @@ def decode(kind: str, request: Message) -> tts_pb2.SynthesizeRequest:
     if kind == "sft":
         msg.sft.speaker_id = fields["spk_id"]
     elif kind == "zero_shot":
-        prompt_text = fields.get("prompt_text", "")
-        if prompt and not prompt_text.strip():
-            raise bad_request(f"{endpoint.path} needs prompt_text, the transcript of "
-                              f"{PROMPT_FIELD} (without one, use /inference_cross_lingual)")
-        if speaker and prompt_text.strip():
-            raise bad_request(f"prompt_text goes with {PROMPT_FIELD}; leave it out with spk_id "
-                              "(the registered speaker's own transcript is used)")
-        msg.zero_shot.prompt_text = prompt_text
+        # Whether the transcript goes with the voice is a request rule (tts_core.limits).
+        msg.zero_shot.prompt_text = fields.get("prompt_text", "")
         _set_voice(msg.zero_shot, prompt, speaker)
     elif kind == "cross_lingual":
         _set_voice(msg.cross_lingual, prompt, speaker)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from tts_core.engine import EngineError, UnknownSpeaker, UnsupportedMode
+from tts_core.engine import EngineError, SpeakerExists, TooLarge, UnknownSpeaker, UnsupportedMode
 
 HTTP_STATUS_KEY = "x-cosyvoice-http-status"
 
@@ -17,11 +17,13 @@ HTTP_STATUS_KEY = "x-cosyvoice-http-status"
 class ServiceError(Exception):
     """A failure the client is told about: gRPC code, message, and the HTTP status for REST."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None,
+                 param: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.http_status = http_status
+        self.param = param  # the request field at fault, where one is (OpenAI's error shape)
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         if self.http_status is None:
@@ -29,8 +31,8 @@ class ServiceError(Exception):
         return ((HTTP_STATUS_KEY, str(self.http_status)),)
 
 
-def bad_request(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, 400)
+def bad_request(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, 400, param)
 
 
 def too_large(message: str) -> ServiceError:
@@ -50,8 +52,8 @@ def unimplemented(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNIMPLEMENTED, message, 501)
 
 
-def not_found(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.NOT_FOUND, message, 404)
+def not_found(message: str, param: str | None = None) -> ServiceError:
+    return ServiceError(grpc.StatusCode.NOT_FOUND, message, 404, param)
 
 
 def already_exists(message: str) -> ServiceError:
@@ -68,4 +70,8 @@ def from_engine_error(error: EngineError) -> ServiceError:
         return not_found(message)
     if isinstance(error, UnsupportedMode):
         return unimplemented(message)
+    if isinstance(error, TooLarge):
+        return too_large(message)
+    if isinstance(error, SpeakerExists):
+        return already_exists(message)
     return bad_request(message)  # InvalidRequest, and any other client-caused EngineError

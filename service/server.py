@@ -1,27 +1,34 @@
 """The gRPC server: native TextToSpeechService, the REST compatibility calls, health, reflection.
 
-Request life cycle (one code path for gRPC and REST): decode and check fields and limits
-(INVALID_ARGUMENT, HTTP 400/413/415) -> the engine's own checks (UNIMPLEMENTED 501 for a mode
-it cannot serve, NOT_FOUND 404 for an unknown speaker) -> admission (RESOURCE_EXHAUSTED, HTTP
-503 when max_concurrent + max_queue syntheses are already running or waiting) -> audio. Nothing
-is sent before the first chunk is ready, so every failure up to there is a clean status.
-SynthesizeTextStream follows the same path with its first message (the config); its text pieces
-are fed to the engine while it speaks. Registering a speaker is engine work as heavy as a short
-synthesis, so it takes a slot (and may be refused) like one. Decoding a request (multipart
-parsing, audio decoding, resampling: up to ~0.1 s of CPU for full-size uploads) runs in a
-thread, so the event loop keeps streaming the other calls meanwhile.
+Every synthesis RPC is one function that reads top to bottom, in the same steps:
+
+1. decode the request into the engine's ``SynthesisRequest`` and check its fields against the
+   request rules (``convert`` / ``compat``, rules in ``tts_core/limits.py``): INVALID_ARGUMENT,
+   HTTP 400/413/415;
+2. the engine's own checks (``Core.prepare``): UNIMPLEMENTED 501 for a mode it cannot serve,
+   NOT_FOUND 404 for an unknown speaker;
+3. admission and audio (``Core.audio``): RESOURCE_EXHAUSTED, HTTP 503 when max_concurrent +
+   max_queue syntheses are already running or waiting; then encoded chunks as the engine makes
+   them.
+
+Nothing is sent before the first chunk is ready, so every failure up to there is a clean status.
+Each RPC keeps its own ``CallLog`` (sizes and timings, never text) and logs it once, where it
+ends. SynthesizeTextStream takes the same steps with its first message (the config); its text
+pieces are fed to the engine while it speaks. Registering a speaker is engine work as heavy as
+a short synthesis, so it takes a slot (and may be refused) like one. Decoding a request
+(multipart parsing, audio decoding, resampling: up to ~0.1 s of CPU for full-size uploads) runs
+in a thread, so the event loop keeps streaming the other calls meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -31,11 +38,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from service import compat, convert, errors, limits
+from service import compat, convert, errors
+from service import limits as service_limits
 from service.audio import OutputEncoder, decode_audio
 from service.auth import ApiKeyInterceptor, KeyChecker
 from service.gen.cosyvoice.v1 import compat_pb2, compat_pb2_grpc, tts_pb2, tts_pb2_grpc
 from service.synthesis import Synthesizer, TextFeed
+from tts_core import limits
 from tts_core.engine import Capabilities, Engine, EngineError, Mode, SynthesisRequest
 
 log = logging.getLogger("service")
@@ -52,60 +61,71 @@ _MODE_TO_PROTO = {
 T = TypeVar("T")
 
 
-@dataclass
-class _Call:
-    """One synthesis call: what it asked for and produced, for the stats message and the log."""
+class CallLog:
+    """What one synthesis call asked for and produced: for its stats message and its log line.
 
-    name: str  # the RPC, or the REST path
-    started: float = field(default_factory=time.monotonic)
-    request: SynthesisRequest | None = None  # set once the request decoded
-    text_feed: TextFeed | None = None  # SynthesizeTextStream only
-    sample_rate: int = 0
-    chunks: int = 0
-    audio_seconds: float = 0.0
-    first_chunk_at: float = 0.0
-    finished_at: float = 0.0
+    Each RPC function owns one and logs it once, where the call ends (never the text, the
+    prompt or any metadata: only sizes and timings).
+    """
 
-    def since_start(self) -> float:
-        return time.monotonic() - self.started
+    def __init__(self, name: str):
+        self.name = name  # the RPC, or the REST path
+        self.started = time.monotonic()
+        self.mode = "-"
+        self.chars = 0
+        self.text_feed: TextFeed | None = None  # SynthesizeTextStream: counts arriving text
+        self.sample_rate = 0
+        self.chunks = 0
+        self.samples = 0  # engine samples (native rate)
+        self.first_chunk_at = 0.0
+        self.finished_at = 0.0
 
-    def stats(self, engine: str) -> tts_pb2.SynthesizeResponse:
+    def request(self, request: SynthesisRequest, text_feed: TextFeed | None = None) -> None:
+        self.mode = request.mode.value
+        self.chars = len(request.text)
+        self.text_feed = text_feed
+
+    def chunk(self) -> None:
+        if not self.chunks:
+            self.first_chunk_at = time.monotonic() - self.started
+        self.chunks += 1
+
+    def stats(self, engine: str, native_rate: int) -> tts_pb2.SynthesizeResponse:
         return tts_pb2.SynthesizeResponse(stats=tts_pb2.SynthesisStats(
-            audio_seconds=self.audio_seconds, time_to_first_chunk_seconds=self.first_chunk_at,
-            total_seconds=self.finished_at, engine=engine, chunks=self.chunks,
-            sample_rate=self.sample_rate))
+            audio_seconds=self.samples / float(native_rate),
+            time_to_first_chunk_seconds=self.first_chunk_at, total_seconds=self.finished_at,
+            engine=engine, chunks=self.chunks, sample_rate=self.sample_rate))
 
-
-async def _abort(context: grpc.aio.ServicerContext, error: errors.ServiceError) -> None:
-    await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
-
-
-async def _abort_unexpected(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    if isinstance(error, grpc.aio.AbortError):
-        raise error
-    log.error("unexpected failure while serving a call", exc_info=error)
-    await _abort(context, errors.ServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE,
-                                              500))
+    def finish(self, outcome: str, native_rate: int = 0) -> None:
+        chars = self.text_feed.chars if self.text_feed is not None else self.chars
+        audio = self.samples / native_rate if native_rate else 0.0
+        log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
+                 self.name, self.mode, chars, self.sample_rate, outcome, self.chunks,
+                 self.first_chunk_at, time.monotonic() - self.started, audio)
 
 
 async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
     """The result of a unary call's ``work``, or the call ended with the right status."""
     try:
         return await work
-    except errors.ServiceError as error:
-        await _abort(context, error)
     except Exception as error:
-        await _abort_unexpected(context, error)
+        await _abort(context, error)
     raise AssertionError("unreachable: abort raises")
 
 
-# SynthesizeTextStream's text has not arrived when its config is checked: the engine checks
-# everything else (mode, voice, speaker, prompt) on a copy of the request with this text.
-_STAND_IN_TEXT = "text"
+async def _abort(context: grpc.aio.ServicerContext, error: Exception,
+                 call: CallLog | None = None) -> None:
+    """End the call with the status ``error`` stands for (INTERNAL for the unexpected)."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    error = _as_service_error(error)
+    if call is not None:
+        call.finish(error.code.name)
+    await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
 
 
 class Core:
-    """What both services share: the engine, the synthesizer, the encoded audio stream and
+    """What every service shares: the engine, the synthesizer, the encoded audio stream and
     speaker registration."""
 
     def __init__(self, engine: Engine, synthesizer: Synthesizer,
@@ -121,57 +141,32 @@ class Core:
         # presets).
         return self.engine.capabilities()
 
-    async def audio(self, call: _Call, output: convert.OutputSpec
-                    ) -> AsyncIterator[tuple[bytes, OutputEncoder]]:
-        """Validate ``call.request`` with the engine, then yield encoded audio as it comes.
-
-        With ``call.text_feed``, the engine speaks the pieces fed there (SynthesizeTextStream).
-        """
-        request, text = call.request, call.text_feed
-        await self.synth.validate(request if text is None
-                                  else dataclasses.replace(request, text=_STAND_IN_TEXT))
+    async def prepare(self, request: SynthesisRequest, output: convert.OutputSpec, call: CallLog,
+                      *, streamed_text: bool = False) -> OutputEncoder:
+        """The engine's checks of ``request``; then the encoder its audio will go through."""
+        await self.synth.validate(request, streamed_text=streamed_text)
         encoder = OutputEncoder(self.sample_rate, output.sample_rate, output.encoding)
         call.sample_rate = encoder.output_rate
-        produced = 0
+        return encoder
+
+    async def audio(self, request: SynthesisRequest, encoder: OutputEncoder, call: CallLog,
+                    text: TextFeed | None = None) -> AsyncIterator[bytes]:
+        """Admission, then encoded audio as the engine makes it (at least one piece, which may
+        be empty: a gRPC stream must carry a message). With ``text`` the engine speaks the
+        pieces fed there (SynthesizeTextStream)."""
         # aclosing: leaving early (client gone) stops the engine now, not when GC runs.
         async with aclosing(self.synth.stream(request, text)) as chunks:
             async for chunk in chunks:
+                call.samples += len(chunk)
                 data = encoder.encode(chunk)
-                produced += len(chunk)
-                if not data:
-                    continue
-                if not call.chunks:
-                    call.first_chunk_at = call.since_start()
-                call.chunks += 1
-                yield data, encoder
+                if data:
+                    call.chunk()
+                    yield data
         tail = encoder.finish()
-        if tail or not call.chunks:  # always at least one message, so the stream has a type
-            if not call.chunks:
-                call.first_chunk_at = call.since_start()
-            call.chunks += 1
-            yield tail, encoder
-        call.finished_at = call.since_start()
-        call.audio_seconds = produced / float(self.sample_rate)
-
-    async def serve(self, call: _Call, context: grpc.aio.ServicerContext,
-                    replies: AsyncIterator[T]) -> AsyncIterator[T]:
-        """Pass ``replies`` on; end the call with the right status on failure; log it once."""
-        failure: BaseException | None = None
-        try:
-            async with aclosing(replies):
-                async for reply in replies:
-                    yield reply
-        except errors.ServiceError as error:
-            failure = error
-            await _abort(context, error)
-        except Exception as error:
-            failure = error
-            await _abort_unexpected(context, error)
-        except BaseException as error:  # cancelled: the client went away
-            failure = error
-            raise
-        finally:
-            self.log_call(call, _outcome(failure))
+        if tail or not call.chunks:
+            call.chunk()
+            yield tail
+        call.finished_at = time.monotonic() - call.started
 
     def require_registration(self) -> None:
         if not self.capabilities.supports_speaker_registration:
@@ -179,35 +174,32 @@ class Core:
                 f"the {self.engine.name} engine cannot register speakers; start the server "
                 "with an engine that can (--engine cosyvoice2)")
 
+    def require_text_streaming(self) -> None:
+        if not self.capabilities.supports_text_streaming:
+            raise errors.unimplemented(
+                f"the {self.engine.name} engine cannot speak text while it arrives: "
+                "send the whole text to Synthesize, or start the server with an engine "
+                "that can (--engine cosyvoice2)")
+
     async def register(self, request: tts_pb2.RegisterSpeakerRequest
                        ) -> tts_pb2.RegisterSpeakerResponse:
         """RegisterSpeaker (JSON) and /register_speaker (upload) both end here."""
         self.require_registration()
-        speaker_id = request.speaker_id.strip()
-        if not speaker_id or len(speaker_id) > limits.MAX_SPEAKER_ID_CHARS:
-            raise errors.bad_request(f"speaker_id must have 1 to "
-                                     f"{limits.MAX_SPEAKER_ID_CHARS} characters")
         if not request.HasField("prompt_audio"):
             raise errors.bad_request("prompt_audio is required to register a speaker")
+        speaker_id, language = request.speaker_id.strip(), request.language or None
+        try:  # the cheap rules first, before the upload is decoded
+            limits.check_registration(speaker_id, request.prompt_text, language,
+                                      request.description)
+        except EngineError as error:
+            raise errors.from_engine_error(error) from None
         prompt = await asyncio.to_thread(decode_audio, request.prompt_audio.data,
                                          request.prompt_audio.format,
                                          request.prompt_audio.sample_rate)
-        prompt_text = request.prompt_text
-        if len(prompt_text) > limits.MAX_PROMPT_TEXT_CHARS:
-            raise errors.too_large(f"prompt_text has {len(prompt_text)} characters; the "
-                                   f"limit is {limits.MAX_PROMPT_TEXT_CHARS}")
-        known = {s.id: s for s in await asyncio.to_thread(self.engine.speakers)}
-        if speaker_id in known and not known[speaker_id].registered:
-            raise errors.already_exists(f"speaker id {speaker_id!r} is a preset speaker of the "
-                                        "model; choose another id")
-        if speaker_id in known and not request.replace:
-            raise errors.already_exists(f"speaker id {speaker_id!r} is already registered; "
-                                        "choose another id, or set replace to overwrite it")
-        try:
+        try:  # a taken id is the engine's to judge (ALREADY_EXISTS, HTTP 409)
             speaker = await self.synth.run(
-                self.engine.register_speaker, speaker_id, prompt, prompt_text,
-                language=request.language or None, description=request.description,
-                replace=request.replace)
+                self.engine.register_speaker, speaker_id, prompt, request.prompt_text,
+                language=language, description=request.description, replace=request.replace)
         except EngineError as error:
             raise errors.from_engine_error(error) from None
         return tts_pb2.RegisterSpeakerResponse(speaker=tts_pb2.Speaker(
@@ -224,28 +216,6 @@ class Core:
             raise errors.from_engine_error(error) from None
         return tts_pb2.DeleteSpeakerResponse()
 
-    def log_call(self, call: _Call, outcome: str) -> None:
-        # Never the text, the prompt or any metadata: only sizes and timings.
-        request = call.request
-        mode = request.mode.value if request else "-"
-        if call.text_feed is not None:
-            chars = call.text_feed.chars
-        else:
-            chars = len(request.text) if request else 0
-        log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
-                 call.name, mode, chars, call.sample_rate, outcome, call.chunks,
-                 call.first_chunk_at, call.since_start(), call.audio_seconds)
-
-
-def _outcome(error: BaseException | None) -> str:
-    if error is None:
-        return "OK"
-    if isinstance(error, errors.ServiceError):
-        return error.code.name
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"
-    return type(error).__name__
-
 
 class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     def __init__(self, core: Core):
@@ -254,58 +224,54 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
     async def Synthesize(self, request: tts_pb2.SynthesizeRequest,
                          context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        call = _Call("Synthesize")
-        async with aclosing(self.core.serve(call, context,
-                                            self._synthesize(request, call))) as replies:
-            async for reply in replies:
-                yield reply
-
-    async def _synthesize(self, request: tts_pb2.SynthesizeRequest, call: _Call
-                          ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        call.request, output = await asyncio.to_thread(convert.to_engine_request, request)
-        async with aclosing(self._audio_and_stats(call, output)) as replies:
-            async for reply in replies:
-                yield reply
+        core, call = self.core, CallLog("Synthesize")
+        try:
+            job, output = await asyncio.to_thread(convert.to_engine_request, request)
+            call.request(job)
+            encoder = await core.prepare(job, output, call)
+            index = 0
+            async with aclosing(core.audio(job, encoder, call)) as audio:
+                async for data in audio:
+                    yield _audio_reply(data, encoder, index)
+                    index += 1
+            yield call.stats(core.engine.name, core.sample_rate)
+            call.finish("OK", core.sample_rate)
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            call.finish("CANCELLED", core.sample_rate)
+            raise
+        except Exception as error:
+            await _abort(context, error, call)
 
     async def SynthesizeTextStream(self, request_iterator: AsyncIterator,
                                    context: grpc.aio.ServicerContext
                                    ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        call = _Call("SynthesizeTextStream")
-        async with aclosing(self.core.serve(call, context, self._text_stream(
-                request_iterator, call))) as replies:
-            async for reply in replies:
-                yield reply
-
-    async def _text_stream(self, messages: AsyncIterator, call: _Call
-                           ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        if not self.core.capabilities.supports_text_streaming:
-            raise errors.unimplemented(
-                f"the {self.core.engine.name} engine cannot speak text while it arrives: "
-                "send the whole text to Synthesize, or start the server with an engine "
-                "that can (--engine cosyvoice2)")
-        config = await _first_config(messages)
-        call.request, output = await asyncio.to_thread(convert.to_engine_request, config,
-                                                       streamed_text=True)
-        call.text_feed = TextFeed(idle_seconds=self.core.text_idle_seconds)
-        call.text_feed.put(call.request.text)
-        reader = asyncio.create_task(_read_text(messages, call.text_feed))
+        core, call = self.core, CallLog("SynthesizeTextStream")
+        reader: asyncio.Task | None = None
         try:
-            async with aclosing(self._audio_and_stats(call, output)) as replies:
-                async for reply in replies:
-                    yield reply
+            core.require_text_streaming()
+            config = await _first_config(request_iterator)
+            job, output = await asyncio.to_thread(convert.to_engine_request, config,
+                                                  streamed_text=True)
+            feed = TextFeed(idle_seconds=core.text_idle_seconds)
+            feed.put(job.text)
+            call.request(job, feed)
+            encoder = await core.prepare(job, output, call, streamed_text=True)
+            reader = asyncio.create_task(_read_text(request_iterator, feed))
+            index = 0
+            async with aclosing(core.audio(job, encoder, call, feed)) as audio:
+                async for data in audio:
+                    yield _audio_reply(data, encoder, index)
+                    index += 1
+            yield call.stats(core.engine.name, core.sample_rate)
+            call.finish("OK", core.sample_rate)
+        except (asyncio.CancelledError, GeneratorExit):
+            call.finish("CANCELLED", core.sample_rate)
+            raise
+        except Exception as error:
+            await _abort(context, error, call)
         finally:
-            reader.cancel()
-
-    async def _audio_and_stats(self, call: _Call, output: convert.OutputSpec
-                               ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
-        index = 0
-        async with aclosing(self.core.audio(call, output)) as audio:
-            async for data, encoder in audio:
-                yield tts_pb2.SynthesizeResponse(audio=tts_pb2.AudioChunk(
-                    data=data, sample_rate=encoder.output_rate, encoding=encoder.encoding,
-                    index=index))
-                index += 1
-        yield call.stats(self.core.engine.name)
+            if reader is not None:
+                reader.cancel()
 
     async def ListSpeakers(self, request: tts_pb2.ListSpeakersRequest,
                            context: grpc.aio.ServicerContext) -> tts_pb2.ListSpeakersResponse:
@@ -322,10 +288,11 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
             supports_speaker_registration=caps.supports_speaker_registration,
             supports_text_streaming=caps.supports_text_streaming,
             limits=tts_pb2.ServiceLimits(
-                max_text_chars=limits.MAX_TEXT_CHARS, max_upload_bytes=limits.MAX_UPLOAD_BYTES,
+                max_text_chars=limits.MAX_TEXT_CHARS,
+                max_upload_bytes=service_limits.MAX_UPLOAD_BYTES,
                 max_prompt_seconds=limits.MAX_PROMPT_SECONDS,
                 min_prompt_seconds=limits.MIN_PROMPT_SECONDS,
-                output_sample_rates=limits.OUTPUT_SAMPLE_RATES,
+                output_sample_rates=service_limits.OUTPUT_SAMPLE_RATES,
                 min_input_sample_rate=limits.MIN_INPUT_SAMPLE_RATE,
                 max_input_sample_rate=limits.MAX_INPUT_SAMPLE_RATE,
                 min_speed=limits.MIN_SPEED, max_speed=limits.MAX_SPEED,
@@ -355,34 +322,41 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
         return await _answer(context, self.core.delete(request.speaker_id))
 
 
+def _audio_reply(data: bytes, encoder: OutputEncoder, index: int) -> tts_pb2.SynthesizeResponse:
+    return tts_pb2.SynthesizeResponse(audio=tts_pb2.AudioChunk(
+        data=data, sample_rate=encoder.output_rate, encoding=encoder.encoding, index=index))
+
+
 class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
     """The reference server's /inference_* endpoints (reached through the gateway)."""
 
     def __init__(self, core: Core):
         self.core = core
 
-    async def _run(self, kind: str, request: Message, context: grpc.aio.ServicerContext
-                   ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        call = _Call(compat.ENDPOINTS[kind].path)
-        async with aclosing(self.core.serve(call, context,
-                                            self._bodies(kind, request, call))) as bodies:
-            async for body in bodies:
-                yield body
+    async def _inference(self, kind: str, request: Message, context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        """Every /inference_* endpoint: the same steps, for the endpoint's ``kind``."""
+        core, call = self.core, CallLog(compat.ENDPOINTS[kind].path)
+        try:
+            job, output = await asyncio.to_thread(_decode_rest, kind, request)
+            call.request(job)
+            encoder = await core.prepare(job, output, call)
+            async with aclosing(core.audio(job, encoder, call)) as audio:
+                async for data in audio:
+                    yield httpbody_pb2.HttpBody(content_type=encoder.content_type, data=data)
+            call.finish("OK", core.sample_rate)
+        except (asyncio.CancelledError, GeneratorExit):
+            call.finish("CANCELLED", core.sample_rate)
+            raise
+        except Exception as error:
+            await _abort(context, error, call)
 
-    async def _bodies(self, kind: str, request: Message, call: _Call
-                      ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        call.request, output = await asyncio.to_thread(_decode_rest, kind, request)
-        async with aclosing(self.core.audio(call, output)) as audio:
-            async for data, encoder in audio:
-                yield httpbody_pb2.HttpBody(content_type=encoder.content_type, data=data)
-
-    # One handler per endpoint, all the same call with the endpoint's kind.
-    InferenceSft = functools.partialmethod(_run, "sft")
-    InferenceZeroShot = functools.partialmethod(_run, "zero_shot")
-    InferenceCrossLingual = functools.partialmethod(_run, "cross_lingual")
-    InferenceInstruct = functools.partialmethod(_run, "instruct")
-    InferenceInstruct2 = functools.partialmethod(_run, "instruct2")
-    InferenceVc = functools.partialmethod(_run, "vc")
+    InferenceSft = functools.partialmethod(_inference, "sft")
+    InferenceZeroShot = functools.partialmethod(_inference, "zero_shot")
+    InferenceCrossLingual = functools.partialmethod(_inference, "cross_lingual")
+    InferenceInstruct = functools.partialmethod(_inference, "instruct")
+    InferenceInstruct2 = functools.partialmethod(_inference, "instruct2")
+    InferenceVc = functools.partialmethod(_inference, "vc")
 
     async def RegisterSpeakerUpload(self, request: compat_pb2.RegisterSpeakerUploadRequest,
                                     context: grpc.aio.ServicerContext
@@ -394,8 +368,16 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
         return await _answer(context, register())
 
 
+def _as_service_error(error: Exception) -> errors.ServiceError:
+    """``error`` as the client hears it (the unexpected logged here, told as INTERNAL)."""
+    if isinstance(error, errors.ServiceError):
+        return error
+    log.error("unexpected failure while serving a call", exc_info=error)
+    return errors.ServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE, 500)
+
+
 def _decode_rest(kind: str, request: Message) -> tuple[SynthesisRequest, convert.OutputSpec]:
-    return convert.to_engine_request(compat.decode(kind, request))
+    return convert.to_engine_request(compat.decode(kind, request), names=compat.REST_NAMES)
 
 
 async def _first_config(messages: AsyncIterator) -> tts_pb2.SynthesizeRequest:
@@ -447,8 +429,8 @@ class RunningServer:
 
 
 async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[str],
-                       max_concurrent: int = limits.DEFAULT_MAX_CONCURRENT,
-                       max_queue: int = limits.DEFAULT_MAX_QUEUE,
+                       max_concurrent: int = service_limits.DEFAULT_MAX_CONCURRENT,
+                       max_queue: int = service_limits.DEFAULT_MAX_QUEUE,
                        text_idle_seconds: float = limits.TEXT_STREAM_IDLE_SECONDS
                        ) -> RunningServer:
     """Start serving ``engine``; returns once the port is bound and health says SERVING.
@@ -459,8 +441,8 @@ async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[s
     core = Core(engine, synthesizer, text_idle_seconds)
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(KeyChecker(api_keys))],
-        options=[("grpc.max_receive_message_length", limits.MAX_GRPC_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", limits.MAX_GRPC_MESSAGE_BYTES),
+        options=[("grpc.max_receive_message_length", service_limits.MAX_GRPC_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", service_limits.MAX_GRPC_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
     tts_pb2_grpc.add_TextToSpeechServiceServicer_to_server(TextToSpeechService(core), server)

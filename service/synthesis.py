@@ -26,7 +26,8 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from service import errors, limits
+from service import errors
+from tts_core import limits
 from tts_core.engine import Engine, EngineError, SynthesisRequest
 
 log = logging.getLogger("service.synthesis")
@@ -135,10 +136,14 @@ class Synthesizer:
         self._workers = ThreadPoolExecutor(max_workers=max_concurrent,
                                            thread_name_prefix="synthesis")
 
-    async def validate(self, request: SynthesisRequest) -> None:
-        """The engine's own checks, in a thread (they may normalise text)."""
+    async def validate(self, request: SynthesisRequest, *, streamed_text: bool = False) -> None:
+        """The engine's own checks, in a thread (they may normalise text).
+
+        ``streamed_text``: the request's text arrives later (SynthesizeTextStream).
+        """
+        check = self.engine.validate_text_stream if streamed_text else self.engine.validate
         try:
-            await asyncio.to_thread(self.engine.validate, request)
+            await asyncio.to_thread(check, request)
         except EngineError as error:
             raise errors.from_engine_error(error) from None
 

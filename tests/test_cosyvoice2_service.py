@@ -23,8 +23,9 @@ import soundfile
 import torch
 from conftest import AUDIO_DIR, Stack, collect_replies, rpc_error, start_stack, stop_stack
 
-from service import limits
+from service import limits as service_limits
 from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc
+from tts_core import limits
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
 
 PROMPT_WAV = AUDIO_DIR / "zero_shot_prompt.wav"  # 24 kHz float, 3.5 s, Mandarin
@@ -34,7 +35,7 @@ TEXT = "收到好友从远方寄来的生日礼物。"
 EN_TEXT = "Hello there, this is a quick test."
 NATIVE_RATE = 24000
 SAMPLES_PER_TOKEN = 960  # 25 speech tokens per second at 24 kHz
-REST_RATE = limits.REST_DEFAULT_SAMPLE_RATE
+REST_RATE = service_limits.REST_DEFAULT_SAMPLE_RATE
 PRESET = "中文女"  # written by make_model_dir(spk2info=True), like the official presets
 
 

@@ -21,8 +21,9 @@ import soundfile
 import soxr
 
 from gateway.envoy_config import content_type, web_files
-from service import limits
+from service import limits as service_limits
 from service.errors import HTTP_STATUS_KEY
+from tts_core import limits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT = "你好，欢迎使用语音合成服务。"
@@ -139,8 +140,9 @@ def test_speakers_json_has_stable_field_names(stack):
     assert "cosyvoice2" in modes["SYNTHESIS_MODE_ZERO_SHOT"]["reason"]
     lim = body["limits"]
     assert lim["max_text_chars"] == limits.MAX_TEXT_CHARS
-    assert lim["max_upload_bytes"] == limits.MAX_UPLOAD_BYTES  # a number, not an int64 string
-    assert lim["output_sample_rates"] == list(limits.OUTPUT_SAMPLE_RATES)
+    # a number, not an int64 string
+    assert lim["max_upload_bytes"] == service_limits.MAX_UPLOAD_BYTES
+    assert lim["output_sample_rates"] == list(service_limits.OUTPUT_SAMPLE_RATES)
 
 
 # ------------------------------------------------------------------- the reference endpoints
@@ -236,8 +238,8 @@ def test_upload_errors_come_before_the_mode_check(stack, prompt_wav):
     missing = reference_request(stack, "/inference_zero_shot", data)
     assert_error(missing, 400, "prompt_wav", grpc_code=3)
     big = reference_request(stack, "/inference_zero_shot", data,
-                            b"\0" * (limits.MAX_UPLOAD_BYTES + 1024))
-    assert_error(big, 413, f"the limit is {limits.MAX_UPLOAD_BYTES} bytes", grpc_code=3)
+                            b"\0" * (service_limits.MAX_UPLOAD_BYTES + 1024))
+    assert_error(big, 413, f"the limit is {service_limits.MAX_UPLOAD_BYTES} bytes", grpc_code=3)
 
 
 def test_json_body_may_carry_the_prompt_as_base64(stack, prompt_wav):
@@ -294,8 +296,8 @@ def test_gateway_level_errors(stack):
     assert_error(wrong_type, 415, "multipart/form-data", grpc_code=3)
     # Bigger than Envoy's body limit: refused by Envoy itself, with the same JSON shape.
     huge = requests.post(url(stack, "/inference_zero_shot"), headers=stack.headers,
-                         files={"prompt_wav": ("p.wav", b"\0" * (limits.MAX_REQUEST_BODY_BYTES
-                                                                   + 1))},
+                         files={"prompt_wav": (
+                             "p.wav", b"\0" * (service_limits.MAX_REQUEST_BODY_BYTES + 1))},
                          timeout=120)
     assert_error(huge, 413, "request body too large", grpc_code=3)
 
@@ -405,7 +407,7 @@ def test_envoy_admin_is_loopback_only_and_hides_the_keys(stack):
     monitors = {m["name"]: m["typed_config"]
                 for m in bootstrap["overload_manager"]["resource_monitors"]}
     limit = monitors["envoy.resource_monitors.global_downstream_max_connections"]
-    assert int(limit["max_active_downstream_connections"]) == limits.MAX_GATEWAY_CONNECTIONS
+    assert int(limit["max_active_downstream_connections"]) == service_limits.MAX_GATEWAY_CONNECTIONS
     # Envoy warns at start-up about production settings it finds missing (such as that one).
     start_up = stack.logs().split("Ready.", 1)[0]
     assert "[envoy][warning]" not in start_up and "[envoy][error]" not in start_up

@@ -25,11 +25,13 @@ from conftest import collect_replies, rpc_error
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service import limits, protogen
+from service import limits as service_limits
+from service import protogen
 from service.auth import load_api_keys
 from service.errors import HTTP_STATUS_KEY
 from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc
 from service.synthesis import LOOKAHEAD
+from tts_core import limits
 
 EXPECTED_SPEAKERS = {"中文女", "中文男", "日语男", "粤语女", "英文女", "英文男", "韩语女"}
 SHORT_EN = "Hello there. This is a short test."
@@ -181,7 +183,7 @@ def test_list_speakers_describes_engine_modes_and_limits(stub, stack):
         assert not modes[mode].supported and "cosyvoice2" in modes[mode].reason
     assert not reply.supports_speaker_registration
     assert reply.limits.max_text_chars == limits.MAX_TEXT_CHARS
-    assert list(reply.limits.output_sample_rates) == list(limits.OUTPUT_SAMPLE_RATES)
+    assert list(reply.limits.output_sample_rates) == list(service_limits.OUTPUT_SAMPLE_RATES)
     assert reply.limits.max_prompt_seconds == limits.MAX_PROMPT_SECONDS
 
 
@@ -306,7 +308,7 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT, "400", "at least 0.5 s"),
     "upload-too-big": (tts_pb2.SynthesizeRequest(
         text="hi", cross_lingual=tts_pb2.CrossLingualMode(prompt_audio=tts_pb2.PromptAudio(
-            data=b"\0" * (limits.MAX_UPLOAD_BYTES + 2)))),
+            data=b"\0" * (service_limits.MAX_UPLOAD_BYTES + 2)))),
         grpc.StatusCode.INVALID_ARGUMENT, "413", "limit is 10485760 bytes"),
     "instruct-without-voice": (tts_pb2.SynthesizeRequest(
         text="hi", instruct=tts_pb2.InstructMode(instruct_text="calm")),
@@ -345,8 +347,8 @@ def silence(seconds: float, channels: int, rate: int = 48000, format: str = "FLA
 def test_compressed_uploads_are_judged_by_their_header_before_decoding(stub, stack):
     # An hour of 8-channel 48 kHz audio is 1.4 MB as FLAC but 5.5 GB decoded to float32.
     hour = silence(3600, 8)
-    assert len(hour) < limits.MAX_UPLOAD_BYTES
-    many_channels = silence(2, limits.MAX_INPUT_CHANNELS + 4, format="WAV")
+    assert len(hour) < service_limits.MAX_UPLOAD_BYTES
+    many_channels = silence(2, service_limits.MAX_INPUT_CHANNELS + 4, format="WAV")
     for data, http_status, fragment in [(hour, "413", "3600.0 s long; the limit is 30 s"),
                                         (many_channels, "400", "12 channels; at most 8")]:
         request = tts_pb2.SynthesizeRequest(text="hi", cross_lingual=tts_pb2.CrossLingualMode(

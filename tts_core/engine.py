@@ -84,6 +84,14 @@ class InvalidRequest(EngineError):
     """A field is missing, malformed or out of range."""
 
 
+class TooLarge(InvalidRequest):
+    """A field is over its size limit (text length, audio duration): HTTP 413."""
+
+
+class SpeakerExists(InvalidRequest):
+    """Registering a speaker under an id that is taken (without ``replace``): HTTP 409."""
+
+
 class UnknownSpeaker(EngineError):
     """The requested speaker id does not exist."""
 
@@ -133,6 +141,10 @@ class SpeakerRegistration(Protocol):
 
 class TextStreamSynthesis(Protocol):
     """Optional: engines that start speaking while the text is still arriving."""
+
+    def validate_text_stream(self, request: SynthesisRequest) -> None:
+        """Like ``validate`` for a request whose text has not arrived yet (``text`` unused)."""
+        ...
 
     def synthesize_text_stream(self, request: SynthesisRequest, text_pieces: Iterable[str],
                                cancel: threading.Event) -> Iterator[np.ndarray]:

@@ -11,7 +11,8 @@ cardinal becomes thousands of words in one clause. So, by construction:
   ("12345678901234567" -> "1 2 3, 4 5 6, ...").
 
 Han, kana and hangul are read character by character, and scripts written without spaces (Thai,
-Lao, Khmer, Myanmar, ...) get a longer limit, ``MAX_UNSPACED_RUN``.
+Lao, Khmer, Myanmar, ...) get a longer limit, ``MAX_UNSPACED_RUN``. The limits live in
+:mod:`tts_core.limits` with every other request rule.
 """
 
 from __future__ import annotations
@@ -20,11 +21,7 @@ import re
 import unicodedata
 
 from tts_core.engine import InvalidRequest
-
-MAX_WORD_LETTERS = 64  # the longest dictionary words (German compounds included) are shorter
-MAX_UNSPACED_RUN = 256  # Thai, Lao, Khmer, Myanmar, ...: words are not separated by spaces
-MAX_NUMBER_DIGITS = 15  # up to the trillions a number is read as a number
-DIGIT_GROUP = 3
+from tts_core.limits import DIGIT_GROUP, MAX_NUMBER_DIGITS, MAX_UNSPACED_RUN, MAX_WORD_LETTERS
 
 # A digit run: plain digits, or a number written with thousands separators ("1,234,567").
 _DIGIT_RUN = re.compile(r"(?<!\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)")

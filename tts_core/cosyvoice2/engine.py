@@ -30,7 +30,6 @@ owns its KV cache, its streaming driver state and its random generator.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
 import threading
@@ -42,20 +41,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import limits
 from ..engine import (
     Audio,
     Capabilities,
     InvalidRequest,
     Mode,
     Speaker,
+    SpeakerExists,
     SynthesisRequest,
     UnknownSpeaker,
     UnsupportedMode,
 )
 from .model_dir import CosyVoice2Models, load_model_dir
 from .onnx_frontend import (
-    MAX_PROMPT_SECONDS,
-    MIN_PROMPT_SECONDS,
     PromptAudioError,
     PromptEncoder,
     PromptFeatures,
@@ -67,17 +66,13 @@ from .speakers import (
     SpeakerProfile,
     SpeakerRegistry,
     preset_from_spk2info,
-    validate_speaker_id,
 )
-from .text_frontend import END_OF_PROMPT, TextFrontend, detect_language
+from .text_frontend import TextFrontend, detect_language
 from .token2wav import StreamSchedule, Token2Wav
-from .tokenizer import COSYVOICE2_SPECIAL_TOKENS
+from .tokenizer import COSYVOICE2_SPECIAL_TOKENS, ENDOFPROMPT
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT_CHARS = 10_000
-MIN_SPEED, MAX_SPEED = 0.5, 2.0
-MIN_SOURCE_SECONDS = 0.2
 NO_PRESETS = ("this model directory ships no preset speakers (CosyVoice2-0.5B has none): "
               "register one with RegisterSpeaker or use zero_shot")
 
@@ -114,8 +109,12 @@ def _resolve_device(device: str) -> str:
 
 def _resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
     """float32 on CPU; on CUDA bfloat16 where supported (its range avoids the float16 overflows
-    Qwen2 activations are known for), else float16. ``COSYVOICE2_DTYPE`` overrides."""
-    name = dtype or os.environ.get("COSYVOICE2_DTYPE")
+    Qwen2 activations are known for), else float16. ``dtype`` ("auto" or None: that default)
+    overrides."""
+    name = None if dtype == "auto" else dtype
+    if name == "int8":
+        raise ValueError("precision int8 is not available for the cosyvoice2 engine yet; use "
+                         "auto, float32, bfloat16 or float16")
     if name:
         table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
         if name not in table:
@@ -185,12 +184,15 @@ class CosyVoice2Engine:
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
                        seed: int | None = None,
-                       first_chunk_tokens: int | None = None) -> CosyVoice2Engine:
+                       first_chunk_tokens: int | None = None,
+                       precision: str = "auto") -> CosyVoice2Engine:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
         available), "cpu" or "cuda[:N]"; state_dir: where registered speakers persist (None:
-        they live in memory only); dtype: LM/flow precision override (see ``_resolve_dtype``);
+        they live in memory only); precision: LM/flow precision, one of
+        ``tts_core.registry.PRECISIONS`` (see ``_resolve_dtype``; ``dtype``, its older name,
+        wins when given);
         first_chunk_tokens: speech tokens in the first streamed chunk (None: the default below).
         """
         device = _resolve_device(device)
@@ -199,7 +201,8 @@ class CosyVoice2Engine:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        models = load_model_dir(Path(path), device=device, dtype=_resolve_dtype(device, dtype),
+        models = load_model_dir(Path(path), device=device,
+                                dtype=_resolve_dtype(device, dtype or precision),
                                 onnx_threads=min(threads or 1, 4))
         log.info("loaded CosyVoice 2 model directory %s on %s (%s) in %.1f s", path, device,
                  models.dtype, time.perf_counter() - started)
@@ -230,7 +233,13 @@ class CosyVoice2Engine:
 
     def validate(self, request: SynthesisRequest) -> None:
         """Raise an EngineError if the request cannot be served (cheap: no model runs)."""
-        self._validate(request, needs_text=request.mode is not Mode.VOICE_CONVERSION)
+        self._validate(request, streamed_text=False)
+
+    def validate_text_stream(self, request: SynthesisRequest) -> None:
+        """``validate`` for :meth:`synthesize_text_stream` (the text arrives later)."""
+        if request.mode is Mode.VOICE_CONVERSION:
+            raise UnsupportedMode("voice_conversion takes source audio, not streamed text")
+        self._validate(request, streamed_text=True)
 
     def synthesize(self, request: SynthesisRequest, cancel: threading.Event
                    ) -> Iterator[np.ndarray]:
@@ -266,9 +275,7 @@ class CosyVoice2Engine:
         5 text tokens with 15 speech tokens, so audio starts after the first few words. Pieces
         are normalised at word boundaries (a number split across pieces is read whole).
         """
-        if request.mode is Mode.VOICE_CONVERSION:
-            raise UnsupportedMode("voice_conversion takes source audio, not streamed text")
-        self._validate(request, needs_text=False)
+        self.validate_text_stream(request)
         randomness = self._randomness()
         voice = self._voice(request)
         chunks = self._text_id_chunks(text_pieces, voice, cancel)
@@ -286,19 +293,13 @@ class CosyVoice2Engine:
         like a prompt would; without it, it serves cross_lingual, instruct and voice
         conversion (and sft, as cross_lingual). Persists under ``state_dir`` when one was given.
         """
-        try:
-            validate_speaker_id(speaker_id)
-        except SpeakerError as error:
-            raise InvalidRequest(str(error)) from error
-        if language is not None and not re.fullmatch(r"[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*",
-                                                     language):
-            raise InvalidRequest(f"language {language!r} is not a language tag like 'zh' or "
-                                 "'en-US'")
-        if len(description) > 500 or len(prompt_text) > 1000:
-            raise InvalidRequest("description (500) or prompt_text (1000 characters) too long")
-        if self.registry.is_preset(speaker_id) or (self.registry.get(speaker_id) is not None
-                                                   and not replace):
-            raise InvalidRequest(f"speaker id {speaker_id!r} is already taken")
+        limits.check_registration(speaker_id, prompt_text, language, description)
+        if self.registry.is_preset(speaker_id):
+            raise SpeakerExists(f"speaker id {speaker_id!r} is already taken by a preset "
+                                "speaker of the model; choose another id")
+        if self.registry.get(speaker_id) is not None and not replace:
+            raise SpeakerExists(f"speaker id {speaker_id!r} is already taken (already "
+                                "registered); choose another id, or set replace to overwrite it")
         features = self._encode_prompt(prompt)
         text = self._normalize_prompt_text(prompt_text) if prompt_text.strip() else ""
         profile = SpeakerProfile(
@@ -323,19 +324,9 @@ class CosyVoice2Engine:
 
     # ------------------------------------------------------------------ validation
 
-    def _validate(self, request: SynthesisRequest, needs_text: bool) -> None:
+    def _validate(self, request: SynthesisRequest, streamed_text: bool) -> None:
+        limits.check_request(request, streamed_text=streamed_text)
         mode = request.mode
-        if not isinstance(mode, Mode):
-            raise InvalidRequest(f"unknown mode {mode!r}")
-        if needs_text:
-            if not request.text or not request.text.strip():
-                raise InvalidRequest("text is empty: give the text to speak")
-            if len(request.text) > MAX_TEXT_CHARS:
-                raise InvalidRequest(f"text has {len(request.text)} characters; at most "
-                                     f"{MAX_TEXT_CHARS} per request")
-        if not MIN_SPEED <= request.speed <= MAX_SPEED:
-            raise InvalidRequest(f"speed {request.speed} is out of range "
-                                 f"[{MIN_SPEED}, {MAX_SPEED}]")
         if mode is Mode.SFT and len(self.registry) == 0:
             raise UnsupportedMode(NO_PRESETS)
         profile = None
@@ -345,7 +336,7 @@ class CosyVoice2Engine:
                 known = ", ".join(p.id for p in self.registry.all()[:10]) or "none"
                 raise UnknownSpeaker(f"unknown speaker {request.speaker_id!r} (known: {known})")
         if request.prompt is not None:
-            self._check_audio(request.prompt, "prompt", MIN_PROMPT_SECONDS)
+            self._check_audio(request.prompt, "prompt", limits.MIN_PROMPT_SECONDS)
         if mode is Mode.SFT:
             if profile is None:
                 raise InvalidRequest("sft needs speaker_id: one of the preset or registered "
@@ -360,29 +351,20 @@ class CosyVoice2Engine:
             raise InvalidRequest(f"{mode.value} needs prompt audio (or the speaker_id of a "
                                  "registered speaker)")
         if mode is Mode.ZERO_SHOT:
-            if request.prompt is not None and not request.prompt_text.strip():
-                raise InvalidRequest("zero_shot needs prompt_text, the transcript of the prompt "
-                                     "audio (without one, use cross_lingual)")
             if request.prompt is None and profile is not None and not profile.has_transcript:
                 raise InvalidRequest(f"speaker {profile.id!r} was registered without a "
                                      "transcript; use cross_lingual or instruct with it")
-        elif mode is Mode.INSTRUCT:
-            if not request.instruct_text.strip():
-                raise InvalidRequest("instruct needs instruct_text, e.g. "
-                                     f"'用四川话说这句话{END_OF_PROMPT}'")
-            if len(request.instruct_text) > 1000:
-                raise InvalidRequest("instruct_text is longer than 1000 characters")
         elif mode is Mode.VOICE_CONVERSION:
             if request.source is None:
                 raise InvalidRequest("voice_conversion needs source audio (the speech to "
                                      "re-voice)")
-            self._check_audio(request.source, "source", MIN_SOURCE_SECONDS)
+            self._check_audio(request.source, "source", limits.MIN_SOURCE_SECONDS)
 
     @staticmethod
     def _check_audio(audio: Audio, what: str, min_seconds: float) -> None:
         try:
             check_audio(audio.samples, audio.sample_rate, what, min_seconds=min_seconds,
-                        max_seconds=MAX_PROMPT_SECONDS)
+                        max_seconds=limits.MAX_PROMPT_SECONDS)
         except PromptAudioError as error:
             raise InvalidRequest(str(error)) from error
 
@@ -430,8 +412,8 @@ class CosyVoice2Engine:
         use_transcript = mode is Mode.ZERO_SHOT or (mode is Mode.SFT and bool(transcript_ids))
         if mode is Mode.INSTRUCT:
             instruction = self.text.normalize(request.instruct_text)
-            if not instruction.endswith(END_OF_PROMPT):
-                instruction += END_OF_PROMPT
+            if not instruction.endswith(ENDOFPROMPT):
+                instruction += ENDOFPROMPT
             lm_text, lm_tokens = self.tokenizer.encode(instruction), []
         elif use_transcript and tokens.shape[1] > 0:
             lm_text, lm_tokens = transcript_ids, tokens.flatten().tolist()

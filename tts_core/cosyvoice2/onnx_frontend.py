@@ -25,11 +25,15 @@ import numpy as np
 import soxr
 import torch
 
+from ..limits import (
+    MAX_INPUT_SAMPLE_RATE,
+    MAX_PROMPT_SECONDS,
+    MIN_INPUT_SAMPLE_RATE,
+    MIN_PROMPT_SECONDS,
+)
 from .features import MelConfig, kaldi_fbank_80, mel_spectrogram_24k, whisper_log_mel_128
 
 TOKENIZER_SAMPLE_RATE = 16000
-MAX_PROMPT_SECONDS = 30.0  # the speech tokenizer was trained on at most 30 s
-MIN_PROMPT_SECONDS = 0.5
 
 
 class PromptAudioError(ValueError):
@@ -73,9 +77,9 @@ def check_audio(samples: np.ndarray, sample_rate: int, what: str = "prompt",
                                f"{list(array.shape)}")
     if not np.issubdtype(array.dtype, np.floating):
         raise PromptAudioError(f"{what} audio must be float samples in [-1, 1], got {array.dtype}")
-    if sample_rate < 8000 or sample_rate > 192000:
+    if not MIN_INPUT_SAMPLE_RATE <= sample_rate <= MAX_INPUT_SAMPLE_RATE:
         raise PromptAudioError(f"{what} audio sample rate {sample_rate} Hz is not supported "
-                               "(8000–192000 Hz)")
+                               f"({MIN_INPUT_SAMPLE_RATE}–{MAX_INPUT_SAMPLE_RATE} Hz)")
     if not np.isfinite(array).all():
         raise PromptAudioError(f"{what} audio contains NaN or infinite samples")
     seconds = len(array) / sample_rate

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import threading
 import time
@@ -31,13 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..engine import Speaker
+from ..limits import SPEAKER_ID_RULE, is_valid_speaker_id
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 1: tensors + a separate JSON file (read and converted at start)
 _TENSOR_NAMES = ("embedding", "speech_tokens", "speech_feat")
-# Letters (any script), digits, "_", "-", "."; no leading "." or "-"; at most 64 characters.
-_ID = re.compile(r"^[^\W][\w.\-]{0,63}$")
 
 
 class SpeakerError(ValueError):
@@ -45,10 +43,8 @@ class SpeakerError(ValueError):
 
 
 def validate_speaker_id(speaker_id: str) -> str:
-    if not isinstance(speaker_id, str) or not _ID.fullmatch(speaker_id) or ".." in speaker_id:
-        raise SpeakerError(
-            f"speaker id {speaker_id!r} is not valid: use 1–64 letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit")
+    if not is_valid_speaker_id(speaker_id):
+        raise SpeakerError(f"speaker id {speaker_id!r} is not valid: {SPEAKER_ID_RULE}")
     return speaker_id
 
 

@@ -36,7 +36,6 @@ FINE_GRAINED_MARKERS: tuple[str, ...] = (
     "[hissing]", "[sigh]", "[vocalized-noise]", "[lipsmack]", "[mn]",
     "<strong>", "</strong>", "<laughter>", "</laughter>",
 )
-END_OF_PROMPT = "<|endofprompt|>"
 _PIPE_TAG = r"<\|[A-Za-z0-9_\-]{1,32}\|>"
 
 # Sentence-final and clause punctuation (after normalisation; both widths).

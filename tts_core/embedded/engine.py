@@ -7,7 +7,6 @@ speakers only (SFT); voice cloning, instructions and voice conversion need the C
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnxruntime as ort
 
-from tts_core import text_guard
+from tts_core import limits, text_guard
 from tts_core.embedded import assets, frontend, text_split
 from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker
 from tts_core.engine import (
@@ -35,8 +34,6 @@ MAX_TOKENS = 510  # Kokoro's context is 512 tokens, two of which are the boundar
 # Tokens per model call: bounds the memory one call takes (onnxruntime keeps its arena at the
 # largest size it ever needed) and the length of one chunk (~15 s of speech).
 CALL_TOKENS = 250
-MAX_TEXT_CHARS = 20000
-MIN_SPEED, MAX_SPEED = 0.5, 2.0
 _PAD_ID = 0
 # Kokoro pads every clause with ~0.4 s of silence before and ~0.5 s after the speech; cut it
 # (the first audio arrives that much sooner) and put back pauses that fit the punctuation.
@@ -143,20 +140,11 @@ class EmbeddedEngine:
         if request.speaker_id not in self._speakers:
             raise UnknownSpeaker(f"unknown speaker {request.speaker_id!r} for the embedded engine;"
                                  f" choose one of: {choices}")
-        if not request.text or not request.text.strip():
-            raise InvalidRequest("text is empty; give the text to speak")
-        if len(request.text) > MAX_TEXT_CHARS:
-            raise InvalidRequest(f"text is {len(request.text)} characters long; the limit is "
-                                 f"{MAX_TEXT_CHARS}, split it into several requests")
+        limits.check_request(request)  # text, speed: the same rules as every engine
         text_guard.check_words(request.text)
         if not frontend.has_speakable(request.text):
             raise InvalidRequest("text has nothing speakable: it needs letters or digits "
                                  "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
-        speed = request.speed
-        if not (isinstance(speed, int | float) and math.isfinite(speed)
-                and MIN_SPEED <= speed <= MAX_SPEED):
-            raise InvalidRequest(f"speed must be between {MIN_SPEED} and {MAX_SPEED} "
-                                 f"(1.0 is normal), got {speed!r}")
 
     def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float) -> np.ndarray:
         (audio,) = self._session.run(None, {

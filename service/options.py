@@ -1,0 +1,112 @@
+"""The server's options: one dataclass, each option declared once, for both programs.
+
+``python -m service`` parses them with :func:`server_parser`; ``python -m gateway`` adds its own
+options (REST listener, Envoy) to the same declarations (:func:`add_server_arguments`) and
+starts the server with :meth:`ServerOptions.argv`, which is generated from the declarations, so
+a new option is one entry in ``_OPTIONS`` and one field in ``ServerOptions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from service import limits
+from service.auth import ENV_KEYS
+from tts_core.registry import ENGINE_NAMES, PRECISIONS
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How to run the gRPC server and its engine."""
+
+    engine: str = "embedded"
+    model_dir: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    first_chunk_tokens: int | None = None
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    max_concurrent: int = limits.DEFAULT_MAX_CONCURRENT
+    max_queue: int = limits.DEFAULT_MAX_QUEUE
+    api_key_file: Path | None = None
+    state_dir: Path | None = None
+    port_file: Path | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> ServerOptions:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def argv(self) -> list[str]:
+        """Command-line arguments that give ``python -m service`` exactly these options."""
+        out: list[str] = []
+        for option in _OPTIONS:
+            value = getattr(self, option.field)
+            if value is not None:
+                out += [option.flags[0], str(value)]
+        return out
+
+
+@dataclass(frozen=True)
+class _Option:
+    field: str
+    flags: tuple[str, ...]  # the first is the one ``argv`` writes
+    help: str
+    type: type = str
+    choices: tuple[str, ...] | None = None
+
+
+_OPTIONS = (
+    _Option("engine", ("--engine",), "the synthesis engine", choices=ENGINE_NAMES),
+    _Option("model_dir", ("--model-dir",), "model directory (cosyvoice2 engine)", Path),
+    _Option("device", ("--device",), "cosyvoice2 engine: cpu, cuda[:N] or auto"),
+    _Option("precision", ("--precision",), "numeric precision of the engine's models: auto "
+            "(float32 on CPU; bfloat16, else float16, on CUDA), float32, bfloat16, float16 or "
+            "int8, where the engine offers it", choices=PRECISIONS),
+    _Option("threads", ("--threads",), "engine compute threads (default: the engine's)", int),
+    _Option("first_chunk_tokens", ("--first-chunk-tokens",), "cosyvoice2 engine: speech tokens "
+            "in the first streamed chunk (default 10; the reference uses 25)", int),
+    # The server alone calls its gRPC address --host/--port; the launcher's are for REST.
+    _Option("grpc_host", ("--grpc-host", "--host"), "gRPC listen address (it checks keys too)"),
+    _Option("grpc_port", ("--grpc-port", "--port"), "gRPC port (0: any free one)", int),
+    _Option("max_concurrent", ("--max-concurrent",), "syntheses running at once", int),
+    _Option("max_queue", ("--max-queue",), "syntheses waiting for a slot; beyond, new ones get "
+            "RESOURCE_EXHAUSTED (HTTP 503)", int),
+    _Option("api_key_file", ("--api-key-file",), f"API keys, one per line (else ${ENV_KEYS}, "
+            "else a key generated into the state directory)", Path),
+    _Option("state_dir", ("--state-dir",), "where a generated key, registered speakers and the "
+            "gateway's config are kept (default $COSYVOICE_STATE_DIR or var/)", Path),
+    _Option("port_file", ("--port-file",), "write the bound gRPC port here once serving (useful "
+            "with port 0)", Path),
+    _Option("log_level", ("--log-level",), "gRPC server log level"),
+)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
+    """Declare every server option on ``parser``.
+
+    ``standalone``: the server's own command line, where --host and --port name the gRPC
+    listener; the launcher spells them --grpc-host and --grpc-port only.
+    """
+    group = parser.add_argument_group("gRPC server and engine")
+    defaults = ServerOptions()
+    for option in _OPTIONS:
+        flags = option.flags if standalone else option.flags[:1]
+        default = getattr(defaults, option.field)
+        note = f" (default {default})" if default is not None else ""
+        group.add_argument(*flags, dest=option.field, type=option.type, choices=option.choices,
+                           default=default, help=option.help + note)
+
+
+def server_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service",
+                                     description="Run the gRPC text-to-speech server.")
+    add_server_arguments(parser, standalone=True)
+    return parser
+
+
+def parse_server_options(argv: list[str] | None = None) -> ServerOptions:
+    return ServerOptions.from_namespace(server_parser().parse_args(argv))
