@@ -19,6 +19,8 @@ from pathlib import Path
 
 import grpc
 
+from service.errors import HTTP_STATUS_KEY
+
 ENV_KEYS = "COSYVOICE_API_KEYS"
 ENV_STATE_DIR = "COSYVOICE_STATE_DIR"
 GENERATED_KEY_FILE = "api_keys"
@@ -143,6 +145,11 @@ UNAUTHENTICATED_MESSAGE = (f"missing or wrong API key: send it in the {HEADER} m
                            "(REST: the X-API-TOKEN header) or as 'authorization: Bearer KEY'")
 
 
+# Never parse what an unauthenticated caller sent: a refused call's body is not read at all.
+def _unread(raw: bytes) -> None:
+    return None
+
+
 def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def deny(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
@@ -151,8 +158,7 @@ def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         yield  # pragma: no cover - makes this an async generator like the real handler
 
-    kwargs = dict(request_deserializer=handler.request_deserializer,
-                  response_serializer=handler.response_serializer)
+    kwargs = dict(request_deserializer=_unread, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
     if handler.unary_stream:
@@ -162,8 +168,83 @@ def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
 
 
+MALFORMED_MESSAGE = ("the request is not a valid message for this method: its bytes are not the "
+                     "protobuf encoding the API describes, or a text field is not valid UTF-8; "
+                     "send the message from the published .proto files (or use the REST API)")
+
+
+class _Malformed:
+    """Stands for a request message that did not parse."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    """The method's parser, answering _MALFORMED instead of raising (grpcio would answer a parse
+    failure with a status that is not INVALID_ARGUMENT)."""
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception:  # DecodeError, invalid UTF-8, ...: the client's bytes, not our bug
+            return _MALFORMED
+    return parse
+
+
+async def _refuse_malformed(context) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_MESSAGE,
+                        trailing_metadata=((HTTP_STATUS_KEY, "400"),))
+
+
+async def _checked_messages(messages, context):
+    async for message in messages:
+        if message is _MALFORMED:
+            await _refuse_malformed(context)
+        yield message
+
+
+def _parse_checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` whose request messages are checked: one that does not parse ends the call with
+    INVALID_ARGUMENT and a message a person can act on (no parser text, no type names)."""
+    kwargs = dict(request_deserializer=_tolerant(handler.request_deserializer),
+                  response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        behaviour = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if request is _MALFORMED:
+                await _refuse_malformed(context)
+            return await behaviour(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if handler.unary_stream:
+        behaviour = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if request is _MALFORMED:
+                await _refuse_malformed(context)
+            async for reply in behaviour(request, context):
+                yield reply
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    if handler.stream_unary:
+        behaviour = handler.stream_unary
+
+        async def stream_unary(messages, context):
+            return await behaviour(_checked_messages(messages, context), context)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    behaviour = handler.stream_stream
+
+    async def stream_stream(messages, context):
+        async for reply in behaviour(_checked_messages(messages, context), context):
+            yield reply
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without a valid key, except health checks."""
+    """Refuses every call without a valid key, except health checks, before its message is read
+    (an unauthenticated caller never reaches the parser); checks that messages parse."""
 
     def __init__(self, checker: KeyChecker):
         self._checker = checker
@@ -176,5 +257,5 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
         if self._checker.from_metadata(handler_call_details.invocation_metadata):
-            return handler
+            return _parse_checked(handler)
         return _deny_like(handler)
