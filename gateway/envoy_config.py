@@ -23,6 +23,9 @@ TRANSCODED_SERVICES = ("cosyvoice.v1.TextToSpeechService", "cosyvoice.v1.RestCom
 API_KEY_HEADER = "X-API-TOKEN"
 STREAM_IDLE_TIMEOUT = "300s"  # no byte for this long ends a stream (a queued request waits)
 REQUEST_HEADERS_TIMEOUT = "10s"
+# HTTP/1.1 trailer closing every streamed REST reply: the gRPC status the stream ended with
+# ("0": complete). A stream cut off by a crash has no terminating chunk at all.
+STREAM_STATUS_TRAILER = "x-cosyvoice-status"
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 _TEXT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript",
@@ -59,12 +62,40 @@ end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
+  local grpc = headers:get("grpc-status")
   local status = headers:get("{HTTP_STATUS_KEY}")
   if status ~= nil then
     if string.match(status, "^[1-5][0-9][0-9]$") then
       headers:replace(":status", status)
     end
     headers:remove("{HTTP_STATUS_KEY}")
+  end
+  if grpc ~= nil then
+    handle:streamInfo():dynamicMetadata():set("cosyvoice", "grpc", grpc)
+  end
+  if headers:get(":status") ~= "200" then
+    if grpc == nil then  -- the transcoder moved the code into the JSON error body
+      local body = handle:body()
+      local text = body and body:getBytes(0, math.min(body:length(), 512)) or ""
+      grpc = string.match(text, '"code"%s*:%s*(%d+)')
+      if grpc ~= nil then
+        handle:streamInfo():dynamicMetadata():set("cosyvoice", "grpc", grpc)
+      end
+    end
+    return  -- an error, answered before any audio
+  end
+  if grpc ~= nil then
+    return  -- a reply in one piece (trailers-only)
+  end
+  -- A streamed reply: pass the chunks through as they come (not buffered), then say in a
+  -- trailer how the gRPC stream ended, so a client can tell a broken stream from a whole one.
+  headers:add("trailer", "{STREAM_STATUS_TRAILER}")
+  for _ in handle:bodyChunks() do end
+  local trailers = handle:trailers()
+  if trailers ~= nil then
+    local code = trailers:get("grpc-status") or "2"
+    handle:streamInfo():dynamicMetadata():set("cosyvoice", "grpc", code)
+    trailers:add("{STREAM_STATUS_TRAILER}", code)
   end
 end
 """
@@ -165,7 +196,7 @@ def _local_reply_config() -> dict:
 # The access log names no header and no query string: keys and texts stay out of it.
 _ACCESS_LOG_FORMAT = ('[%START_TIME%] "%DYNAMIC_METADATA(cosyvoice:method)% '
                       '%PATH(NQ:ORIG_OR_PATH)% %PROTOCOL%" '
-                      "%RESPONSE_CODE% %RESPONSE_FLAGS% grpc=%GRPC_STATUS(NUMBER)% "
+                      "%RESPONSE_CODE% %RESPONSE_FLAGS% grpc=%DYNAMIC_METADATA(cosyvoice:grpc)% "
                       "in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms "
                       "ttfb=%RESPONSE_DURATION%ms\n")
 
@@ -218,6 +249,8 @@ def build_config(s: GatewaySettings) -> dict:
     hcm = {
         "@type": f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "rest",
+        # Trailers reach HTTP/1.1 clients (chunked encoding): STREAM_STATUS_TRAILER.
+        "http_protocol_options": {"enable_trailers": True},
         "codec_type": "AUTO",
         "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
         "request_timeout": "0s",  # an upload on a slow link may take long; idle ones still end
