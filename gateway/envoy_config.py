@@ -103,7 +103,10 @@ end
 # (HTTP status of an Envoy-made reply, gRPC code for the JSON body, message or None to keep
 # the filter's own text).
 _LOCAL_REPLIES = (
-    (400, 3, None),
+    # The transcoder's own 400s carry parser text and proto type names: say what to fix instead.
+    (400, 3, "the request does not match this endpoint: an unknown field or query parameter, "
+             "a value of the wrong type or out of range (numbers are 32-bit), malformed JSON, or "
+             "text that is not UTF-8; the README lists each endpoint's fields"),
     (401, 16, f"missing or wrong API key: send a valid key in the {API_KEY_HEADER} header "
               "(or as 'Authorization: Bearer KEY')"),
     (403, 7, None),

@@ -168,9 +168,9 @@ def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
 
 
-MALFORMED_MESSAGE = ("the request is not a valid message for this method: its bytes are not the "
-                     "protobuf encoding the API describes, or a text field is not valid UTF-8; "
-                     "send the message from the published .proto files (or use the REST API)")
+MALFORMED_MESSAGE = ("the request could not be read: a text field is not valid UTF-8 (in a "
+                     "query string, percent-encode UTF-8 bytes), or the bytes are not the message "
+                     "this method takes (see proto/cosyvoice/v1)")
 
 
 class _Malformed:

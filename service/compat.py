@@ -183,9 +183,13 @@ def _parse_int(value: str, name: str, default: int) -> int:
     if not value:
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise bad_request(f"{name} must be a whole number of Hz, not {value!r}") from None
+    if not -2**31 <= number < 2**31:  # the proto field is 32-bit: say so, never fail later
+        raise bad_request(f"{name} {value[:20]!r} is out of range: use one of the output rates "
+                          "listed by GET /v1/speakers (e.g. 22050)")
+    return number
 
 
 def _parse_speed(value: str) -> float:

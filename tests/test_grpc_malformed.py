@@ -62,3 +62,30 @@ def test_unparsable_messages_are_invalid_argument(stack, body: bytes) -> None:
         stub = tts_pb2_grpc.TextToSpeechServiceStub(channel)
         assert stub.ListSpeakers(tts_pb2.ListSpeakersRequest(), metadata=stack.metadata,
                                  timeout=30).speakers
+
+
+def test_rest_inputs_the_parsers_reject_get_a_plain_400(stack) -> None:
+    import requests
+
+    cases = [
+        ("GET", "/inference_sft?tts_text=%FF%FEhi&spk_id=x", None, None),
+        ("POST", "/inference_sft", {"tts_text": "hi", "spk_id": "英文女",
+                                    "sample_rate": "99999999999"}, None),
+        ("GET", "/inference_sft?tts_text=hi&spk_id=x&sample_rate=99999999999", None, None),
+        ("POST", "/v1/synthesize", None, {"text": "hi", "sft": {"speaker_id": "英文女"},
+                                          "sample_rate": 99999999999}),
+        ("POST", "/v1/synthesize", None, b'{"text":"\xff\xfe","sft":{"speaker_id":"x"}}'),
+    ]
+    for method, path, form, body in cases:
+        kwargs = {"data": form} if form else {}
+        headers = dict(stack.headers)
+        if isinstance(body, bytes):
+            kwargs, headers["Content-Type"] = {"data": body}, "application/json"
+        elif body is not None:
+            kwargs = {"json": body}
+        reply = requests.request(method, stack.rest_url + path, headers=headers, timeout=60,
+                                 **kwargs)
+        assert reply.status_code == 400, (path, reply.text[:300])
+        message = reply.json()["message"]
+        assert not any(leak in message for leak in ("TYPE_", "cosyvoice.v1.", "Encountered",
+                                                    "Traceback")), message
