@@ -34,6 +34,7 @@ MAX_TOKENS = 510  # Kokoro's context is 512 tokens, two of which are the boundar
 # Tokens per model call: bounds the memory one call takes (onnxruntime keeps its arena at the
 # largest size it ever needed) and the length of one chunk (~15 s of speech).
 CALL_TOKENS = 250
+CANCEL_POLL_SECONDS = 0.02  # how often a running request looks at its cancel flag
 _PAD_ID = 0
 # Kokoro pads every clause with ~0.4 s of silence before and ~0.5 s after the speech; cut it
 # (the first audio arrives that much sooner) and put back pauses that fit the punctuation.
@@ -57,6 +58,23 @@ UNSUPPORTED_REASONS = {
 
 def default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def _terminate_on_cancel(cancel: threading.Event, run_options: ort.RunOptions
+                         ) -> threading.Event:
+    """Stop a running model call as soon as ``cancel`` is set (onnxruntime checks the flag
+    between graph nodes), so a client that hangs up frees the CPU within milliseconds, not
+    after the call. Set the returned event when the request is over."""
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            if cancel.wait(CANCEL_POLL_SECONDS):
+                run_options.terminate = True
+                return
+
+    threading.Thread(target=watch, name="embedded-cancel", daemon=True).start()
+    return finished
 
 
 def _trim(audio: np.ndarray) -> np.ndarray:
@@ -146,12 +164,13 @@ class EmbeddedEngine:
             raise InvalidRequest("text has nothing speakable: it needs letters or digits "
                                  "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
 
-    def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float) -> np.ndarray:
+    def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float,
+               run_options: ort.RunOptions | None = None) -> np.ndarray:
         (audio,) = self._session.run(None, {
             "tokens": np.array([[_PAD_ID, *ids, _PAD_ID]], dtype=np.int64),
             "style": voice.style_for(len(ids)),
             "speed": np.array([speed], dtype=np.float32),
-        })
+        }, run_options)
         return np.clip(np.asarray(audio, np.float32).ravel(), -1.0, 1.0)
 
     def synthesize(self, request: SynthesisRequest, cancel: threading.Event
@@ -161,6 +180,16 @@ class EmbeddedEngine:
         voice = self._voices[speaker.voice]
         speed = float(request.speed)
         pieces = text_split.split_text(text_guard.guard_text(request.text), stream=request.stream)
+        run_options = ort.RunOptions()
+        finished = _terminate_on_cancel(cancel, run_options)
+        try:
+            yield from self._speak(pieces, speaker, voice, speed, cancel, run_options)
+        finally:
+            finished.set()
+
+    def _speak(self, pieces: list[text_split.Piece], speaker: PresetSpeaker,
+               voice: assets.VoicePack, speed: float, cancel: threading.Event,
+               run_options: ort.RunOptions) -> Iterator[np.ndarray]:
         spoke = False
         for piece in pieces:
             if cancel.is_set():
@@ -171,7 +200,12 @@ class EmbeddedEngine:
             for i, batch in enumerate(batches):
                 if cancel.is_set():
                     return
-                audio = _trim(self._infer(batch, voice, speed))
+                try:
+                    audio = _trim(self._infer(batch, voice, speed, run_options))
+                except Exception:
+                    if cancel.is_set():  # the run was stopped mid-call: the client has gone
+                        return
+                    raise
                 if audio.size == 0:
                     continue
                 pause = piece.pause if i == len(batches) - 1 else text_split.CLAUSE_PAUSE
