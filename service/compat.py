@@ -182,9 +182,13 @@ def _parse_int(value: str, name: str, default: int) -> int:
     if not value:
         return default
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise bad_request(f"{name} must be a whole number of Hz, not {value!r}") from None
+    if not -2**31 <= number < 2**31:  # the proto field is 32-bit: say so, never fail later
+        raise bad_request(f"{name} {value[:20]!r} is out of range: use one of the output rates "
+                          "listed by GET /v1/speakers (e.g. 22050)")
+    return number
 
 
 def _parse_speed(value: str) -> float:
@@ -287,15 +291,23 @@ def _parse_multipart(data: bytes, boundary: bytes) -> tuple[list[tuple[str, str]
     def on_part_data(buf: bytes, start: int, end: int) -> None:
         parts[-1][1].extend(buf[start:end])
 
+    ended = []
+
+    def on_end() -> None:  # the closing delimiter "--BOUNDARY--" was read
+        ended.append(True)
+
     callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
                  "on_header_value": on_header_value, "on_header_end": on_header_end,
-                 "on_part_data": on_part_data}
+                 "on_part_data": on_part_data, "on_end": on_end}
     parser = MultipartParser(boundary, callbacks)
     try:
         parser.write(data)
         parser.finalize()
     except MultipartParseError as error:
         raise bad_request(f"the multipart/form-data body is malformed ({error})") from None
+    if not ended:  # a cut-off upload must never be spoken as if it were whole
+        raise bad_request("the multipart/form-data body is truncated: it ends before its closing "
+                          "boundary line ('--' + boundary + '--'); send the whole body again")
     fields: list[tuple[str, str]] = []
     files: list[tuple[str, bytes]] = []
     for headers, content in parts:

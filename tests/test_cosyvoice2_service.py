@@ -269,7 +269,7 @@ def test_registered_speakers_serve_every_prompt_mode_and_survive_a_restart(
     assert upload.json()["speaker"]["registered"] is True
     assert {"alice", "bob", PRESET} <= set(speakers(first))
     assert speakers(first)["alice"]["registered"] and not speakers(first)[PRESET]["registered"]
-    assert (state / "speakers").is_dir() and list(state.rglob("alice.json"))
+    assert (state / "speakers").is_dir() and list(state.rglob("alice.safetensors"))
 
     # Taken ids: 409, for registered and preset speakers alike; replace=true overwrites.
     rest_error(register_json(first, "alice", PROMPT_WAV, PROMPT_TEXT), 409, "already registered")
@@ -311,7 +311,7 @@ def test_registered_speakers_serve_every_prompt_mode_and_survive_a_restart(
         gone = requests.delete(second.rest_url + "/v1/speakers/alice", headers=second.headers,
                                timeout=30)
         assert gone.status_code == 200 and gone.json() == {}
-        assert "alice" not in speakers(second) and not list(state.rglob("alice.json"))
+        assert "alice" not in speakers(second) and not list(state.rglob("alice.safetensors"))
         rest_error(reference_call(second, "/inference_zero_shot",
                                   {"tts_text": TEXT, "spk_id": "alice"}), 404, "alice")
         error = rpc_error(stub.Synthesize(tts_pb2.SynthesizeRequest(

@@ -280,7 +280,7 @@ def test_registered_speakers_persist_and_serve_every_prompt_mode(
     first.register_speaker("bob", zh_prompt, PROMPT_TEXT, description="test voice")
     first.register_speaker("carol-2", en_prompt)  # no transcript
     files = sorted(p.name for p in (tmp_path / "speakers").iterdir())
-    assert files == ["bob.json", "bob.safetensors", "carol-2.json", "carol-2.safetensors"]
+    assert files == ["bob.safetensors", "carol-2.safetensors"]  # one file per speaker
 
     second = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
                                              state_dir=tmp_path, seed=2)
@@ -311,7 +311,7 @@ def test_registered_speakers_persist_and_serve_every_prompt_mode(
         second.validate(SynthesisRequest(Mode.ZERO_SHOT, text="hi", speaker_id="carol-2"))
 
     second.delete_speaker("bob")
-    assert not (tmp_path / "speakers" / "bob.json").exists()
+    assert not (tmp_path / "speakers" / "bob.safetensors").exists()
     third = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
                                             state_dir=tmp_path)
     assert [s.id for s in third.speakers()] == ["carol-2"]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from safetensors import safe_open
 
 from tts_core.cosyvoice2.speakers import SpeakerProfile, SpeakerRegistry
 from tts_core.cosyvoice3.engine import SYSTEM_PROMPT, TRAINED_INSTRUCTIONS, CosyVoice3Engine
@@ -169,7 +170,8 @@ def test_capabilities(engine: CosyVoice3Engine) -> None:
 def test_registration_persists_and_is_tagged(engine: CosyVoice3Engine, zh_prompt: Audio,
                                              cv3_model_dir: Path, state_dir: Path) -> None:
     engine.register_speaker("alice", zh_prompt, PROMPT_TEXT, language="zh")
-    assert '"features": "cosyvoice3"' in (state_dir / "speakers" / "alice.json").read_text()
+    with safe_open(str(state_dir / "speakers" / "alice.safetensors"), framework="pt") as stored:
+        assert stored.metadata()["features"] == "cosyvoice3"
     again = CosyVoice3Engine.from_model_dir(cv3_model_dir, threads=1, device="cpu",
                                             state_dir=state_dir, seed=5)
     assert "alice" in {s.id for s in again.speakers()}

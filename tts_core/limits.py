@@ -55,6 +55,13 @@ MAX_INPUT_SAMPLE_RATE = 48000
 MIN_SPEED = 0.5
 MAX_SPEED = 2.0
 
+# Bounded work per character of text (applied by tts_core/text_guard.py in every engine's front
+# end): no word may make one long model call, no number thousands of words.
+MAX_WORD_LETTERS = 64  # a longer run of letters is refused (real words, compounds too, are shorter)
+MAX_UNSPACED_RUN = 256  # the same for scripts written without spaces (Thai, Lao, Khmer, ...)
+MAX_NUMBER_DIGITS = 15  # a longer digit run is read digit by digit ...
+DIGIT_GROUP = 3  # ... in groups of this many, separated like clauses
+
 
 @dataclass(frozen=True)
 class FieldNames:

@@ -3,12 +3,16 @@ time from a prompt recording.
 
 A speaker is what the engine computed from a prompt once — the CAM++ embedding, the prompt's
 speech tokens and 24 kHz mel, and its transcript — so later requests skip the front end. A
-registered speaker is stored as two files under ``<state_dir>/speakers/``: ``<id>.safetensors``
-(the tensors) and ``<id>.json`` (the metadata, written last: a speaker exists once its JSON does).
-Both are written to a temporary name and renamed into place, so a crash never leaves a half
-written speaker. Ids are validated so an id can never name a path outside that directory.
+registered speaker is ONE file, ``<state_dir>/speakers/<id>.safetensors``: the tensors, with the
+metadata (transcript, language, features, ...) and a SHA-256 of the tensors in the safetensors
+header. It is written to a temporary name, flushed, and renamed into place, so registering,
+replacing or deleting a speaker is one atomic step: after a crash the old speaker or the new one is
+there, never a mix. At start every file is checked (header, checksum, shapes); anything
+inconsistent (a damaged file, a left-over temporary file, files of the earlier two-file format
+that do not pair up) gets one log line saying what was found and what was done. Ids are validated
+so an id can never name a path outside that directory.
 
-Each stored speaker names the features it holds (``"features"`` in its JSON: ``cosyvoice2`` —
+Each stored speaker names the features it holds (``"features"`` in its metadata: ``cosyvoice2`` —
 speech tokenizer v2, mel up to 8 kHz — or ``cosyvoice3`` — tokenizer v3, mel up to 12 kHz; files
 without the key are CosyVoice 2's). A registry only serves speakers of its own features: the
 others stay on disk untouched, are not listed, and asking for one gets an error that says to
@@ -17,6 +21,7 @@ register the voice again (the prompt audio is not stored, so they cannot be reco
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..engine import Speaker
@@ -34,7 +40,8 @@ from ..limits import SPEAKER_ID_RULE, is_valid_speaker_id
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: tensors + a separate JSON file (read and converted at start)
+_TENSOR_NAMES = ("embedding", "speech_tokens", "speech_feat")
 DEFAULT_FEATURES = "cosyvoice2"  # the features of speakers stored before the tag existed
 
 
@@ -122,9 +129,28 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _sync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable (its entry survives a power cut)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in _TENSOR_NAMES:
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 class SpeakerRegistry:
@@ -201,9 +227,9 @@ class SpeakerRegistry:
             if speaker_id not in self._registered:
                 raise KeyError(speaker_id)
             if self.directory is not None:
-                # JSON first: without it the speaker no longer exists, even if the rest stays.
-                for suffix in (".json", ".safetensors"):
-                    (self.directory / f"{speaker_id}{suffix}").unlink(missing_ok=True)
+                (self.directory / f"{speaker_id}.safetensors").unlink(missing_ok=True)
+                (self.directory / f"{speaker_id}.json").unlink(missing_ok=True)  # format 1
+                _sync_directory(self.directory)
             del self._registered[speaker_id]
 
     # -- storage
@@ -213,33 +239,48 @@ class SpeakerRegistry:
         tensors = {"embedding": profile.embedding.float().contiguous(),
                    "speech_tokens": profile.speech_tokens.to(torch.int32).contiguous(),
                    "speech_feat": profile.speech_feat.float().contiguous()}
-        meta = {"format": FORMAT_VERSION, "id": profile.id, "language": profile.language,
+        meta = {"format": str(FORMAT_VERSION), "id": profile.id, "language": profile.language,
                 "description": profile.description, "prompt_text": profile.prompt_text,
-                "created": profile.created or time.time(), "features": self.features}
+                "created": repr(profile.created or time.time()), "features": self.features,
+                "tensors_sha256": _tensor_digest(tensors)}
         _atomic_write(self.directory / f"{profile.id}.safetensors",
-                      lambda tmp: save_file(tensors, str(tmp)))
-        _atomic_write(self.directory / f"{profile.id}.json",
-                      lambda tmp: tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=1),
-                                                 encoding="utf-8"))
+                      lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        # A format-1 transcript of the same id would now describe other tensors: remove it.
+        legacy = self.directory / f"{profile.id}.json"
+        if legacy.exists():
+            legacy.unlink()
+            _sync_directory(self.directory)
 
     def _load_all(self) -> None:
         assert self.directory is not None
-        for meta_path in sorted(self.directory.glob("*.json")):
+        for leftover in sorted(self.directory.glob(".*.tmp")):
+            log.warning("speaker store %s: removing %s, a file left half-written by an "
+                        "interrupted registration (the speaker keeps its previous state)",
+                        self.directory, leftover.name)
+            leftover.unlink(missing_ok=True)
+        for path in sorted(self.directory.glob("*.safetensors")):
             try:
-                validate_speaker_id(meta_path.stem)
-                features = self._features_of(meta_path)
+                validate_speaker_id(path.stem)
+                features = self._features_of(path)
                 if features != self.features:
-                    self._foreign[meta_path.stem] = features
+                    self._foreign[path.stem] = features
                     continue
-                profile = self._load(meta_path)
+                profile = self._load(path)
             except (OSError, ValueError, KeyError, TypeError) as error:
-                log.warning("skipping speaker file %s: %s", meta_path.name, error)
+                log.warning("speaker store %s: skipping %s: %s (register the speaker again, "
+                            "with replace, to repair it)", self.directory, path.name, error)
                 continue
             if profile.id in self._presets:
-                log.warning("skipping registered speaker %r: a preset has the same id",
-                            profile.id)
+                log.warning("speaker store %s: skipping registered speaker %r: a preset has "
+                            "the same id", self.directory, profile.id)
                 continue
             self._registered[profile.id] = profile
+        for meta_path in sorted(self.directory.glob("*.json")):
+            if not meta_path.with_suffix(".safetensors").exists():
+                log.warning("speaker store %s: ignoring %s: its tensors file %s is missing "
+                            "(an interrupted registration or deletion of the earlier format); "
+                            "register the speaker again", self.directory, meta_path.name,
+                            meta_path.with_suffix(".safetensors").name)
 
         if self._foreign:
             log.warning("%d stored speaker(s) hold features of another engine and are not used "
@@ -247,18 +288,51 @@ class SpeakerRegistry:
                         ", ".join(sorted(self._foreign)[:10]))
 
     @staticmethod
-    def _features_of(meta_path: Path) -> str:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    def _features_of(path: Path) -> str:
+        """The features tag of a stored speaker: from the safetensors header, or from the JSON
+        file of the earlier two-file format."""
+        with safe_open(str(path), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+        if not meta and path.with_suffix(".json").exists():
+            meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         return str(meta.get("features", DEFAULT_FEATURES))
 
-    def _load(self, meta_path: Path) -> SpeakerProfile:
+    def _load(self, path: Path) -> SpeakerProfile:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+        if not meta:
+            return self._load_format1(path)
+        speaker_id = validate_speaker_id(str(meta["id"]))
+        if path.name != f"{speaker_id}.safetensors":
+            raise SpeakerError(f"file name does not match the id {speaker_id!r}")
+        if meta.get("format") != str(FORMAT_VERSION):
+            raise SpeakerError(f"unknown format {meta.get('format')!r}")
+        tensors = load_file(str(path))
+        if _tensor_digest(tensors) != meta.get("tensors_sha256"):
+            raise SpeakerError("the tensors do not match the checksum stored with them "
+                               "(the file is damaged)")
+        return self._profile(speaker_id, tensors, meta)
+
+    def _load_format1(self, path: Path) -> SpeakerProfile:
+        """Format 1 (tensors + ``<id>.json``): load, then rewrite as one format-2 file."""
+        meta_path = path.with_suffix(".json")
+        if not meta_path.exists():
+            raise SpeakerError(f"no metadata: neither a format-{FORMAT_VERSION} header nor "
+                               f"{meta_path.name}")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         speaker_id = validate_speaker_id(str(meta["id"]))
-        if meta_path.stem != speaker_id:
+        if path.stem != speaker_id:
             raise SpeakerError(f"file name does not match the id {speaker_id!r}")
-        if int(meta.get("format", 0)) != FORMAT_VERSION:
-            raise SpeakerError(f"unknown format {meta.get('format')!r}")
-        tensors = load_file(str(meta_path.with_suffix(".safetensors")))
+        profile = self._profile(speaker_id, load_file(str(path)), meta)
+        self._save(profile)
+        log.info("speaker store %s: converted speaker %r to the one-file format (format 1 "
+                 "could not tell a half-finished replacement from a complete one)",
+                 self.directory, speaker_id)
+        return profile
+
+    @staticmethod
+    def _profile(speaker_id: str, tensors: dict[str, torch.Tensor], meta: dict
+                 ) -> SpeakerProfile:
         embedding, tokens, feat = (tensors["embedding"], tensors["speech_tokens"],
                                    tensors["speech_feat"])
         if embedding.dim() != 2 or tokens.dim() != 2 or feat.dim() != 3:

@@ -22,6 +22,8 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ..text_guard import guard_text
+
 log = logging.getLogger(__name__)
 
 LANGUAGES = ("zh", "en", "ja", "yue", "ko")
@@ -293,8 +295,11 @@ class TextFrontend:
 
         ``complete=False`` for a piece of a text that goes on (streamed text): a trailing comma
         or colon then stays, instead of becoming the full stop that ends a whole text.
+
+        Bounded work (:mod:`tts_core.text_guard`): a word over its length limit raises
+        InvalidRequest; a very long digit run is read digit by digit in short groups.
         """
-        text = unicodedata.normalize("NFC", text).translate(_QUOTES)
+        text = guard_text(unicodedata.normalize("NFC", text).translate(_QUOTES))
         text = text.replace("\r", "\n")
         language = language or detect_language(text)
         if language not in LANGUAGES:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnxruntime as ort
 
-from tts_core import limits
+from tts_core import limits, text_guard
 from tts_core.embedded import assets, frontend, text_split
 from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker
 from tts_core.engine import (
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
 MAX_TOKENS = 510  # Kokoro's context is 512 tokens, two of which are the boundary pads
+# Tokens per model call: bounds the memory one call takes (onnxruntime keeps its arena at the
+# largest size it ever needed) and the length of one chunk (~15 s of speech).
+CALL_TOKENS = 250
+CANCEL_POLL_SECONDS = 0.02  # how often a running request looks at its cancel flag
 _PAD_ID = 0
 # Kokoro pads every clause with ~0.4 s of silence before and ~0.5 s after the speech; cut it
 # (the first audio arrives that much sooner) and put back pauses that fit the punctuation.
@@ -54,6 +58,23 @@ UNSUPPORTED_REASONS = {
 
 def default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def _terminate_on_cancel(cancel: threading.Event, run_options: ort.RunOptions
+                         ) -> threading.Event:
+    """Stop a running model call as soon as ``cancel`` is set (onnxruntime checks the flag
+    between graph nodes), so a client that hangs up frees the CPU within milliseconds, not
+    after the call. Set the returned event when the request is over."""
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            if cancel.wait(CANCEL_POLL_SECONDS):
+                run_options.terminate = True
+                return
+
+    threading.Thread(target=watch, name="embedded-cancel", daemon=True).start()
+    return finished
 
 
 def _trim(audio: np.ndarray) -> np.ndarray:
@@ -150,16 +171,18 @@ class EmbeddedEngine:
             raise UnknownSpeaker(f"unknown speaker {request.speaker_id!r} for the embedded engine;"
                                  f" choose one of: {choices}")
         limits.check_request(request)  # text, speed: the same rules as every engine
+        text_guard.check_words(request.text)
         if not frontend.has_speakable(request.text):
             raise InvalidRequest("text has nothing speakable: it needs letters or digits "
                                  "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
 
-    def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float) -> np.ndarray:
+    def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float,
+               run_options: ort.RunOptions | None = None) -> np.ndarray:
         (audio,) = self._session.run(None, {
             "tokens": np.array([[_PAD_ID, *ids, _PAD_ID]], dtype=np.int64),
             "style": voice.style_for(len(ids)),
             "speed": np.array([speed], dtype=np.float32),
-        })
+        }, run_options)
         return np.clip(np.asarray(audio, np.float32).ravel(), -1.0, 1.0)
 
     def synthesize(self, request: SynthesisRequest, cancel: threading.Event
@@ -168,18 +191,33 @@ class EmbeddedEngine:
         speaker = self._speakers[request.speaker_id]
         voice = self.voice(speaker.voice)
         speed = float(request.speed)
-        pieces = text_split.split_text(request.text, stream=request.stream)
+        pieces = text_split.split_text(text_guard.guard_text(request.text), stream=request.stream)
+        run_options = ort.RunOptions()
+        finished = _terminate_on_cancel(cancel, run_options)
+        try:
+            yield from self._speak(pieces, speaker, voice, speed, cancel, run_options)
+        finally:
+            finished.set()
+
+    def _speak(self, pieces: list[text_split.Piece], speaker: PresetSpeaker,
+               voice: assets.VoicePack, speed: float, cancel: threading.Event,
+               run_options: ort.RunOptions) -> Iterator[np.ndarray]:
         spoke = False
         for piece in pieces:
             if cancel.is_set():
                 return
             ids = frontend.to_token_ids(frontend.phonemize(piece.text, speaker.language),
                                         self._vocab)
-            batches = frontend.split_tokens(ids, MAX_TOKENS, self._break_ids, self._space_ids)
+            batches = frontend.split_tokens(ids, CALL_TOKENS, self._break_ids, self._space_ids)
             for i, batch in enumerate(batches):
                 if cancel.is_set():
                     return
-                audio = _trim(self._infer(batch, voice, speed))
+                try:
+                    audio = _trim(self._infer(batch, voice, speed, run_options))
+                except Exception:
+                    if cancel.is_set():  # the run was stopped mid-call: the client has gone
+                        return
+                    raise
                 if audio.size == 0:
                     continue
                 pause = piece.pause if i == len(batches) - 1 else text_split.CLAUSE_PAUSE
