@@ -95,16 +95,20 @@ class TeacherForced:
 
 
 class CosyVoice2Probe:
-    """What the benchmark needs from a CosyVoice 2 engine."""
+    """What the benchmark needs from a CosyVoice 2 engine (or one built on it)."""
+
+    @staticmethod
+    def engine_class() -> Any:
+        from tts_core.cosyvoice2.engine import CosyVoice2Engine
+
+        return CosyVoice2Engine
 
     def __init__(self, model_dir: Path, precision: str, threads: int, pipeline: bool,
                  tokens: int) -> None:
         import torch
 
-        from tts_core.cosyvoice2.engine import CosyVoice2Engine
-
         self.torch = torch
-        self.engine = CosyVoice2Engine.from_model_dir(
+        self.engine = self.engine_class().from_model_dir(
             model_dir, threads=threads, device="cpu", precision=precision, pipeline=pipeline,
             seed=1234)
         self.tokens = tokens
@@ -178,7 +182,19 @@ def _plain_sampler(engine: Any) -> Any:
                              1234)
 
 
-PROBES = {"cosyvoice2": CosyVoice2Probe}
+class CosyVoice3Probe(CosyVoice2Probe):
+    """The CosyVoice 3 engine subclasses the CosyVoice 2 one through hooks (its prompt layout,
+    LM and acoustic model), so the same measurements apply; any id >= speech_token_size ends
+    its speech, so the forced end id is the same."""
+
+    @staticmethod
+    def engine_class() -> Any:
+        from tts_core.cosyvoice3.engine import CosyVoice3Engine
+
+        return CosyVoice3Engine
+
+
+PROBES = {"cosyvoice2": CosyVoice2Probe, "cosyvoice3": CosyVoice3Probe}
 
 
 # --------------------------------------------------------------------------- one configuration
