@@ -167,10 +167,6 @@ def run(args: GatewayOptions) -> int:
 
     # Keys reach the server through its environment, never its command line (world-readable).
     env = {**os.environ, ENV_KEYS: ",".join(keys.keys), "PYTHONUNBUFFERED": "1"}
-    # Idle OpenMP threads sleep instead of spinning: spinning threads of the LM and the vocoder
-    # (or of another process) starve each other; measured, 2-thread LM decoding fell ~5x under
-    # contention with the default policy (README, "Precision, caches and threads").
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     children: list[subprocess.Popen] = []
     stopping = {"signal": None, "ready": False}
 
