@@ -3,9 +3,10 @@
 
     scripts/bench_cv2_speed.py --model-dir /path/to/CosyVoice2-0.5B --threads 2 --runs 3
     scripts/bench_cv2_speed.py --generate /tmp/cv2-full          # random full-size directory
-    scripts/bench_cv2_speed.py --model-dir DIR --configs float32 auto auto/sequential
+    scripts/bench_cv2_speed.py --model-dir DIR --configs float32 auto auto/pipeline
 
-Each configuration (a precision option, optionally ``/sequential`` for no LM/vocoder pipeline)
+Each configuration (a precision option, optionally ``/pipeline`` to decode in
+a thread of its own while chunks are vocoded)
 runs in a subprocess of its own, one after the other, so peak memory is that configuration's and
 the two never compete for the cores. Every request is forced to exactly ``--tokens`` speech
 tokens (stop ids are refused until then, and the end id is returned at once after), because
@@ -243,12 +244,12 @@ def run_config(args: argparse.Namespace) -> None:
     for option in options:
         if option.startswith("t") and option[1:].isdigit():
             threads = int(option[1:])
-        elif option != "sequential":
+        elif option != "pipeline":
             raise SystemExit(f"unknown configuration option {option!r} in {args.worker!r}")
     family = engine_family(args.model_dir)
     if family not in PROBES:
         raise SystemExit(f"{family} engines are not benchmarked yet: add a probe class")
-    probe = PROBES[family](args.model_dir, name, threads, "sequential" not in options,
+    probe = PROBES[family](args.model_dir, name, threads, "pipeline" in options,
                            args.tokens)
     samples, rate = soundfile.read(PROMPT_WAV, dtype="float32")
     prompt = Audio(samples, rate)
@@ -362,9 +363,9 @@ def main() -> None:
     where.add_argument("--generate", type=Path, help="use (or first write) a random full-size "
                        "CosyVoice 2 directory here")
     ap.add_argument("--configs", nargs="+", default=["float32", "auto"],
-                    help="precision options, each optionally with /sequential (no LM/vocoder "
-                    "pipeline) and /tN (N torch threads instead of --threads); the first is the "
-                    "error reference")
+                    help="precision options, each optionally with /pipeline (LM/vocoder "
+                    "pipeline thread) and /tN (N torch threads instead of --threads); the "
+                    "first is the error reference")
     ap.add_argument("--tokens", type=int, default=100, help="speech tokens per utterance")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)

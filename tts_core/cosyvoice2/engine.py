@@ -26,9 +26,10 @@ which persist under ``state_dir``.
 Concurrency: requests may run in parallel threads. The modules are shared read-only; each request
 owns its KV cache, its streaming driver state and its random generator. With ``max_batch`` > 1
 :meth:`synthesize` hands each request to one batch scheduler (:mod:`tts_core.batching`) that steps
-all of them together; the caller's thread only waits for its chunks. Otherwise a streaming request
-uses two threads: the LM decodes in one of its own (``_pipelined``) while the request's thread runs
-the flow and the vocoder; the caches that outlive a request (LM prefix KV, flow prompt caches of
+all of them together; the caller's thread only waits for its chunks. With ``pipeline`` (off by
+default: on 2 cores the two threads slowed first audio about 2x) a streaming request uses two
+threads: the LM decodes in one of its own (``_pipelined``) while the request's thread runs the
+flow and the vocoder. The caches that outlive a request (LM prefix KV, flow prompt caches of
 stored speakers) hand out copies.
 
 Numerics follow the ``precision`` option (:mod:`precision`): float32 is exact, "auto" picks the
@@ -186,7 +187,7 @@ class CosyVoice2Engine:
 
     def __init__(self, models: CosyVoice2Models, state_dir: Path | None = None,
                  seed: int | None = None, schedule: StreamSchedule | None = None,
-                 max_batch: int = 1, pipeline: bool = True,
+                 max_batch: int = 1, pipeline: bool = False,
                  prefix_cache_size: int = 32) -> None:
         if models.tokenizer is None or models.onnx is None:
             raise ValueError("the engine needs the tokenizer and the ONNX front end "
@@ -235,7 +236,7 @@ class CosyVoice2Engine:
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
                        seed: int | None = None, first_chunk_tokens: int | None = None,
-                       precision: str = "auto", max_batch: int = 1, pipeline: bool = True,
+                       precision: str = "auto", max_batch: int = 1, pipeline: bool = False,
                        prefix_cache_size: int = 32) -> Self:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
