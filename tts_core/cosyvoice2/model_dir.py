@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -199,6 +200,26 @@ def _check_consistent(yaml_path: Path, lm_config: LMConfig, flow_config: FlowCon
         raise ModelDirError(f"{yaml_path.name} is inconsistent: " + "; ".join(problems))
 
 
+def _read_configs(yaml_path: Path, cfg: dict[str, Any], node: Callable[[str], Any],
+                  build_lm: Callable[[Any], Any], flow_config: Any, hift_config: Any
+                  ) -> tuple[Any, Any, Any, MelConfig, int, int]:
+    """The LM, flow, vocoder and mel configurations of the yaml, the token/mel ratio and the
+    sample rate, checked against each other (shared with the CosyVoice 3 loader)."""
+    try:
+        lm = build_lm(node("llm"))
+        flow = flow_config.from_yaml(node("flow"))
+        hift = hift_config.from_yaml(node("hift"))
+        mel = MelConfig.from_yaml(node("feat_extractor"))
+    except ModelDirError:
+        raise
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelDirError(f"{yaml_path.name}: {error}") from error
+    ratio = int(cfg.get("token_mel_ratio", flow.token_mel_ratio))
+    sample_rate = int(cfg.get("sample_rate", hift.sampling_rate))
+    _check_consistent(yaml_path, lm, flow, hift, mel, ratio, sample_rate)
+    return lm, flow, hift, mel, ratio, sample_rate
+
+
 def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
               networks: tuple[Any, Any, Any], paths: tuple[Path, Path, Path], *,
               device: torch.device, precision: Precision, fold_hift: bool,
@@ -283,19 +304,9 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     if require_frontend:
         tokenizer, onnx = _read_frontend(root, qwen, device, onnx_threads)
 
-    try:
-        lm_config = LMConfig.from_yaml(_node(cfg, "llm", yaml_path), qwen)
-        flow_config = FlowConfig.from_yaml(_node(cfg, "flow", yaml_path))
-        hift_config = HiFTConfig.from_yaml(_node(cfg, "hift", yaml_path))
-        mel_config = MelConfig.from_yaml(_node(cfg, "feat_extractor", yaml_path))
-    except ModelDirError:
-        raise
-    except (ValueError, TypeError, KeyError) as error:
-        raise ModelDirError(f"{yaml_path.name}: {error}") from error
-    ratio = int(cfg.get("token_mel_ratio", flow_config.token_mel_ratio))
-    sample_rate = int(cfg.get("sample_rate", hift_config.sampling_rate))
-    _check_consistent(yaml_path, lm_config, flow_config, hift_config, mel_config, ratio,
-                      sample_rate)
+    lm_config, flow_config, hift_config, mel_config, ratio, sample_rate = _read_configs(
+        yaml_path, cfg, lambda key: _node(cfg, key, yaml_path),
+        lambda node: LMConfig.from_yaml(node, qwen), FlowConfig, HiFTConfig)
 
     networks = CosyVoice2LM(lm_config), CausalFlow(flow_config), HiFTGenerator(hift_config)
     return _assemble(CosyVoice2Models, root, cfg, networks, (llm_path, flow_path, hift_path),

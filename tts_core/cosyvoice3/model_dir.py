@@ -23,15 +23,13 @@ from typing import Any
 
 import torch
 
-from ..cosyvoice2.features import MelConfig
 from ..cosyvoice2.model_dir import (
     CosyVoice2Models,
     MissingModelFile,
-    ModelDirError,
     _assemble,
-    _check_consistent,
     _need,
     _node,
+    _read_configs,
     _read_frontend,
     _read_qwen_config,
     _read_yaml,
@@ -98,19 +96,10 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu",
     def node(key: str) -> Any:
         return _node(cfg, key, yaml_path, MODEL, OFFICIAL_SOURCES)
 
-    try:
-        lm_config = CosyVoice3LMConfig.from_yaml(node("llm"), qwen, end_of_prompt)
-        flow_config = FlowConfig.from_yaml(node("flow"))
-        hift_config = CausalHiFTConfig.from_yaml(node("hift"))
-        mel_config = MelConfig.from_yaml(node("feat_extractor"))
-    except ModelDirError:
-        raise
-    except (ValueError, TypeError, KeyError) as error:
-        raise ModelDirError(f"{yaml_path.name}: {error}") from error
-    ratio = int(cfg.get("token_mel_ratio", flow_config.token_mel_ratio))
-    sample_rate = int(cfg.get("sample_rate", hift_config.sampling_rate))
-    _check_consistent(yaml_path, lm_config, flow_config, hift_config, mel_config, ratio,
-                      sample_rate)
+    lm_config, flow_config, hift_config, mel_config, ratio, sample_rate = _read_configs(
+        yaml_path, cfg, node,
+        lambda lm_node: CosyVoice3LMConfig.from_yaml(lm_node, qwen, end_of_prompt),
+        FlowConfig, CausalHiFTConfig)
 
     networks = (CosyVoice3LM(lm_config), CausalFlowDiT(flow_config),
                 CausalHiFTGenerator(hift_config))
