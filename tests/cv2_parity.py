@@ -41,17 +41,23 @@ REQUIRED_FILES = (
 
 def parity_dir() -> Path:
     """The parity directory; skips (default location absent) or fails (env var set, incomplete)."""
-    env = os.environ.get(ENV_VAR)
-    path = Path(env) if env else DEFAULT_PARITY_DIR
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    return find_parity_dir(ENV_VAR, DEFAULT_PARITY_DIR, REQUIRED_FILES)
+
+
+def find_parity_dir(env_var: str, default: Path, required: tuple[str, ...]) -> Path:
+    """``$env_var`` or ``default``, holding every file of ``required``; skips (default location
+    absent) or fails (env var set, incomplete). Shared with the CosyVoice 3 parity helpers."""
+    env = os.environ.get(env_var)
+    path = Path(env) if env else default
+    missing = [name for name in required if not (path / name).is_file()]
     if not missing:
         return path
     if env:
         shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6
                                           else "")
-        pytest.fail(f"{ENV_VAR}={env} is not a complete parity directory; it lacks {shown}",
+        pytest.fail(f"{env_var}={env} is not a complete parity directory; it lacks {shown}",
                     pytrace=False)
-    pytest.skip(f"parity data not found at {path} (set {ENV_VAR} to use another directory)")
+    pytest.skip(f"parity data not found at {path} (set {env_var} to use another directory)")
 
 
 @functools.cache

@@ -9,11 +9,11 @@ tests; a directory named in the environment that is missing or incomplete fails 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
-import pytest
 import torch
+
+from tests.cv2_parity import find_parity_dir
 
 ENV_VAR = "COSYVOICE3_PARITY_DIR"
 DEFAULT_PARITY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "parity" / "cosyvoice3"
@@ -32,17 +32,7 @@ REQUIRED_FILES = (
 
 def parity_dir() -> Path:
     """The parity directory; skips (default location absent) or fails (env var set, incomplete)."""
-    env = os.environ.get(ENV_VAR)
-    path = Path(env) if env else DEFAULT_PARITY_DIR
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    if not missing:
-        return path
-    if env:
-        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6
-                                          else "")
-        pytest.fail(f"{ENV_VAR}={env} is not a complete parity directory; it lacks {shown}",
-                    pytrace=False)
-    pytest.skip(f"parity data not found at {path} (set {ENV_VAR} to use another directory)")
+    return find_parity_dir(ENV_VAR, DEFAULT_PARITY_DIR, REQUIRED_FILES)
 
 
 @functools.cache
