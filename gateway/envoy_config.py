@@ -13,8 +13,9 @@ OpenAI-compatible paths, where they are OpenAI's ``{"error": {"message", "type",
 
 from __future__ import annotations
 
+import ipaddress
 import mimetypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service import limits
@@ -125,15 +126,63 @@ _LOCAL_REPLIES = (
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """One engine server: an IP address (a STATIC host) or a DNS name that Envoy resolves and
+    re-resolves (STRICT_DNS: every address it has is one host, as a headless Service gives)."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How Envoy spreads requests over the engine servers and stops sending to a broken one."""
+
+    # Active gRPC health checks (grpc.health.v1): a replica that says NOT_SERVING, or does not
+    # answer, gets no new requests; one success brings it back (a restarted replica).
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 3.0  # a busy 2-core machine answers slowly; not a failure yet
+    unhealthy_threshold: int = 2
+    # Retries (only before the response started, see _retry_policy): attempts after the first.
+    retries: int = 2
+    # At most this share of the active requests may be retries at once (so retries cannot
+    # multiply an overload), but never fewer than min_retry_concurrency: a replica that dies
+    # with that many requests queued in it gets every one of them retried elsewhere.
+    retry_budget_percent: float = 50.0
+    min_retry_concurrency: int = 64
+    # Per-replica circuit breaker: one HTTP/2 connection per replica, at most this many
+    # streams on it; more requests wait in Envoy (up to max_pending) or get 503.
+    max_streams_per_replica: int = 128
+    max_pending: int = 1024
+    # Passive outlier ejection: this many gateway failures in a row (connect failure, reset,
+    # 502/503/504; gRPC UNAVAILABLE counts as 503) take a replica out for a while.
+    consecutive_gateway_failures: int = 3
+    base_ejection_s: float = 10.0
+    max_ejection_percent: int = 50
+    # DNS upstreams: how often Envoy re-resolves (replicas come and go with `kubectl scale`).
+    dns_refresh_s: float = 5.0
+    # Replicas a DNS name is expected to resolve to at most: sizes the cluster-wide limits.
+    expected_replicas: int = 16
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     listen_host: str
     listen_port: int
-    grpc_host: str
-    grpc_port: int
+    upstreams: tuple[Upstream, ...]
     admin_port: int
     descriptor_path: Path
     api_keys: tuple[str, ...]
     web_dir: Path | None
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
 
 
 def web_files(web_dir: Path | None) -> dict[str, Path]:
@@ -233,6 +282,101 @@ _ACCESS_LOG_FORMAT = ('[%START_TIME%] "%DYNAMIC_METADATA(cosyvoice:method)% '
                       "ttfb=%RESPONSE_DURATION%ms\n")
 
 
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+# Retried: the request never reached a replica (connect failure; HTTP/2 REFUSED_STREAM, which a
+# draining server sends for streams it did not start), the connection died before the reply's
+# headers (reset: a killed replica's queued requests), or the reply is a trailers-only gRPC
+# UNAVAILABLE (a replica that is stopping). Envoy's router retries only until it has passed
+# the upstream's response headers downstream; after that an upstream reset resets the client's
+# stream, so a stream that has sent audio is never replayed (nor silently restarted).
+RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
+
+
+def retry_policy(o: ClusterOptions) -> dict:
+    return {
+        "retry_on": RETRY_ON,
+        "num_retries": o.retries,
+        # A retry goes to another replica than the ones already tried, where there is one.
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": f"{_TYPES}.retry.host.previous_hosts.v3"
+                                      ".PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 5,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+    }
+
+
+def build_cluster(upstreams: tuple[Upstream, ...], o: ClusterOptions) -> dict:
+    """The engine servers' cluster: one host per upstream (STATIC when every upstream is an IP
+    address, else STRICT_DNS, which makes one host of every address a name resolves to)."""
+    if not upstreams:
+        raise ValueError("at least one upstream engine server is needed")
+    static = all(u.is_ip for u in upstreams)
+    replicas = len(upstreams) if static else max(len(upstreams), o.expected_replicas)
+    # Envoy opens one HTTP/2 connection per worker thread and replica; a few per replica.
+    connections_per_replica = 4
+    cluster = {
+        "name": GRPC_CLUSTER,
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": "2s",
+        # The replica with the fewest active requests (of two picked at random) gets the next
+        # one: syntheses last seconds, so round robin would pile them up on a slow replica.
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {"cluster_name": GRPC_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": u.host,
+                                                          "port_value": u.port}}}}
+            for u in upstreams]}]},
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": f"{_TYPES}.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {
+                    "max_concurrent_streams": o.max_streams_per_replica}},
+            }},
+        # A replica on a machine that vanished sends no RST: TCP keepalive finds it out. (Not
+        # HTTP/2 PINGs: grpcio answers frequent PINGs on a connection without data, such as
+        # one carrying only queued requests, with GOAWAY "too_many_pings".)
+        "upstream_connection_options": {"tcp_keepalive": {
+            "keepalive_time": 30, "keepalive_interval": 10, "keepalive_probes": 3}},
+        # The one unauthenticated gRPC call; /healthz reflects it. If every replica fails it,
+        # Envoy's panic threshold routes to all of them anyway, so a slow check never blocks.
+        "health_checks": [{"timeout": _seconds(o.health_timeout_s),
+                           "interval": _seconds(o.health_interval_s),
+                           "no_traffic_interval": _seconds(o.health_interval_s),
+                           "unhealthy_threshold": o.unhealthy_threshold,
+                           "healthy_threshold": 1, "grpc_health_check": {}}],
+        # A replica added by DNS (scaled up) gets requests once it has said SERVING.
+        "common_lb_config": {"ignore_new_hosts_until_first_hc": True},
+        "outlier_detection": {
+            "consecutive_gateway_failure": o.consecutive_gateway_failures,
+            "enforcing_consecutive_gateway_failure": 100,
+            "consecutive_5xx": 5,
+            "enforcing_success_rate": 0,  # too few replicas for statistics
+            "interval": "5s",
+            "base_ejection_time": _seconds(o.base_ejection_s),
+            "max_ejection_percent": o.max_ejection_percent,
+        },
+        "circuit_breakers": {
+            "thresholds": [{
+                "priority": "DEFAULT",
+                "max_connections": replicas * connections_per_replica,
+                "max_pending_requests": o.max_pending,
+                "max_requests": replicas * o.max_streams_per_replica,
+                "retry_budget": {"budget_percent": {"value": o.retry_budget_percent},
+                                 "min_retry_concurrency": o.min_retry_concurrency},
+            }],
+            "per_host_thresholds": [{"priority": "DEFAULT",
+                                     "max_connections": connections_per_replica}],
+        },
+    }
+    if not static:
+        cluster.update({"dns_refresh_rate": _seconds(o.dns_refresh_s),
+                        "dns_lookup_family": "V4_PREFERRED"})
+    return cluster
+
+
 def build_config(s: GatewaySettings) -> dict:
     files = web_files(s.web_dir)
     max_file = max((p.stat().st_size for p in files.values()), default=0)
@@ -240,7 +384,8 @@ def build_config(s: GatewaySettings) -> dict:
     routes.append({
         "match": {"prefix": "/"},
         # No overall timeout: a long text streams for minutes. Idle streams still end.
-        "route": {"cluster": GRPC_CLUSTER, "timeout": "0s", "idle_timeout": STREAM_IDLE_TIMEOUT},
+        "route": {"cluster": GRPC_CLUSTER, "timeout": "0s", "idle_timeout": STREAM_IDLE_TIMEOUT,
+                  "retry_policy": retry_policy(s.cluster)},
     })
     # Requests pass these in order, responses in reverse: the Lua filter therefore sees the
     # transcoder's HTTP response (status mapping) and every request, even refused ones.
@@ -249,7 +394,8 @@ def build_config(s: GatewaySettings) -> dict:
             "@type": f"{_TYPES}.filters.http.health_check.v3.HealthCheck",
             "pass_through_mode": False,
             "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
-            "cluster_min_healthy_percentages": {GRPC_CLUSTER: {"value": 100}},
+            # 200 while at least one replica passes its health check (any share above 0).
+            "cluster_min_healthy_percentages": {GRPC_CLUSTER: {"value": 0.001}},
         }},
         {"name": "envoy.filters.http.lua", "typed_config": {
             "@type": f"{_TYPES}.filters.http.lua.v3.Lua",
@@ -300,24 +446,7 @@ def build_config(s: GatewaySettings) -> dict:
         },
         "http_filters": http_filters,
     }
-    cluster = {
-        "name": GRPC_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {"cluster_name": GRPC_CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": s.grpc_host,
-                                                          "port_value": s.grpc_port}}}}]}]},
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": f"{_TYPES}.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }},
-        # The one unauthenticated gRPC call; /healthz reflects it. With a single host Envoy's
-        # panic threshold keeps routing even while it fails, so a slow check never blocks.
-        "health_checks": [{"timeout": "3s", "interval": "5s", "no_traffic_interval": "5s",
-                           "unhealthy_threshold": 2, "healthy_threshold": 1,
-                           "grpc_health_check": {}}],
-    }
+    cluster = build_cluster(s.upstreams, s.cluster)
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": s.admin_port}}},

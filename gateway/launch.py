@@ -26,7 +26,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.envoy_config import GatewaySettings, build_config
+from gateway.envoy_config import GatewaySettings, Upstream, build_config
 from service.auth import (
     ENV_KEYS,
     default_state_dir,
@@ -55,7 +55,9 @@ class GatewayOptions:
 
 def parse_options(argv: list[str] | None = None) -> GatewayOptions:
     p = argparse.ArgumentParser(prog="python -m gateway",
-                                description="Run the TTS gRPC server behind the Envoy gateway.")
+                                description="Run the TTS gRPC server behind the Envoy gateway.",
+                                epilog="Gateway only, in front of servers started elsewhere: "
+                                       "python -m gateway --upstream HOST:PORT[,...] --help")
     p.add_argument("--host", default="0.0.0.0", help="REST listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50000, help="REST port (default 50000)")
     p.add_argument("--admin-port", type=int, default=9901,
@@ -186,8 +188,8 @@ def run(args: GatewayOptions) -> int:
 
         settings = GatewaySettings(
             listen_host=args.host, listen_port=args.port,
-            grpc_host=_connect_host(server_options.grpc_host),
-            grpc_port=server_options.grpc_port,
+            upstreams=(Upstream(_connect_host(server_options.grpc_host),
+                                server_options.grpc_port),),
             admin_port=args.admin_port, descriptor_path=descriptor, api_keys=keys.keys,
             web_dir=args.web_dir)
         config_path = state / "envoy.yaml"
