@@ -183,6 +183,9 @@ class GatewaySettings:
     api_keys: tuple[str, ...]
     web_dir: Path | None
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
+    # A listener on this port (all addresses) that serves only /stats/prometheus from the admin
+    # interface, which stays on loopback; for a scraper on another machine (Kubernetes).
+    stats_port: int | None = None
 
 
 def web_files(web_dir: Path | None) -> dict[str, Path]:
@@ -394,8 +397,9 @@ def build_config(s: GatewaySettings) -> dict:
             "@type": f"{_TYPES}.filters.http.health_check.v3.HealthCheck",
             "pass_through_mode": False,
             "headers": [{"name": ":path", "string_match": {"exact": "/healthz"}}],
-            # 200 while at least one replica passes its health check (any share above 0).
-            "cluster_min_healthy_percentages": {GRPC_CLUSTER: {"value": 0.001}},
+            # 200 while at least one replica passes its health check: 1 % (Envoy rounds the
+            # value down to a whole percent; 0 would always pass) holds up to 100 replicas.
+            "cluster_min_healthy_percentages": {GRPC_CLUSTER: {"value": 1}},
         }},
         {"name": "envoy.filters.http.lua", "typed_config": {
             "@type": f"{_TYPES}.filters.http.lua.v3.Lua",
@@ -447,6 +451,16 @@ def build_config(s: GatewaySettings) -> dict:
         "http_filters": http_filters,
     }
     cluster = build_cluster(s.upstreams, s.cluster)
+    listeners = [{
+        "name": "rest",
+        "address": {"socket_address": {"address": s.listen_host, "port_value": s.listen_port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }]
+    clusters = [cluster]
+    if s.stats_port is not None:
+        listeners.append(_stats_listener(s.stats_port))
+        clusters.append(_admin_cluster(s.admin_port))
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
                                                  "port_value": s.admin_port}}},
@@ -460,15 +474,40 @@ def build_config(s: GatewaySettings) -> dict:
                 "max_active_downstream_connections": limits.MAX_GATEWAY_CONNECTIONS,
             },
         }]},
-        "static_resources": {
-            "listeners": [{
-                "name": "rest",
-                "address": {"socket_address": {"address": s.listen_host,
-                                               "port_value": s.listen_port}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": hcm}]}],
-            }],
-            "clusters": [cluster],
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+_ADMIN_CLUSTER = "envoy_admin"
+PROMETHEUS_PATH = "/stats/prometheus"
+
+
+def _stats_listener(port: int) -> dict:
+    """Only Envoy's Prometheus stats, from the admin interface; every other path is 404 (the
+    admin interface can change Envoy's state and never leaves loopback)."""
+    hcm = {
+        "@type": f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "stats",
+        "route_config": {"name": "stats", "virtual_hosts": [{
+            "name": "stats", "domains": ["*"], "routes": [
+                {"match": {"path": PROMETHEUS_PATH}, "route": {"cluster": _ADMIN_CLUSTER}},
+                {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+            ]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": f"{_TYPES}.filters.http.router.v3.Router"}}],
+    }
+    return {
+        "name": "stats",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def _admin_cluster(admin_port: int) -> dict:
+    return {
+        "name": _ADMIN_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": _ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                          "port_value": admin_port}}}}]}]},
     }

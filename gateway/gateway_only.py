@@ -45,6 +45,7 @@ class GatewayOnlyOptions:
     envoy_log_level: str
     api_key_file: Path | None
     state_dir: Path | None
+    stats_port: int | None
 
 
 def _upstreams(text: str) -> tuple[Upstream, ...]:
@@ -67,6 +68,10 @@ def parse_options(argv: list[str] | None = None) -> GatewayOnlyOptions:
     p.add_argument("--port", type=int, default=50000, help="REST port (default 50000)")
     p.add_argument("--admin-port", type=int, default=9901,
                    help="Envoy admin port, bound to 127.0.0.1 only (default 9901)")
+    p.add_argument("--stats-port", type=int, default=None,
+                   help="also serve Envoy's /stats/prometheus (only that path) on this port, "
+                        "on every address, for a scraper on another machine (default: none; "
+                        "the admin port has it on loopback)")
     p.add_argument("--web-dir", type=Path, default=REPO_ROOT / "web",
                    help="static files served at / (default web/)")
     p.add_argument("--envoy-log-level", default="warning",
@@ -81,7 +86,7 @@ def parse_options(argv: list[str] | None = None) -> GatewayOnlyOptions:
     return GatewayOnlyOptions(upstreams=a.upstream, host=a.host, port=a.port,
                               admin_port=a.admin_port, web_dir=a.web_dir,
                               envoy_log_level=a.envoy_log_level, api_key_file=a.api_key_file,
-                              state_dir=a.state_dir)
+                              state_dir=a.state_dir, stats_port=a.stats_port)
 
 
 def _wait_ready(admin_url: str, envoy: subprocess.Popen, timeout: float) -> None:
@@ -125,7 +130,7 @@ def run(o: GatewayOnlyOptions) -> int:
     settings = GatewaySettings(
         listen_host=o.host, listen_port=o.port, upstreams=o.upstreams, admin_port=o.admin_port,
         descriptor_path=build_descriptor_set(state / "cosyvoice.descriptor.pb"),
-        api_keys=keys.keys, web_dir=o.web_dir)
+        api_keys=keys.keys, web_dir=o.web_dir, stats_port=o.stats_port)
     config_path = state / "envoy.yaml"
     write_private_file(config_path, yaml.safe_dump(build_config(settings), sort_keys=False,
                                                    allow_unicode=True))

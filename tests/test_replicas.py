@@ -123,3 +123,42 @@ def test_kill_one_of_three_replicas_under_load(tmp_path) -> None:
         channel.close()
     finally:
         replica_set.stop()
+
+
+def test_gateway_only_without_a_serving_engine(tmp_path) -> None:
+    """Envoy starts without any engine up (they may come later): /healthz says 503, requests
+    get a clear 503, and the stats port serves only Envoy's Prometheus text."""
+    import os
+    import secrets
+
+    import requests
+
+    from tests.replicas import free_port
+
+    key = secrets.token_urlsafe(24)
+    rest, admin, stats, nobody = free_port(), free_port(), free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--upstream", f"127.0.0.1:{nobody},localhost:{nobody}",
+         "--host", "127.0.0.1", "--port", str(rest), "--admin-port", str(admin),
+         "--stats-port", str(stats), "--state-dir", str(tmp_path)],
+        cwd=REPO_ROOT, env={**os.environ, "COSYVOICE_API_KEYS": key},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = iter(process.stdout.readline, "")
+        assert any(line.startswith("Ready (gateway only)") for line in lines)
+        assert "none serving yet" in next(lines)
+        base = f"http://127.0.0.1:{rest}"
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 503
+        reply = requests.post(f"{base}/inference_sft", data={"tts_text": "Hi.", "spk_id": "x"},
+                              headers={"X-API-TOKEN": key}, timeout=30)
+        assert reply.status_code == 503 and reply.json()["code"] == 14
+        assert "retry shortly" in reply.json()["message"]
+        assert requests.post(f"{base}/inference_sft", timeout=10).status_code == 401
+        text = requests.get(f"http://127.0.0.1:{stats}/stats/prometheus", timeout=10).text
+        assert "envoy_cluster_upstream_cx_connect_fail" in text
+        for path in ("/stats", "/config_dump", "/quitquitquit"):
+            assert requests.get(f"http://127.0.0.1:{stats}{path}", timeout=10).status_code == 404
+        assert (tmp_path / "envoy.yaml").stat().st_mode & 0o077 == 0  # it holds the keys
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
