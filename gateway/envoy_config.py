@@ -50,6 +50,10 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   local method = headers:get(":method")
   handle:streamInfo():dynamicMetadata():set("cosyvoice", "method", method)
+  local content_type = headers:get("content-type") or ""
+  if string.sub(content_type, 1, 16) == "application/grpc" then  -- before the transcoder's
+    handle:streamInfo():dynamicMetadata():set("cosyvoice", "client", "grpc")
+  end
   local token = headers:get("{API_KEY_HEADER.lower()}")
   if token ~= nil and string.match(token, "^[ \t]*$") then
     headers:remove("{API_KEY_HEADER.lower()}")
@@ -255,9 +259,26 @@ def _openai_mapper(status: int, message: str | None) -> dict:
     return mapper
 
 
+def _grpc_mapper(status: int, message: str | None) -> dict:
+    """Envoy's own error ``status`` to a gRPC client (on the gateway's port): Envoy sends the
+    body as grpc-message, so it stays the plain sentence, not the REST JSON."""
+    # The request hook marks a gRPC client: the transcoder makes every request gRPC upstream.
+    is_grpc = {"metadata_filter": {"matcher": {
+        "filter": "cosyvoice", "path": [{"key": "client"}],
+        "value": {"string_match": {"exact": "grpc"}}},
+        "match_if_key_not_found": False}}  # Envoy's default for a missing key: a match
+    mapper = {"filter": {"and_filter": {"filters": [_status_is(status), is_grpc]}},
+              "body_format_override": {"text_format_source": {
+                  "inline_string": "%LOCAL_REPLY_BODY%"}}}
+    if message:
+        mapper["body"] = {"inline_string": message}
+    return mapper
+
+
 def _local_reply_config() -> dict:
-    # First match wins: the OpenAI paths' mappers come first.
-    mappers = [_openai_mapper(status, message) for status, _, message in _LOCAL_REPLIES]
+    # First match wins: gRPC clients' mappers, then the OpenAI paths', then everyone else's.
+    mappers = [_grpc_mapper(status, message) for status, _, message in _LOCAL_REPLIES]
+    mappers += [_openai_mapper(status, message) for status, _, message in _LOCAL_REPLIES]
     for status, code, message in _LOCAL_REPLIES:
         mapper = {
             "filter": _status_is(status),

@@ -190,7 +190,8 @@ def rest_stream(address: tuple[str, int], api_key: str, text: str = LOAD_TEXT,
     started = time.monotonic()
     data, ttfb = b"", None
     try:
-        with socket.create_connection(address, timeout=120) as sock:
+        # Generous: on a loaded 2-core machine a queued stream may wait minutes for its turn.
+        with socket.create_connection(address, timeout=600) as sock:
             sock.sendall(request)
             while True:
                 piece = sock.recv(65536)

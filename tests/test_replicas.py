@@ -154,6 +154,15 @@ def test_gateway_only_without_a_serving_engine(tmp_path) -> None:
         assert reply.status_code == 503 and reply.json()["code"] == 14
         assert "retry shortly" in reply.json()["message"]
         assert requests.post(f"{base}/inference_sft", timeout=10).status_code == 401
+        with grpc.insecure_channel(f"127.0.0.1:{rest}") as channel:
+            call = tts_pb2_grpc.TextToSpeechServiceStub(channel).Synthesize(
+                tts_pb2.SynthesizeRequest(text="Hi.", sft=tts_pb2.SftMode(speaker_id="x")),
+                metadata=(("x-api-token", key),), timeout=30)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(call)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert caught.value.details() == ("the synthesis server is not reachable right now; "
+                                          "retry shortly")
         text = requests.get(f"http://127.0.0.1:{stats}/stats/prometheus", timeout=10).text
         assert "envoy_cluster_upstream_cx_connect_fail" in text
         for path in ("/stats", "/config_dump", "/quitquitquit"):
