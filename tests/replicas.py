@@ -69,7 +69,7 @@ class ReplicaSet:
 
     def host_stats(self) -> dict[str, dict[str, str]]:
         """Envoy's view of each replica (admin /clusters): health_flags, rq_active, ..."""
-        with urllib.request.urlopen(f"{self.admin_url}/clusters", timeout=10) as reply:
+        with urllib.request.urlopen(f"{self.admin_url}/clusters", timeout=60) as reply:
             text = reply.read().decode()
         hosts: dict[str, dict[str, str]] = {}
         for line in text.splitlines():
