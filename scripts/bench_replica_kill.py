@@ -67,14 +67,18 @@ def main() -> int:
         try:
             load = Load(replica_set, a.clients).start()
             time.sleep(a.before)
-            active = {h: int(s.get("rq_active", 0)) for h, s in replica_set.host_stats().items()}
+            try:
+                active = {h: int(s.get("rq_active", 0))
+                          for h, s in replica_set.host_stats(timeout=10).items()}
+            except OSError:  # Envoy's admin is slow to answer on a busy machine
+                active = {}
             victim = max(replica_set.replicas, key=lambda r: active.get(r.address, 0))
             killed_at = time.monotonic()
             victim.kill()
             out_after = None
             while time.monotonic() - killed_at < a.after:
                 try:
-                    hosts = replica_set.host_stats()
+                    hosts = replica_set.host_stats(timeout=10)
                 except OSError:  # a slow answer on a busy machine: ask again
                     continue
                 flags = hosts.get(victim.address, {}).get("health_flags", "")

@@ -67,9 +67,9 @@ class ReplicaSet:
         host, port = self.rest_url.split("//")[1].rsplit(":", 1)
         return host, int(port)
 
-    def host_stats(self) -> dict[str, dict[str, str]]:
+    def host_stats(self, timeout: float = 60.0) -> dict[str, dict[str, str]]:
         """Envoy's view of each replica (admin /clusters): health_flags, rq_active, ..."""
-        with urllib.request.urlopen(f"{self.admin_url}/clusters", timeout=60) as reply:
+        with urllib.request.urlopen(f"{self.admin_url}/clusters", timeout=timeout) as reply:
             text = reply.read().decode()
         hosts: dict[str, dict[str, str]] = {}
         for line in text.splitlines():

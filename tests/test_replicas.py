@@ -84,8 +84,7 @@ def test_kill_one_of_three_replicas_under_load(tmp_path) -> None:
         load = Load(replica_set, CLIENTS).start()
         # Two syntheses run per replica; with five streams under way every replica has one.
         load.wait_streaming(5, timeout=240)
-        active = {h: int(s.get("rq_active", 0)) for h, s in replica_set.host_stats().items()}
-        victim = max(replica_set.replicas, key=lambda r: active.get(r.address, 0))
+        victim = replica_set.replicas[0]
         killed_at = time.monotonic()
         victim.kill()
         time.sleep(SECONDS_AFTER_KILL)
