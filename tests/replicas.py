@@ -109,7 +109,9 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
 
 
 def start_replica_set(workdir: Path, count: int = 3, *, max_concurrent: int = 2,
-                      max_queue: int = 16, threads: int = 1) -> ReplicaSet:
+                      max_queue: int = 16, threads: int = 1, by_name: bool = True) -> ReplicaSet:
+    """``by_name``: name the replicas after the first as ``localhost:PORT``, so Envoy resolves
+    them (a STRICT_DNS cluster, as with a Kubernetes headless Service)."""
     workdir.mkdir(parents=True, exist_ok=True)
     api_key = secrets.token_urlsafe(24)
     env = {**os.environ, "COSYVOICE_API_KEYS": api_key, "PYTHONUNBUFFERED": "1"}
@@ -137,7 +139,8 @@ def start_replica_set(workdir: Path, count: int = 3, *, max_concurrent: int = 2,
         gateway_log = workdir / "gateway.log"
         gateway = _spawn(
             [sys.executable, "-m", "gateway",
-             "--upstream", ",".join(r.address for r in replicas),
+             "--upstream", ",".join(f"localhost:{r.port}" if by_name and i else r.address
+                                    for i, r in enumerate(replicas)),
              "--host", "127.0.0.1", "--port", str(rest_port), "--admin-port", str(admin_port),
              "--state-dir", str(workdir / "gateway-state")], env, gateway_log)
         replica_set = ReplicaSet(replicas, gateway, gateway_log,

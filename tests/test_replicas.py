@@ -81,6 +81,8 @@ def test_cluster_kind_follows_the_upstreams_and_envoy_accepts_it(upstreams, kind
 def test_kill_one_of_three_replicas_under_load(tmp_path) -> None:
     replica_set = start_replica_set(tmp_path, 3, max_concurrent=2)
     try:
+        config = yaml.safe_load((tmp_path / "gateway-state" / "envoy.yaml").read_text())
+        assert config["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"  # localhost
         load = Load(replica_set, CLIENTS).start()
         # Two syntheses run per replica; with five streams under way every replica has one.
         load.wait_streaming(5, timeout=240)
