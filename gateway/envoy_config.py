@@ -2,13 +2,17 @@
 
 One HTTP listener serves:
   * the web page: every file under web/ as a direct response (no key needed to load it);
-  * /healthz: 200 while Envoy's active gRPC health check of the server passes, else 503;
+  * /healthz: 200 while Envoy's active gRPC health check passes for at least one engine server
+    (replica), else 503;
   * the REST API: gRPC-JSON transcoding to the gRPC server (X-API-TOKEN checked here and
     again by the server), with audio streamed through as it is produced.
 Error bodies are JSON ``{"code": <gRPC code>, "message": "..."}`` (the transcoder writes them
 for server errors, ``local_reply_config`` for Envoy's own: 401, 413, ...), except under the
 OpenAI-compatible paths, where they are OpenAI's ``{"error": {"message", "type", "param",
-"code"}}`` (the server writes its own; ``local_reply_config`` Envoy's).
+"code"}}`` (the server writes its own; ``local_reply_config`` Envoy's), and to gRPC clients
+of the same port, where Envoy's own errors carry the plain message as grpc-message.
+The engine servers form one cluster (build_cluster): health-checked, least-request balanced,
+retried only before a response began, with outlier ejection and per-replica circuit breakers.
 """
 
 from __future__ import annotations
@@ -155,15 +159,17 @@ class ClusterOptions:
     health_interval_s: float = 2.0
     health_timeout_s: float = 3.0  # a busy 2-core machine answers slowly; not a failure yet
     unhealthy_threshold: int = 2
-    # Retries (only before the response started, see _retry_policy): attempts after the first.
+    # Retries (only before the response started, see RETRY_ON): attempts after the first.
     retries: int = 2
     # At most this share of the active requests may be retries at once (so retries cannot
     # multiply an overload), but never fewer than min_retry_concurrency: a replica that dies
     # with that many requests queued in it gets every one of them retried elsewhere.
     retry_budget_percent: float = 50.0
     min_retry_concurrency: int = 64
-    # Per-replica circuit breaker: one HTTP/2 connection per replica, at most this many
-    # streams on it; more requests wait in Envoy (up to max_pending) or get 503.
+    # Per-replica circuit breaker: at most this many HTTP/2 connections to a replica (Envoy
+    # opens one per worker thread) of at most max_streams_per_replica streams each; more
+    # requests wait in Envoy (up to max_pending) or get 503.
+    connections_per_replica: int = 4
     max_streams_per_replica: int = 128
     max_pending: int = 1024
     # Passive outlier ejection: this many gateway failures in a row (connect failure, reset,
@@ -340,8 +346,6 @@ def build_cluster(upstreams: tuple[Upstream, ...], o: ClusterOptions) -> dict:
         raise ValueError("at least one upstream engine server is needed")
     static = all(u.is_ip for u in upstreams)
     replicas = len(upstreams) if static else max(len(upstreams), o.expected_replicas)
-    # Envoy opens one HTTP/2 connection per worker thread and replica; a few per replica.
-    connections_per_replica = 4
     cluster = {
         "name": GRPC_CLUSTER,
         "type": "STATIC" if static else "STRICT_DNS",
@@ -385,14 +389,14 @@ def build_cluster(upstreams: tuple[Upstream, ...], o: ClusterOptions) -> dict:
         "circuit_breakers": {
             "thresholds": [{
                 "priority": "DEFAULT",
-                "max_connections": replicas * connections_per_replica,
+                "max_connections": replicas * o.connections_per_replica,
                 "max_pending_requests": o.max_pending,
                 "max_requests": replicas * o.max_streams_per_replica,
                 "retry_budget": {"budget_percent": {"value": o.retry_budget_percent},
                                  "min_retry_concurrency": o.min_retry_concurrency},
             }],
             "per_host_thresholds": [{"priority": "DEFAULT",
-                                     "max_connections": connections_per_replica}],
+                                     "max_connections": o.connections_per_replica}],
         },
     }
     if not static:
