@@ -125,11 +125,18 @@ _LOCAL_REPLIES = (
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """One engine server the gateway sends calls to."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     listen_host: str
     listen_port: int
-    grpc_host: str
-    grpc_port: int
+    upstreams: tuple[Upstream, ...]
     admin_port: int
     descriptor_path: Path
     api_keys: tuple[str, ...]
@@ -305,8 +312,9 @@ def build_config(s: GatewaySettings) -> dict:
         "type": "STATIC",
         "connect_timeout": "2s",
         "load_assignment": {"cluster_name": GRPC_CLUSTER, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": {"socket_address": {"address": s.grpc_host,
-                                                          "port_value": s.grpc_port}}}}]}]},
+            {"endpoint": {"address": {"socket_address": {"address": u.host,
+                                                          "port_value": u.port}}}}
+            for u in s.upstreams]}]},
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": f"{_TYPES}.upstreams.http.v3.HttpProtocolOptions",
