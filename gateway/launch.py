@@ -157,11 +157,12 @@ def replica_options(server: ServerOptions, replicas: int,
                     devices: tuple[str, ...] = ()) -> list[ServerOptions]:
     """Each replica's server options: gRPC port ``--grpc-port`` + i (0: a free port chosen
     here, kept across restarts, as Envoy's config names it), metrics port ``--metrics-port`` + i
-    (0: none) and device ``devices[i % len(devices)]``, else ``--device``."""
+    (0: none) and device ``devices[i % len(devices)]``, else ``--device``; ``--port-file``
+    is replica 0's."""
     out = []
     for i in range(replicas):
         out.append(dataclasses.replace(
-            server, port_file=None,
+            server, port_file=server.port_file if i == 0 else None,
             grpc_port=server.grpc_port + i if server.grpc_port else _free_port(
                 _connect_host(server.grpc_host)),
             metrics_port=server.metrics_port + i if server.metrics_port else 0,

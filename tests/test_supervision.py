@@ -315,3 +315,28 @@ def test_launcher_gives_up_on_an_engine_that_never_starts(tmp_path: Path) -> Non
     assert re.search(r"engine server 0 exited with code 2 before it was serving, 3 times in a "
                      r"row; giving up", run.stderr), run.stderr
     assert time.monotonic() - started < 200
+
+
+def test_replica_options_spread_ports_and_devices() -> None:
+    from gateway.launch import parse_options, replica_options, service_command
+    from service.options import parse_server_options
+
+    options = parse_options(["--replicas", "3", "--grpc-port", "6000", "--metrics-port", "9000",
+                             "--devices", "cuda:0, cuda:1", "--threads", "2",
+                             "--drain-seconds", "12.5", "--log-format", "json"])
+    replicas = replica_options(options.server, options.replicas, options.devices)
+    assert [r.grpc_port for r in replicas] == [6000, 6001, 6002]
+    assert [r.metrics_port for r in replicas] == [9000, 9001, 9002]
+    assert [r.device for r in replicas] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert {r.threads for r in replicas} == {2}  # per replica
+    server = parse_server_options(service_command(replicas[2], Path("/state"))[3:])
+    assert (server.grpc_port, server.device, server.drain_seconds, server.log_format) == (
+        6002, "cuda:0", 12.5, "json")
+    any_port = parse_options(["--replicas", "2", "--grpc-port", "0", "--metrics-port", "0"])
+    spread = replica_options(any_port.server, any_port.replicas)
+    assert {r.metrics_port for r in spread} == {0} and {r.device for r in spread} == {"auto"}
+    assert 0 not in {r.grpc_port for r in spread} and len({r.grpc_port for r in spread}) == 2
+    with pytest.raises(SystemExit):
+        parse_options(["--replicas", "0"])
+    with pytest.raises(SystemExit):
+        parse_options(["--log-format", "xml"])
