@@ -283,6 +283,11 @@ class Synthesizer:
         def done(_: object) -> None:
             # The slot is freed only when the engine has really stopped, not when the client
             # left, so a cancelled synthesis never overlaps more than max_concurrent others.
+            # Called as the future's callback and, at the stream's end, directly (a future is
+            # done before its callbacks have run): once.
+            if state.get("released"):
+                return
+            state["released"] = True
             if state["finished"]:
                 self._release("completed")
             elif state["failed"]:
@@ -303,6 +308,7 @@ class Synthesizer:
                     # The worker is returning: wait for it (and so for ``done``), so that the
                     # slot is free before the client hears that the call has ended.
                     await asyncio.shield(future)
+                    done(future)
                 if item is _END:
                     return
                 if isinstance(item, _Failure):
