@@ -340,3 +340,38 @@ def test_replica_options_spread_ports_and_devices() -> None:
         parse_options(["--replicas", "0"])
     with pytest.raises(SystemExit):
         parse_options(["--log-format", "xml"])
+
+
+def test_server_alone_cuts_at_its_drain_deadline_and_exits_in_time(tmp_path: Path) -> None:
+    key = secrets.token_urlsafe(24)
+    port_file = tmp_path / "port"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "--engine", "embedded", "--threads", "1",
+         "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+         "--metrics-port", "0", "--state-dir", str(tmp_path / "state"),
+         "--drain-seconds", "2"],
+        cwd=REPO_ROOT, env={**os.environ, "COSYVOICE_API_KEYS": key},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert server.poll() is None and time.monotonic() < deadline, "did not start"
+            time.sleep(0.2)
+        target = f"127.0.0.1:{port_file.read_text().strip()}"
+        started = threading.Event()
+        stream = InThread(_grpc_stream, target, key, started)
+        assert started.wait(180), "no audio came"
+        server.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert health(target) in ("NOT_SERVING", "UNAVAILABLE")
+        error = stream.result(30)
+        assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "drain time ran out" in error.details()
+        assert server.wait(30) == 0
+        # --drain-seconds, then at most ~1 s for the last trailers and ~1 s for engine threads
+        assert time.monotonic() - signalled < 2 + 5
+        assert "drain time is up: cut 1 running syntheses short" in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
