@@ -116,7 +116,10 @@ def engine_objects(o: K8sOptions) -> list[dict]:
         # Loading a model takes minutes on a CPU: liveness waits until the startup probe passed.
         "startupProbe": _grpc_probe(10, 60),
         "readinessProbe": _grpc_probe(5, 2),  # NOT_SERVING (draining): out of the Service
-        "livenessProbe": _grpc_probe(10, 6),
+        # Liveness asks only whether the port accepts connections: gRPC health says NOT_SERVING
+        # all through a drain, and a liveness failure then would kill the streams it finishes.
+        "livenessProbe": {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10,
+                          "failureThreshold": 6},
         "resources": resources, "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False},
     }

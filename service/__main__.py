@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 
+from service import logs
 from service.auth import default_state_dir, load_api_keys
 from service.metrics import METRICS, engine_description
 from service.options import ServerOptions, parse_server_options
@@ -15,6 +18,7 @@ from service.state_dir import prepare_state_dir
 from tts_core.registry import create_engine
 
 log = logging.getLogger("service")
+EXIT_THREAD_WAIT = 1.0  # seconds the exit waits for engine threads after a drain
 
 
 def _listen_host(host: str) -> str:
@@ -59,27 +63,53 @@ async def serve(args: ServerOptions) -> None:
     if args.port_file:
         args.port_file.write_text(f"{running.port}\n")
 
-    stop = asyncio.Event()
+    # The first SIGTERM (or SIGINT) drains, the second cuts what still runs.
+    stop, cut = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: _on_signal(sig, stop, cut))
     await stop.wait()
-    log.info("shutting down")
-    await running.stop(grace=3.0)
+    await running.drain(args.drain_seconds, cut)
     if stop_metrics is not None:
         stop_metrics()
 
 
+def _on_signal(signum: int, stop: asyncio.Event, cut: asyncio.Event) -> None:
+    name = signal.Signals(signum).name
+    if not stop.is_set():
+        log.info("%s: shutting down (health NOT_SERVING, new syntheses refused)", name)
+        stop.set()
+    elif not cut.is_set():
+        log.warning("%s again: cutting the running syntheses short", name)
+        cut.set()
+
+
+def _leave(code: int) -> int:
+    """Exit without waiting long for engine threads: a cancelled synthesis stops within one model
+    step, but one stuck in a long step must not hold the exit (and so the launcher's drain)."""
+    deadline = time.monotonic() + EXIT_THREAD_WAIT
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        log.warning("engine threads still busy at exit; leaving without them")
+        logging.shutdown()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_server_options(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         asyncio.run(serve(args))
     except (ValueError, OSError) as error:  # StateDirError included: one line, no traceback
         log.error("%s", error)
         return 2
-    return 0
+    return _leave(0)
 
 
 if __name__ == "__main__":

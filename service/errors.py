@@ -48,6 +48,11 @@ def overloaded(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, 503)
 
 
+def unavailable(message: str) -> ServiceError:
+    """Not now, but retrying (this or another replica) will do: the server is shutting down."""
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message, 503)
+
+
 def unimplemented(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNIMPLEMENTED, message, 501)
 

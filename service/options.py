@@ -14,6 +14,7 @@ from pathlib import Path
 
 from service import limits
 from service.auth import ENV_KEYS
+from service.logs import LOG_FORMATS
 from tts_core.registry import ENGINE_NAMES, PRECISIONS
 
 
@@ -38,6 +39,8 @@ class ServerOptions:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     log_level: str = "INFO"
+    log_format: str = "text"
+    drain_seconds: float = 30.0
 
     @property
     def engine_name(self) -> str:
@@ -99,6 +102,12 @@ _OPTIONS = (
             "unless the scraper runs elsewhere)"),
     _Option("metrics_port", ("--metrics-port",), "Prometheus /metrics port (0: no metrics)", int),
     _Option("log_level", ("--log-level",), "gRPC server log level"),
+    _Option("log_format", ("--log-format",), "log lines as text, or json (one object per line, "
+            "with one line per synthesis call: request id, surface, mode, status, times, "
+            "audio seconds; never text or keys)", choices=LOG_FORMATS),
+    _Option("drain_seconds", ("--drain-seconds",), "on SIGTERM: stop taking new syntheses "
+            "(503 / UNAVAILABLE) and give running ones this long to finish before they are cut "
+            "off (a second SIGTERM cuts them at once); then exit 0", float),
 )
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -76,9 +78,12 @@ class CallLog:
     too, once per call.
     """
 
-    def __init__(self, name: str, native_rate: int):
+    def __init__(self, name: str, native_rate: int, request_id: str = "-",
+                 on_end: Callable[[], None] | None = None):
         self.name = name  # the RPC, or the REST path
         self.surface = metrics.surface_of(name)
+        self.request_id = request_id
+        self.on_end = on_end
         self.ended = False
         self.native_rate = native_rate  # the engine's: what ``samples`` counts in
         self.started = time.monotonic()
@@ -108,20 +113,46 @@ class CallLog:
             time_to_first_chunk_seconds=self.first_chunk_at, total_seconds=self.finished_at,
             engine=engine, chunks=self.chunks, sample_rate=self.sample_rate))
 
-    def finish(self, outcome: str) -> None:
-        """The call ended with ``outcome`` (a gRPC status name): log and count it (once)."""
+    def finish(self, outcome: str, http_status: int | None = None) -> None:
+        """The call ended with ``outcome`` (a gRPC status name; ``http_status``: the error's
+        HTTP status, for a call refused before audio): log and count it (once)."""
         if self.ended:
             return
         self.ended = True
         chars = self.text_feed.chars if self.text_feed is not None else self.chars
         audio = self.samples / float(self.native_rate)
         total = time.monotonic() - self.started
-        log.info("%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs audio=%.2fs",
-                 self.name, self.mode, chars, self.sample_rate, outcome, self.chunks,
-                 self.first_chunk_at, total, audio)
+        if outcome == "OK" or self.chunks:
+            http_status = 200  # the status went out with the first audio
+        elif outcome == "CANCELLED":
+            http_status = None  # nobody was left to answer
+        fields = {"request_id": self.request_id, "surface": self.surface, "call": self.name,
+                  "mode": self.mode, "code": outcome, "http_status": http_status,
+                  "time_to_first_audio_seconds":
+                      round(self.first_chunk_at, 4) if self.chunks else None,
+                  "audio_seconds": round(audio, 3), "duration_seconds": round(total, 4),
+                  "text_chars": chars, "chunks": self.chunks, "sample_rate": self.sample_rate}
+        log.info("%s id=%s mode=%s chars=%d rate=%d -> %s chunks=%d ttfb=%.3fs total=%.3fs "
+                 "audio=%.2fs", self.name, self.request_id, self.mode, chars, self.sample_rate,
+                 outcome, self.chunks, self.first_chunk_at, total, audio,
+                 extra={"fields": fields})
         metrics.METRICS.call_ended(self.surface, self.mode, outcome, duration=total,
                                    first_audio=self.first_chunk_at if self.chunks else None,
                                    audio_seconds=audio)
+        if self.on_end is not None:
+            self.on_end()
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The call's id: the gateway's ``x-request-id`` (Envoy makes one per HTTP request) or a
+    gRPC client's, when it is a short plain token; else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
 
 
 async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
@@ -140,7 +171,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception,
         raise error
     error = _as_service_error(error)
     if call is not None:
-        call.finish(error.code.name)
+        call.finish(error.code.name, error.http_status)
     await context.abort(error.code, error.message, trailing_metadata=error.trailing_metadata())
 
 
@@ -154,6 +185,15 @@ class Core:
         self.synth = synthesizer
         self.text_idle_seconds = text_idle_seconds
         self.sample_rate = engine.capabilities().sample_rate
+        self.open_calls = 0  # synthesis calls not yet ended: what a shutdown drains
+
+    def open_call(self, name: str, context: grpc.aio.ServicerContext) -> CallLog:
+        """The ``CallLog`` of a synthesis call that starts now (counted until it ends)."""
+        self.open_calls += 1
+        return CallLog(name, self.sample_rate, request_id(context), self._call_ended)
+
+    def _call_ended(self) -> None:
+        self.open_calls -= 1
 
     @property
     def capabilities(self) -> Capabilities:
@@ -164,6 +204,7 @@ class Core:
     async def prepare(self, request: SynthesisRequest, output: convert.OutputSpec, call: CallLog,
                       *, streamed_text: bool = False) -> OutputEncoder:
         """The engine's checks of ``request``; then the encoder its audio will go through."""
+        self.synth.check_open()  # shutting down: refused at once, before any work
         await self.synth.validate(request, streamed_text=streamed_text)
         encoder = OutputEncoder(self.sample_rate, output.sample_rate, output.encoding)
         call.sample_rate = encoder.output_rate
@@ -250,7 +291,7 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                          context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
         core = self.core
-        call = CallLog("Synthesize", core.sample_rate)
+        call = core.open_call("Synthesize", context)
         try:
             job, output = await asyncio.to_thread(convert.to_engine_request, request)
             call.request(job)
@@ -272,7 +313,7 @@ class TextToSpeechService(tts_pb2_grpc.TextToSpeechServiceServicer):
                                    context: grpc.aio.ServicerContext
                                    ) -> AsyncIterator[tts_pb2.SynthesizeResponse]:
         core = self.core
-        call = CallLog("SynthesizeTextStream", core.sample_rate)
+        call = core.open_call("SynthesizeTextStream", context)
         reader: asyncio.Task | None = None
         try:
             core.require_text_streaming()
@@ -364,7 +405,7 @@ class RestCompatService(compat_pb2_grpc.RestCompatServiceServicer):
                          ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         """Every /inference_* endpoint: the same steps, for the endpoint's ``kind``."""
         core = self.core
-        call = CallLog(compat.ENDPOINTS[kind].path, core.sample_rate)
+        call = core.open_call(compat.ENDPOINTS[kind].path, context)
         try:
             job, output = await asyncio.to_thread(_decode_rest, kind, request)
             call.request(job)
@@ -412,7 +453,7 @@ class OpenAiSpeechService(openai_pb2_grpc.OpenAiSpeechServiceServicer):
                            context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         core = self.core
-        call = CallLog("/v1/audio/speech", core.sample_rate)
+        call = core.open_call("/v1/audio/speech", context)
         sent = False  # whether the response (and so its status) has started
         speech: openai_api.Speech | None = None
         try:
@@ -441,7 +482,7 @@ class OpenAiSpeechService(openai_pb2_grpc.OpenAiSpeechServiceServicer):
             error = _as_service_error(failure)
             if error.code == grpc.StatusCode.NOT_FOUND and error.param is None:
                 error.param = "voice"  # the engine's: an unknown speaker
-            call.finish(error.code.name)
+            call.finish(error.code.name, error.http_status)
             if not sent:  # the whole answer is the error
                 await context.send_initial_metadata(
                     ((errors.HTTP_STATUS_KEY, str(error.http_status or 500)),))
@@ -521,15 +562,52 @@ def _batch_status(engine: Engine) -> dict[str, int]:
     return {"batch_occupancy": batch, "max_batch": max_batch}
 
 
+SHUTTING_DOWN = ("the server is shutting down and takes no new syntheses; retry shortly "
+                 "(another replica, or this one once restarted, will answer)")
+CUT_OFF = ("the server shut down before this stream was finished (its drain time ran out): "
+           "the audio is incomplete; retry the request")
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
     synthesizer: Synthesizer
+    core: Core
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.synthesizer.shutdown()
+
+    async def drain(self, seconds: float, cut: asyncio.Event, grace: float = 1.0) -> None:
+        """Shut down gracefully, in at most ``seconds`` + ``grace``.
+
+        Health says NOT_SERVING at once (the gateway stops routing here); new syntheses and those
+        still waiting for a slot are refused with UNAVAILABLE (HTTP 503); running ones may
+        finish until ``seconds`` have passed or ``cut`` is set (a second SIGTERM), then they end
+        with UNAVAILABLE, which a REST client sees in the stream's status trailer. ``grace``
+        lets the last messages and trailers out before the port closes.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        await self.health.enter_graceful_shutdown()
+        self.synthesizer.drain(errors.unavailable(SHUTTING_DOWN))
+        log.info("draining: %d synthesis calls open, waiting up to %.0f s",
+                 self.core.open_calls, seconds)
+        while self.core.open_calls and not cut.is_set() and loop.time() < deadline:
+            try:
+                await asyncio.wait_for(cut.wait(), min(0.05, max(0.0, deadline - loop.time())))
+            except TimeoutError:
+                pass
+        if self.core.open_calls:
+            cut_count = self.synthesizer.cut(errors.unavailable(CUT_OFF))
+            log.warning("drain %s: cut %d running syntheses short",
+                        "interrupted by a second signal" if cut.is_set() else "time is up",
+                        cut_count)
+        else:
+            log.info("drained: every synthesis call has ended")
         await self.server.stop(grace)
         self.synthesizer.shutdown()
 
@@ -565,4 +643,4 @@ async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[s
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, health, synthesizer)
+    return RunningServer(server, bound, health, synthesizer, core)

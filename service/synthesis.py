@@ -63,6 +63,13 @@ class _Failure:
     error: BaseException
 
 
+@dataclass
+class _Cut:
+    """Put in a running stream's queue by ``Synthesizer.cut`` (server shutdown)."""
+
+    error: errors.ServiceError
+
+
 class TextFeed:
     """Text pieces from the event loop (``put``, ``close``, ``fail``) to the engine's worker
     thread (``pieces``), for one SynthesizeTextStream call."""
@@ -135,6 +142,30 @@ class Synthesizer:
         self._slots = asyncio.Semaphore(max_concurrent)
         self._workers = ThreadPoolExecutor(max_workers=max_concurrent,
                                            thread_name_prefix="synthesis")
+        # Shutdown: once ``_refusal`` is set new work and waiting work get it (``drain``);
+        # ``_streams`` are the running ones, which ``cut`` ends.
+        self._refusal: errors.ServiceError | None = None
+        self._drained = asyncio.Event()
+        self._streams: set[tuple[asyncio.Queue, threading.Event]] = set()
+
+    def check_open(self) -> None:
+        """Raise the shutdown refusal once ``drain`` has been called."""
+        if self._refusal is not None:
+            self.counters.rejected_total += 1
+            raise self._refusal
+
+    def drain(self, refusal: errors.ServiceError) -> None:
+        """Refuse new work, and the work waiting for a slot, with ``refusal``; running work goes
+        on (server shutdown)."""
+        self._refusal = refusal
+        self._drained.set()
+
+    def cut(self, error: errors.ServiceError) -> int:
+        """End every running synthesis stream now with ``error``; returns how many."""
+        for chunks, cancel in list(self._streams):
+            cancel.set()
+            chunks.put_nowait(_Cut(error))
+        return len(self._streams)
 
     async def validate(self, request: SynthesisRequest, *, streamed_text: bool = False) -> None:
         """The engine's own checks, in a thread (they may normalise text).
@@ -149,6 +180,7 @@ class Synthesizer:
 
     async def _admit(self) -> None:
         c = self.counters
+        self.check_open()
         if c.active + c.queued >= self.max_concurrent + self.max_queue:
             c.rejected_total += 1
             raise errors.overloaded(
@@ -156,11 +188,29 @@ class Synthesizer:
                 f"limits {self.max_concurrent} + {self.max_queue}); retry in a few seconds")
         c.queued += 1
         try:
-            await self._slots.acquire()
+            await self._wait_for_slot()
         finally:
             c.queued -= 1
         c.active += 1
         c.started_total += 1
+
+    async def _wait_for_slot(self) -> None:
+        """Take a slot; a shutdown (``drain``) while waiting refuses the call instead."""
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        drained = asyncio.ensure_future(self._drained.wait())
+        acquired = False
+        try:
+            await asyncio.wait((acquire, drained), return_when=asyncio.FIRST_COMPLETED)
+            acquired = acquire.done() and not acquire.cancelled()
+        finally:
+            drained.cancel()
+            if not acquired:
+                if acquire.done() and not acquire.cancelled():
+                    self._slots.release()  # taken just as the caller was cancelled
+                else:
+                    acquire.cancel()
+        if not acquired:
+            self.check_open()  # raises: the only other way out of the wait
 
     async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run other engine work (speaker registration) in a synthesis slot.
@@ -233,6 +283,11 @@ class Synthesizer:
         def done(_: object) -> None:
             # The slot is freed only when the engine has really stopped, not when the client
             # left, so a cancelled synthesis never overlaps more than max_concurrent others.
+            # Called as the future's callback and, at the stream's end, directly (a future is
+            # done before its callbacks have run): once.
+            if state.get("released"):
+                return
+            state["released"] = True
             if state["finished"]:
                 self._release("completed")
             elif state["failed"]:
@@ -242,13 +297,18 @@ class Synthesizer:
 
         future = loop.run_in_executor(self._workers, work)
         future.add_done_callback(done)
+        running = (queue, cancel)
+        self._streams.add(running)
         try:
             while True:
                 item = await queue.get()
+                if isinstance(item, _Cut):  # shutdown: no waiting for the engine's step
+                    raise item.error
                 if item is _END or isinstance(item, _Failure):
                     # The worker is returning: wait for it (and so for ``done``), so that the
                     # slot is free before the client hears that the call has ended.
                     await asyncio.shield(future)
+                    done(future)
                 if item is _END:
                     return
                 if isinstance(item, _Failure):
@@ -256,6 +316,7 @@ class Synthesizer:
                 credits.release()
                 yield item
         finally:
+            self._streams.discard(running)
             cancel.set()
 
     def shutdown(self) -> None:

@@ -92,6 +92,9 @@ class FakeContext:
     async def send_initial_metadata(self, metadata):
         self.initial_metadata = tuple(metadata)
 
+    def invocation_metadata(self):
+        return ()
+
 
 def run(coroutine):
     return asyncio.run(coroutine)

@@ -124,8 +124,14 @@ def test_stream_broken_by_server_shutdown_never_looks_complete(launch_stack) -> 
     stack = launch_stack()
     pid = _server_pid(stack.state_dir)
     body = urlencode({"tts_text": "This sentence is one of many. " * 40, "spk_id": "英文男"})
+
+    def shut_down() -> None:  # the first SIGTERM drains, the second cuts the stream
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGTERM)
+
     reply = raw_post(stack.rest_url, "/inference_sft", body.encode(), FORM, stack.api_key,
-                     on_first_bytes=lambda: os.kill(pid, signal.SIGTERM))
+                     on_first_bytes=shut_down)
     assert reply.status == 200 and reply.body
     # Either no terminating chunk at all, or a trailer that names the failure.
     assert reply.trailers is None or reply.trailers.get(STREAM_STATUS_TRAILER) not in (None, "0"), \
