@@ -103,6 +103,7 @@ SCHEMES = {
     "w4g128": every("w4g128"),
     "attn-w8/mlp-w4g32": mixed("w8", "w4g32"),
     "attn-f32/mlp-dyn8": mixed("f32", "dyn8"),
+    "gate,up-dyn8/rest-w8": {**every("w8"), "mlp.gate_proj": "dyn8", "mlp.up_proj": "dyn8"},
 }
 
 
