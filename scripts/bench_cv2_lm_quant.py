@@ -9,6 +9,11 @@ round, medians over rounds) so that load on a shared machine hits all schemes al
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_cv2_lm_quant.py \
         --model-dir /work/models/cv2-full --threads 2 --rounds 5
+
+On a machine shared with other busy processes, wall-clock figures mostly measure the others;
+``--clock cpu`` times with the process's CPU time instead (CPU-seconds per step: with
+``--threads 1`` the compute time of the step, much less sensitive to load; the decode column
+is then tokens per CPU-second).
 """
 
 from __future__ import annotations
@@ -129,17 +134,20 @@ class Drawn:
         return int(top.indices[pick])
 
 
+CLOCK = time.perf_counter
+
+
 def run(lm: CosyVoice2LM, text: list[int], prompt: list[int], sampler, n: int
         ) -> tuple[list[torch.Tensor], list[int], list[float]]:
     """(logp per step, tokens, step end times) with the clock started before prefill."""
     logps: list[torch.Tensor] = []
-    stamps = [time.perf_counter()]
+    stamps = [CLOCK()]
     ratio = n / len(text) + 1
     tokens = []
     for token in lm.inference(text, [], prompt, sampler, min_token_text_ratio=ratio,
                               max_token_text_ratio=ratio,
                               on_step=lambda s: (logps.append(s.logp),
-                                                 stamps.append(time.perf_counter()))):
+                                                 stamps.append(CLOCK()))):
         tokens.append(token)
         if len(tokens) >= n:
             break
@@ -156,9 +164,13 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=40)
     ap.add_argument("--prompt-speech", type=int, default=70)
     ap.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')} "
+    policy = os.environ.get("OMP_WAIT_POLICY", "-")
+    print(f"threads={args.threads} clock={args.clock} OMP_WAIT_POLICY={policy} "
           f"load={os.getloadavg()}", flush=True)
     lm = load_lm(args.model_dir)
     g = torch.Generator().manual_seed(0)

@@ -410,8 +410,8 @@ def test_device_choice(model_dirs: dict[str, Path]) -> None:
         CosyVoice2Engine.from_model_dir(model_dirs["bare"], device="tpu")
     auto = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="auto")
     assert auto.models.device.type == "cpu" and auto.models.precision is not None
-    # the CPU default (see precision.py): bfloat16 with AMX, else float32
-    assert auto.models.precision.name in ("float32", "bfloat16")
+    # the CPU default (see precision.py): bfloat16 with AMX, else weight-only int8 LM
+    assert auto.models.precision.name in ("int8w", "bfloat16")
 
 
 def test_registered_speaker_streams_from_its_flow_prompt_cache(

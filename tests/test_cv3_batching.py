@@ -59,9 +59,10 @@ def teacher_tokens(size: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engines(cv3_model_dir: Path) -> tuple[CosyVoice3Engine, CosyVoice3Engine]:
-    alone = CosyVoice3Engine.from_model_dir(cv3_model_dir, threads=1, device="cpu", seed=5)
+    alone = CosyVoice3Engine.from_model_dir(cv3_model_dir, threads=1, device="cpu", seed=5,
+                                            precision="float32")
     batched = CosyVoice3Engine.from_model_dir(cv3_model_dir, threads=1, device="cpu", seed=5,
-                                              max_batch=4)
+                                              max_batch=4, precision="float32")
     size = alone.models.lm.config.speech_token_size
     tokens = teacher_tokens(size)
     for engine in (alone, batched):
