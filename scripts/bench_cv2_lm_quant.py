@@ -79,6 +79,9 @@ def scheme_modules(lm: CosyVoice2LM, spec: dict[str, str]) -> list[dict[str, nn.
                 modules[name] = dynamic_int8(linear)
             elif kind == "w8":
                 modules[name] = WeightOnlyLinear.from_linear(linear, 8)
+            elif kind == "w8p":  # prefills through dynamic int8
+                modules[name] = WeightOnlyLinear.from_linear(linear, 8)
+                modules[name].prefill = dynamic_int8(linear)
             else:
                 modules[name] = WeightOnlyLinear.from_linear(linear, 4, int(kind[3:]))
         out.append(modules)
@@ -104,6 +107,7 @@ SCHEMES = {
     "float32": every("f32"),
     "dyn-int8": every("dyn8"),
     "w8": every("w8"),
+    "w8+dyn8-prefill": every("w8p"),
     "w4g32": every("w4g32"),
     "w4g128": every("w4g128"),
     "attn-w8/mlp-w4g32": mixed("w8", "w4g32"),

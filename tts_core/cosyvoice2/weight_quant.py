@@ -40,6 +40,8 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
+        # Optional module for prefills (many rows), e.g. a dynamic-int8 Linear of the same layer.
+        self.prefill: nn.Module | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32) -> WeightOnlyLinear:
@@ -71,6 +73,8 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.prefill is not None and x.numel() > GEMM_ROWS * self.in_features:
+            return self.prefill(x)
         if self.bits == 8 and x.numel() > GEMM_ROWS * self.in_features:
             weight = self.qweight.float() * self.scales.float()[:, None]
             y = F.linear(x.reshape(-1, self.in_features).float(), weight, self.bias)
