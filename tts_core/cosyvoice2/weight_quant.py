@@ -76,8 +76,11 @@ class WeightOnlyLinear(nn.Module):
         if self.prefill is not None and x.numel() > GEMM_ROWS * self.in_features:
             return self.prefill(x)
         if self.bits == 8 and x.numel() > GEMM_ROWS * self.in_features:
-            weight = self.qweight.float() * self.scales.float()[:, None]
-            y = F.linear(x.reshape(-1, self.in_features).float(), weight, self.bias)
+            # scales per output channel: applied to the product, not to every weight
+            y = F.linear(x.reshape(-1, self.in_features).float(), self.qweight.float())
+            y = y * self.scales.float()
+            if self.bias is not None:
+                y = y + self.bias
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.bits == 8:
