@@ -118,8 +118,8 @@ class CosyVoice2Probe:
         self.engine._sampler = lambda randomness: ForcedLength(  # type: ignore[method-assign]
             make_sampler(randomness), self.tokens, self.eos)
         plan = self.engine.models.precision
-        self.description = (f"LM {str(plan.lm_dtype)[6:]}{' int8-Linear' if plan.lm_int8 else ''}"
-                            f", flow {str(plan.flow_dtype)[6:]}") if plan else ""
+        self.description = (f"LM {plan.lm_description}, flow {str(plan.flow_dtype)[6:]}"
+                            if plan else "")
 
     @property
     def sample_rate(self) -> int:

@@ -60,6 +60,9 @@ async def serve(args: ServerOptions) -> None:
              ", ".join(sorted(m.value for m in caps.modes)), args.grpc_host, running.port,
              max_concurrent, args.max_queue, args.max_batch)
     METRICS.watch_queue(lambda: running.synthesizer.counters.queued)
+    occupancy = getattr(engine, "batch_occupancy", None)
+    if occupancy is not None:
+        METRICS.watch_batch(occupancy)
     if args.port_file:
         args.port_file.write_text(f"{running.port}\n")
 

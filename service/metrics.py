@@ -5,8 +5,9 @@ What is measured, and where:
 - per synthesis call (``server.CallLog`` reports each call here once, when it ends):
   ``cosyvoice_requests_total{surface,mode,code}``, the duration and time-to-first-audio
   histograms, audio produced, real-time factor, cancellations and engine errors;
-- per process, read when scraped: the synthesizer's queue depth (``watch``), the engine's load
-  time and what it runs (``engine_loaded``).
+- per process, read when scraped: the synthesizer's queue depth (``watch_queue``), the batch
+  scheduler's occupancy and capacity (``watch_batch``; 0 of 1 without a scheduler), the engine's
+  load time and what it runs (``engine_loaded``).
 
 One process, one registry, one scrape target. With several engine processes each serves its
 own ``/metrics`` on its own port and Prometheus scrapes each as a target (per-replica scrape,
@@ -75,6 +76,14 @@ class Metrics:
             registry=r)
         self.queue_depth = Gauge(
             "cosyvoice_queue_depth", "Syntheses waiting for an engine slot", registry=r)
+        self.batch_occupancy = Gauge(
+            "cosyvoice_batch_occupancy",
+            "Requests the engine's batch scheduler is stepping together now (or about to)",
+            registry=r)
+        self.max_batch = Gauge(
+            "cosyvoice_max_batch", "Requests the batch scheduler steps at most (--max-batch; 1: "
+            "no scheduler)", registry=r)
+        self.max_batch.set(1)
         self.cancelled = Counter(
             "cosyvoice_cancelled", "Synthesis calls the client left before their end",
             ["surface"], registry=r)
@@ -122,6 +131,11 @@ class Metrics:
         """Read the queue depth from ``queued`` at each scrape."""
         self.queue_depth.set_function(queued)
 
+    def watch_batch(self, occupancy: Callable[[], tuple[int, int]]) -> None:
+        """Read (requests in the batch, max batch) from ``occupancy`` at each scrape."""
+        self.batch_occupancy.set_function(lambda: occupancy()[0])
+        self.max_batch.set_function(lambda: occupancy()[1])
+
     def engine_loaded(self, *, engine: str, model_dir: Path | None, device: str, precision: str,
                       seconds: float) -> None:
         self.model_load.set(seconds)
@@ -157,8 +171,11 @@ def engine_description(engine: object, device: str, precision: str) -> tuple[str
     models = getattr(engine, "models", None)
     resolved_device = getattr(models, "device", None)
     dtype = getattr(models, "dtype", None)
+    plan = getattr(models, "precision", None)  # the resolved option, e.g. "int8w" for "auto"
     if resolved_device is not None:
         device = str(resolved_device)
-    if dtype is not None:
+    if plan is not None:
+        precision = plan.name
+    elif dtype is not None:
         precision = str(dtype).removeprefix("torch.")
     return device, precision

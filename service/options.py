@@ -89,8 +89,8 @@ _OPTIONS = (
     _Option("max_concurrent", ("--max-concurrent",), "syntheses running at once", int),
     _Option("max_queue", ("--max-queue",), "syntheses waiting for a slot; beyond, new ones get "
             "RESOURCE_EXHAUSTED (HTTP 503)", int),
-    _Option("max_batch", ("--max-batch",), "cosyvoice2 engine: requests one batch scheduler steps "
-            "together (1: none, each synthesis on its own thread); above 1 it replaces "
+    _Option("max_batch", ("--max-batch",), "cosyvoice2/3 engines: requests one batch scheduler "
+            "steps together (1: none, each synthesis on its own thread); above 1 it replaces "
             "--max-concurrent as the number of syntheses running at once", int),
     _Option("api_key_file", ("--api-key-file",), f"API keys, one per line (else ${ENV_KEYS}, "
             "else a key generated into the state directory)", Path),

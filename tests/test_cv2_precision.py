@@ -25,6 +25,7 @@ from tts_core.cosyvoice2.llm import CosyVoice2LM, DecodeStep, PrefixCache
 from tts_core.cosyvoice2.model_dir import load_model_dir
 from tts_core.cosyvoice2.precision import PRECISIONS, cpu_bf16_support, resolve_precision
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
+from tts_core.cosyvoice2.weight_quant import GEMM_ROWS, WeightOnlyLinear
 from tts_core.engine import Audio, Mode, SynthesisRequest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -66,17 +67,22 @@ def collect(engine: CosyVoice2Engine, request: SynthesisRequest) -> list[np.ndar
 def test_float32_is_exact_and_auto_stays_within_tolerance_on_cpu() -> None:
     plan = resolve_precision("float32", "cpu")
     assert plan.exact and plan.lm_dtype == plan.flow_dtype == torch.float32
-    # int8 exceeded the LM tolerance on the full-size directory: never the default
+    # int8 exceeded the LM tolerance on the full-size directory: never the default; weight-only
+    # int8 stayed within it and is the default where bfloat16 has no matrix unit
     auto = resolve_precision("auto", "cpu")
-    assert auto.name == ("bfloat16" if cpu_bf16_support() == "amx" else "float32")
-    assert not auto.lm_int8
+    amx = cpu_bf16_support() == "amx"
+    assert auto.name == ("bfloat16" if amx else "int8w")
+    assert not auto.lm_int8 and auto.lm_weight_int8 == (not amx) and not auto.exact
     assert resolve_precision("int8", "cpu").lm_int8
+    int8w = resolve_precision("int8w", "cpu")
+    assert int8w.lm_weight_int8 and not int8w.lm_int8 and int8w.lm_dtype == torch.float32
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         resolve_precision("fp8", "cpu")
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_precision("float16", "cpu")
-    with pytest.raises(ValueError, match="CPU only"):
-        resolve_precision("int8", "cuda")
+    for name in ("int8", "int8w"):
+        with pytest.raises(ValueError, match="CPU only"):
+            resolve_precision(name, "cuda")
 
 
 @pytest.mark.parametrize("flags, support", [
@@ -94,6 +100,33 @@ def test_bf16_detection_and_fallback(monkeypatch: pytest.MonkeyPatch, flags: set
             resolve_precision("bfloat16", "cpu")
     else:
         assert resolve_precision("bfloat16", "cpu").lm_dtype == torch.bfloat16
+
+
+# --- weight-only quantised Linear -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits, group, bound", [(8, 0, 0.012), (4, 32, 0.1), (4, 128, 0.12)])
+def test_weight_only_linear_tracks_the_float_layer(bits: int, group: int, bound: float) -> None:
+    """Relative error against the float32 layer within what the rounding step allows (int8 per
+    channel: max|w|/127 steps, about 0.8 % for Gaussian weights; int4 per group: about 8 %),
+    in the decode path (few rows) and the prefill path (float32 GEMM on widened weights)."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 96)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02, generator=g)
+        linear.bias.normal_(0, 0.02, generator=g)
+    quant = WeightOnlyLinear.from_linear(linear, bits, group)
+    for rows in (1, 3, GEMM_ROWS + 5):
+        x = torch.randn(2, rows, 256, generator=g)
+        with torch.inference_mode():
+            ref, out = linear(x), quant(x)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        relative = float((out - ref).norm() / ref.norm())
+        assert 0 < relative < bound, (rows, relative)
+    with pytest.raises(ValueError, match="group size"):
+        WeightOnlyLinear.from_linear(linear, 4, 48)
+    with pytest.raises(ValueError, match="weight bits"):
+        WeightOnlyLinear.from_linear(linear, 2)
 
 
 # --- every CPU option loads and runs ----------------------------------------------------------
@@ -121,6 +154,8 @@ def test_precision_options_load_and_run(tiny_dir: Path, prompt: Audio, name: str
     assert linears
     if plan.lm_int8:
         assert all(type(m).__module__.startswith("torch.ao.nn.quantized") for m in linears)
+    elif plan.lm_weight_int8:
+        assert all(type(m) is WeightOnlyLinear and m.bits == 8 for m in linears)
     else:
         assert all(type(m) is torch.nn.Linear for m in linears)
     assert next(engine.models.flow.parameters()).dtype == plan.flow_dtype
@@ -169,7 +204,7 @@ def lm_errors(lm: CosyVoice2LM) -> tuple[float, float, float]:
 
 
 def _plans_to_check() -> list[str]:
-    return [name for name in ("int8", "bfloat16") if name in _cpu_options()]
+    return [name for name in ("int8", "int8w", "bfloat16") if name in _cpu_options()]
 
 
 @pytest.mark.parametrize("name", _plans_to_check())

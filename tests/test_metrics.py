@@ -202,12 +202,19 @@ def test_metrics_are_served_over_http_and_a_taken_port_is_a_clear_error():
     metrics.engine_loaded(engine="cosyvoice2", model_dir=None, device="cuda:0",
                           precision="bfloat16", seconds=12.5)
     metrics.watch_queue(lambda: 3)
+    assert value(parse(generate(metrics)), "cosyvoice_max_batch") == 1  # no scheduler yet
+    occupancy = [2]
+    metrics.watch_batch(lambda: (occupancy[0], 4))
     port = free_port()
     stop = metrics.serve("127.0.0.1", port)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             samples = parse(reply.read().decode())
         assert value(samples, "cosyvoice_queue_depth") == 3
+        assert value(samples, "cosyvoice_batch_occupancy") == 2
+        assert value(samples, "cosyvoice_max_batch") == 4
+        occupancy[0] = 0  # read at each scrape, not when watched
+        assert value(parse(generate(metrics)), "cosyvoice_batch_occupancy") == 0
         assert value(samples, "cosyvoice_model_load_seconds") == 12.5
         assert value(samples, "cosyvoice_build_info", engine="cosyvoice2", model="",
                      device="cuda:0", precision="bfloat16") == 1

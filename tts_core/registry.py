@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAMES = ("embedded", "cosyvoice2", "cosyvoice3", "auto")
 # Numeric precision an operator may ask for ("auto": the engine's choice for the device).
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8", "int8w")
 # The configuration file that names a model directory's version (as the reference tells them
 # apart); early CosyVoice 2 releases named theirs cosyvoice.yaml.
 _YAML_ENGINES = (("cosyvoice3.yaml", "cosyvoice3"), ("cosyvoice2.yaml", "cosyvoice2"),
@@ -46,8 +46,8 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
     engine keeps what must survive a restart (registered speakers); ``first_chunk_tokens`` sets
     the size of the first streamed chunk of the CosyVoice engines (None: their default);
     ``precision`` is one of ``PRECISIONS``. ``auto`` needs ``model_dir`` and picks cosyvoice2 or
-    cosyvoice3 from it. ``max_batch`` > 1 gives the cosyvoice2 engine a batch scheduler stepping
-    that many requests together (tts_core.batching).
+    cosyvoice3 from it. ``max_batch`` > 1 gives the cosyvoice2 / cosyvoice3 engine a batch
+    scheduler stepping that many requests together (tts_core.batching).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -63,7 +63,8 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
             raise ValueError(f"the embedded engine runs its int8 model only; precision "
                              f"{precision} is not available (use auto)")
         if max_batch != 1:
-            raise ValueError("--max-batch applies to the cosyvoice2 engine only")
+            raise ValueError("--max-batch applies to the cosyvoice2 and cosyvoice3 engines "
+                             "only")
         from tts_core.embedded.engine import EmbeddedEngine
 
         return EmbeddedEngine(threads=threads)
@@ -77,8 +78,6 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
         else:
             from tts_core.cosyvoice3.engine import CosyVoice3Engine as engine_class
 
-        if max_batch != 1 and name != "cosyvoice2":
-            raise ValueError("--max-batch is not wired into the cosyvoice3 engine yet")
         return engine_class.from_model_dir(Path(model_dir), threads=threads, device=device,
                                            state_dir=state_dir,
                                            first_chunk_tokens=first_chunk_tokens,

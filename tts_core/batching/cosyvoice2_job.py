@@ -69,11 +69,16 @@ class CosyVoice2Job:
                  segments: Sequence[Sequence[int]], make_sampler: Callable[[], Sampler],
                  vocoder_generator: torch.Generator | None, cancel: threading.Event,
                  stream: bool, speed: float = 1.0,
-                 forced_tokens: Sequence[Sequence[int]] | None = None) -> None:
+                 forced_tokens: Sequence[Sequence[int]] | None = None,
+                 token_filter: Callable[[], Callable[[int], bool]] | None = None) -> None:
         """``segments``: text ids per segment; ``forced_tokens`` instead gives the speech tokens
-        of each segment directly (voice conversion: no LM at all)."""
+        of each segment directly (voice conversion: no LM at all). ``token_filter`` makes, per
+        segment, a predicate saying which LM tokens go on to the vocoder (CosyVoice 3 thins
+        long silences; the LM and its sampler still see every token)."""
         self.lm, self.token2wav, self.voice = lm, token2wav, voice
         self._make_sampler = make_sampler
+        self._token_filter = token_filter
+        self._keep: Callable[[int], bool] | None = None
         self._generator = vocoder_generator
         self._cancel = cancel
         self._streaming = stream and speed == 1.0
@@ -144,7 +149,8 @@ class CosyVoice2Job:
         if token >= size:
             self._end_segment()
             return
-        segment.tokens.append(token)
+        if self._keep is None or self._keep(token):
+            segment.tokens.append(token)
         self._decoded.append(token)
         if len(self._decoded) >= self._max_len:
             self._end_segment()
@@ -155,6 +161,7 @@ class CosyVoice2Job:
         lm, cfg = self.lm, self.lm.config
         if not text_ids:
             raise ValueError("text_ids is empty: nothing to speak")
+        lm.check_prompt_ids(self.voice.lm_prompt_text_ids + text_ids)
         # The LM's own special rows: CosyVoice 3's LM (a subclass) keeps them elsewhere.
         parts = [lm._special_row(SOS_ROW)[0],
                  lm.embed_text(self.voice.lm_prompt_text_ids + text_ids)[0],
@@ -166,6 +173,7 @@ class CosyVoice2Job:
         self._cache = lm.llm.model.model.new_cache()
         self._decoded = []
         self._sampler = self._make_sampler()
+        self._keep = self._token_filter() if self._token_filter is not None else None
         self._min_len = int(len(text_ids) * cfg.min_token_text_ratio)
         self._max_len = int(len(text_ids) * cfg.max_token_text_ratio)
         self._new_segment()

@@ -33,8 +33,8 @@ flow and the vocoder. The caches that outlive a request (LM prefix KV, flow prom
 stored speakers) hand out copies.
 
 Numerics follow the ``precision`` option (:mod:`precision`): float32 is exact, "auto" picks the
-fastest plan within the README's tolerances, "int8" (dynamic int8 LM, CPU) is faster still but
-outside them on the full-size directory.
+fastest plan within the README's tolerances (on CPU without AMX "int8w": weight-only int8 LM),
+"int8" (dynamic int8 LM, CPU) is faster still but outside them on the full-size directory.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Self
@@ -262,9 +262,8 @@ class CosyVoice2Engine:
         started = time.perf_counter()
         models = cls.load_models(Path(path), device=device, precision=plan,
                                  onnx_threads=min(threads or 1, 4))
-        log.info("loaded %s model directory %s on %s (precision %s: LM %s%s, flow %s) in %.1f s",
-                 cls.display_name, path, device, plan.name, plan.lm_dtype,
-                 " + int8 Linear" if plan.lm_int8 else "", plan.flow_dtype,
+        log.info("loaded %s model directory %s on %s (precision %s: LM %s, flow %s) in %.1f s",
+                 cls.display_name, path, device, plan.name, plan.lm_description, plan.flow_dtype,
                  time.perf_counter() - started)
         schedule = None
         if first_chunk_tokens is not None:
@@ -532,6 +531,10 @@ class CosyVoice2Engine:
         """The LM's speech tokens as they go on to the vocoder."""
         return tokens
 
+    # The same choice one token at a time, for the batch scheduler: None keeps every token,
+    # else a factory of one predicate per segment (see CosyVoice2Job).
+    _vocoder_token_filter: Callable[[], Callable[[int], bool]] | None = None
+
     def _text_id_chunks(self, pieces: Iterable[str], voice: _Voice, cancel: threading.Event
                         ) -> Iterator[list[int]]:
         """Normalised token ids of streamed text, emitted up to the last word boundary.
@@ -651,7 +654,8 @@ class CosyVoice2Engine:
         assert self.scheduler is not None
         job = CosyVoice2Job(self.models.lm, self.token2wav, voice, segments,
                             lambda: self._sampler(randomness), randomness.vocoder, cancel,
-                            stream=request.stream, speed=request.speed, forced_tokens=tokens)
+                            stream=request.stream, speed=request.speed, forced_tokens=tokens,
+                            token_filter=self._vocoder_token_filter)
         self.scheduler.submit(job)
         yield from job.chunks()
 

@@ -26,6 +26,7 @@ from torch import nn
 from .hyperyaml import Tagged
 from .qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from .sampling import Sampler, SamplingConfig
+from .weight_quant import ATTENTION_LINEARS, MLP_LINEARS, quantize_layers
 
 SOS_ROW = 0  # rows of llm_embedding
 TASK_ID_ROW = 1
@@ -226,6 +227,20 @@ class CosyVoice2LM(nn.Module):
         self._int8 = True
         return self
 
+    def quantize_backbone_weight_int8(self) -> CosyVoice2LM:
+        """Replace every Linear of the Qwen2 decoder layers by a weight-only int8 Linear (CPU).
+
+        Weights are int8 per output channel; activations stay floating point (see
+        :mod:`weight_quant`). Same scope as :meth:`quantize_backbone_int8`; irreversible.
+        """
+        if self._device.type != "cpu":
+            raise ValueError("weight-only int8 Linear layers run on CPU only")
+        self.llm.to(torch.float32)
+        quantize_layers(self.llm.model.model.layers,
+                        dict.fromkeys(ATTENTION_LINEARS + MLP_LINEARS, (8, 0)))
+        self._int8 = True
+        return self
+
     @property
     def is_int8(self) -> bool:
         return getattr(self, "_int8", False)
@@ -287,6 +302,10 @@ class CosyVoice2LM(nn.Module):
             backbone(torch.cat(rows, dim=1).to(backbone.embed_tokens.weight.dtype), cache)
             prefix_cache.put(key, cache)
         return cache
+
+    def check_prompt_ids(self, ids: Sequence[int]) -> None:
+        """Raise ValueError if prompt text + text ids lack what the model needs (CosyVoice 2:
+        nothing; CosyVoice 3: ``<|endofprompt|>``)."""
 
     def _check_token(self, token: int) -> int:
         token = int(token)

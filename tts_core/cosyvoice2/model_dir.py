@@ -246,6 +246,8 @@ def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
     lm.to(device=device).set_backbone_dtype(precision.lm_dtype).eval()
     if precision.lm_int8:
         lm.quantize_backbone_int8()
+    if precision.lm_weight_int8:
+        lm.quantize_backbone_weight_int8()
     flow.to(device=device, dtype=precision.flow_dtype).eval()
     # The vocoder is built in float32 and stays so (CosyVoice 3's f0 predictor in float64: a
     # dtype cast here would round its folded weights).

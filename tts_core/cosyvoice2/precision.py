@@ -10,7 +10,9 @@ bfloat16    bfloat16                                        bfloat16
 float16     float16 (CUDA only)                             float16 (CUDA only)
 int8        float32 activations, int8 Linear weights,       bfloat16 where the CPU has fast
             dynamic int8 activations (CPU only)             bf16 matmul (AMX), else float32
-auto        CPU: bfloat16 with AMX, else float32; CUDA: bfloat16 (float16 without bf16)
+int8w       int8 Linear weights only (per output channel),  as int8
+            floating-point activations (CPU only)
+auto        CPU: bfloat16 with AMX, else int8w; CUDA: bfloat16 (float16 without bf16)
 ==========  ==============================================  ==================================
 
 The LM's speech tables and output layer, the flow's Euler solver and the vocoder stay float32
@@ -21,7 +23,11 @@ while bfloat16 without AMX was no faster than float32. The error each plan adds 
 against float32 on the parity set (tests) and printed by the benchmark; the tolerances are in
 the README. "auto" takes the fastest plan within them: int8 is 3x faster at decoding but on the
 full-size generated directory its next-token distributions moved by a total variation distance
-of 0.16 (tolerance 0.1), so it is an explicit choice, not the CPU default.
+of 0.16 (tolerance 0.1), so it is an explicit choice, not the CPU default. int8w keeps the int8
+weights but not the rounding of the activations (whose outliers are int8's error): TV 0.065 on
+that directory, at nearly int8's decoding speed (``scripts/bench_cv2_lm_quant.py``), so it is
+the CPU default where bfloat16 has no matrix unit. int4 weights (group-wise) were faster still
+but moved the distributions by TV 0.45, far outside.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16", "int8", "int8w")
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,22 @@ class Precision:
     lm_dtype: torch.dtype  # weights and activations of the Qwen2 stack
     lm_int8: bool  # Linear layers of the Qwen2 stack as dynamic int8 (lm_dtype is then float32)
     flow_dtype: torch.dtype
+    lm_weight_int8: bool = False  # Linear layers of the stack as weight-only int8 (CPU)
 
     @property
     def exact(self) -> bool:
         """True for the float32 path that the parity tests check."""
-        return (not self.lm_int8 and self.lm_dtype == torch.float32
+        return (not self.lm_int8 and not self.lm_weight_int8 and self.lm_dtype == torch.float32
                 and self.flow_dtype == torch.float32)
+
+    @property
+    def lm_description(self) -> str:
+        """The LM stack's numerics in words, for logs and benchmark tables."""
+        if self.lm_int8:
+            return "int8 Linear (dynamic int8 activations)"
+        if self.lm_weight_int8:
+            return "int8-weight Linear (float activations)"
+        return str(self.lm_dtype).removeprefix("torch.")
 
 
 @functools.cache
@@ -98,7 +114,7 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
         if cuda:
             name = "bfloat16" if bf16() != "none" else "float16"
         else:
-            name = "bfloat16" if bf16() == "amx" else "float32"
+            name = "bfloat16" if bf16() == "amx" else "int8w"
     if name == "float32":
         return Precision("float32", torch.float32, False, torch.float32)
     if name == "float16":
@@ -111,9 +127,11 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
             raise ValueError("precision bfloat16 needs a GPU or a CPU with avx512_bf16 or AMX, "
                              "which this one lacks; use int8 or float32")
         return Precision("bfloat16", torch.bfloat16, False, torch.bfloat16)
-    # int8
+    # int8, int8w
     if cuda:
-        raise ValueError("precision int8 (dynamic int8 Linear) runs on CPU only; on CUDA use "
+        raise ValueError(f"precision {name} (int8 Linear kernels) runs on CPU only; on CUDA use "
                          "bfloat16 or float16")
     flow_dtype = torch.bfloat16 if bf16() == "amx" else torch.float32
+    if name == "int8w":
+        return Precision("int8w", torch.float32, False, flow_dtype, lm_weight_int8=True)
     return Precision("int8", torch.float32, True, flow_dtype)

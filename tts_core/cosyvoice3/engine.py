@@ -42,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from ..cosyvoice2.engine import CosyVoice2Engine
 from ..cosyvoice2.token2wav import StreamSchedule
 from ..cosyvoice2.tokenizer import ENDOFPROMPT
-from .llm import drop_long_silences
+from .llm import SilenceThinner, drop_long_silences
 from .model_dir import load_model_dir
 from .token2wav import Token2Wav
 
@@ -79,6 +79,8 @@ class CosyVoice3Engine(CosyVoice2Engine):
     speaker_features = "cosyvoice3"
     uses_language_tags = False
     load_models = staticmethod(load_model_dir)
+    # batch scheduler: the silence thinning of _lm_tokens, token by token
+    _vocoder_token_filter = SilenceThinner
 
     def _make_token2wav(self, schedule: StreamSchedule) -> Token2Wav:
         return Token2Wav(self.models.flow, self.models.hift,

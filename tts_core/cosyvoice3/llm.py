@@ -127,6 +127,9 @@ class CosyVoice3LM(CosyVoice2LM):
                              "ending in it")
         return ids.index(marker) + 1
 
+    def check_prompt_ids(self, ids: Sequence[int]) -> None:
+        self._split_at_end_of_prompt(ids)
+
     def _bistream_start(self, prompt_text_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # The system part (up to `<|endofprompt|>`) goes in with the start row; only the
         # transcript after it is interleaved with the prompt speech.
@@ -144,7 +147,7 @@ class CosyVoice3LM(CosyVoice2LM):
                   prefix_cache: PrefixCache | None = None) -> Iterator[int]:
         """As CosyVoice 2's; ``<|endofprompt|>`` must be in the prompt text or the text (in
         cross-lingual use the text itself starts with the system part)."""
-        self._split_at_end_of_prompt(list(prompt_text_ids) + list(text_ids))
+        self.check_prompt_ids(list(prompt_text_ids) + list(text_ids))
         return super().inference(text_ids, prompt_text_ids, prompt_speech_tokens, sampler,
                                  min_token_text_ratio, max_token_text_ratio, cancel, on_step,
                                  prefix_cache)
@@ -162,6 +165,23 @@ class CosyVoice3LM(CosyVoice2LM):
                                           sampler, max_token_text_ratio, cancel, on_step)
 
 
+class SilenceThinner:
+    """Says whether each next speech token goes on to the vocoder: only the first ``max_run``
+    of each run of silent tokens do. One per utterance segment (it counts the current run)."""
+
+    def __init__(self, silent: frozenset[int] = SILENT_TOKENS,
+                 max_run: int = MAX_SILENT_RUN) -> None:
+        self.silent, self.max_run = silent, max_run
+        self.run = 0
+
+    def __call__(self, token: int) -> bool:
+        if token not in self.silent:
+            self.run = 0
+            return True
+        self.run += 1
+        return self.run <= self.max_run
+
+
 def drop_long_silences(tokens: Iterable[int], silent: frozenset[int] = SILENT_TOKENS,
                        max_run: int = MAX_SILENT_RUN) -> Iterator[int]:
     """Pass ``tokens`` on, keeping only the first ``max_run`` of each run of silent tokens.
@@ -169,12 +189,5 @@ def drop_long_silences(tokens: Iterable[int], silent: frozenset[int] = SILENT_TO
     The LM sometimes produces long stretches of silence (pauses, breaths); the reference driver
     cuts them short before the vocoder, and so do we.
     """
-    run = 0
-    for token in tokens:
-        if token in silent:
-            run += 1
-            if run > max_run:
-                continue
-        else:
-            run = 0
-        yield token
+    keep = SilenceThinner(silent, max_run)
+    return (token for token in tokens if keep(token))
