@@ -156,6 +156,10 @@ class FlowStreamCache:
 
 
 class CausalFlow(nn.Module):
+    # Compute a stream's prompt chunks as one estimator run (see _run_chunks); False computes
+    # them chunk by chunk, as before (benchmarks compare the two; outputs differ in rounding).
+    group_prompt_chunks = True
+
     def __init__(self, config: FlowConfig):
         super().__init__()
         self.config = config
@@ -307,6 +311,12 @@ class CausalFlow(nn.Module):
                          finalize=False, keep_unfinished=False)
         return cache.compact()
 
+    def prompt_chunks(self, prompt_tokens: int) -> int:
+        """Attention chunks that a prompt of this many tokens finishes on its own (their
+        look-ahead lies inside it)."""
+        chunk = self.config.encoder.static_chunk_size
+        return max(0, prompt_tokens - self.config.pre_lookahead_len) // chunk
+
     def _run_chunks(self, tokens: torch.Tensor, prompt_token: torch.Tensor,
                     prompt_feat: torch.Tensor, embedding: torch.Tensor, cache: FlowStreamCache,
                     finalize: bool, keep_unfinished: bool) -> torch.Tensor:
@@ -333,6 +343,15 @@ class CausalFlow(nn.Module):
         feat = prompt_feat.to(device, dtype).transpose(1, 2)  # [1, 80, F]
         hidden = encoder.forward_chunks(self.input_embedding(tokens.long()), main,
                                         cache.encoder)
+        # The prompt's chunks (those whose look-ahead lies in the prompt: what prompt_cache
+        # computes) go through the estimator as one run when a stream starts from nothing: one
+        # call on all their frames uses the cores far better than a call per 50-frame chunk.
+        # The rule depends on the prompt length alone, so every path (uncached, zero-shot
+        # stream, a speaker's prompt cache) computes them the same way, bit for bit.
+        group = self.prompt_chunks(prompt_token.shape[1]) \
+            if start_frame == 0 and self.group_prompt_chunks else 0
+        if group > 1:
+            hidden = [torch.cat(hidden[:group], dim=1), *hidden[group:]]
         pieces = [] if cache.mel is None else [cache.mel]
         frame = start_frame
         for h in hidden:
@@ -341,7 +360,7 @@ class CausalFlow(nn.Module):
             cond = torch.zeros(1, self.config.output_size, frames, device=device, dtype=dtype)
             shown = max(0, min(frames, feat.shape[-1] - frame))
             cond[:, :, :shown] = feat[:, :, frame:frame + shown]
-            complete = frames == ratio * chunk
+            complete = frames % (ratio * chunk) == 0
             mel = self.decoder.solve_chunk(frame, mu, spks, cond, cache.estimator, complete)
             pieces.append(mel)
             if complete:
