@@ -147,6 +147,11 @@ DEFAULT_FIRST_CHUNK_TOKENS = 10
 # 4.6 MB per prompt mel frame (0.7 GB for a 3 s prompt) at the official size in float32.
 SPEAKER_FLOW_CACHES = 2
 
+# Memory budget of one stream's flow cache (same size: 4.6 MB per mel frame in float32). 3.5 GiB
+# holds a 3.5 s prompt and 12 s of speech; a longer segment goes on without the cache, one Euler
+# step at a time (bit-identical, recomputing the segment on every chunk) rather than growing it.
+FLOW_STREAM_CACHE_BYTES = 7 << 29
+
 # Streamed text is normalised (and tokenised) up to its last word or clause boundary; text
 # without one (CJK without punctuation) is flushed once it is this long.
 _STREAM_BOUNDARY = re.compile(r".*[\s，。！？；：、,.!?;:…]", re.S)
@@ -230,7 +235,8 @@ class CosyVoice2Engine:
 
     def _make_token2wav(self, schedule: StreamSchedule) -> Token2Wav:
         return Token2Wav(self.models.flow, self.models.hift,
-                         token_mel_ratio=self.models.token_mel_ratio, schedule=schedule)
+                         token_mel_ratio=self.models.token_mel_ratio, schedule=schedule,
+                         flow_cache_bytes=FLOW_STREAM_CACHE_BYTES)
 
     @classmethod
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
