@@ -5,8 +5,13 @@
 
 Wraps the engine's stages with timers (wall and process CPU seconds, all threads) and runs
 first-chunk requests (forced to speech tokens only, then cancelled) with prompt audio in the
-request and with a registered speaker, after one warm-up of each. Prints per-stage medians;
-"other" is the rest of the wall time up to the first chunk.
+request and with a registered speaker, after one warm-up of each. Prints per-stage medians.
+
+Two settings side by side in one process, run after run (``--modes``): ``before`` computes a
+stream's prompt chunks one by one and conditions streams on the whole flow prompt (the engine
+before the grouped prompt run and the prompt alignment); ``after`` is the engine's default.
+Each setting keeps its own speaker flow caches. On a shared machine set
+OMP_WAIT_POLICY=PASSIVE (see the README) and compare CPU seconds and ratios.
 """
 
 from __future__ import annotations
@@ -73,9 +78,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--precision", default="float32")
+    ap.add_argument("--modes", nargs="+", default=["before", "after"],
+                    choices=["before", "after"])
     args = ap.parse_args()
+    from collections import OrderedDict
+
     import soundfile
 
+    import tts_core.cosyvoice2.engine as cv2_engine
     from tts_core.engine import Audio
 
     probe = CosyVoice2Probe(args.model_dir, args.precision, args.threads, False, 1000)
@@ -96,29 +106,47 @@ def main() -> None:
     timers.wrap(flow.decoder, "solve_chunk", "flow: estimator (Euler steps)")
     timers.wrap(flow, "inference_cached", "flow: all")
     timers.wrap(models.hift, "inference", "hift")
-    print(f"model {args.model_dir}, {args.precision}, {args.threads} threads", flush=True)
+    caches: dict[str, OrderedDict] = {mode: OrderedDict() for mode in args.modes}
+
+    def set_mode(mode: str) -> None:
+        after = mode == "after"
+        flow.group_prompt_chunks = after
+        cv2_engine.STREAM_ALIGN_FLOW_PROMPT = after
+        engine._flow_caches = caches[mode]
+
+    print(f"model {args.model_dir}, {args.precision}, {args.threads} threads, load "
+          f"{open('/proc/loadavg').read().split()[:3]}", flush=True)
     for registered in (False, True):
         what = "registered speaker" if registered else "prompt audio"
-        rows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        rows: dict[str, dict[str, list[tuple[float, float]]]] = {
+            mode: defaultdict(list) for mode in args.modes}
         for run in range(args.runs + 1):
-            timers.wall.clear()
-            timers.cpu.clear()
-            cancel = threading.Event()
-            w, c = time.perf_counter(), time.process_time()
-            chunks = engine.synthesize(probe.request(prompt, True, registered), cancel)
-            next(iter(chunks))
-            total = (time.perf_counter() - w, time.process_time() - c)
-            cancel.set()
-            chunks.close()
-            if run == 0:
-                continue  # warm-up
-            for stage in timers.wall:
-                rows[stage].append((timers.wall[stage], timers.cpu[stage]))
-            rows["TOTAL first audio"].append(total)
-        print(f"\n{what}: stage, wall s, CPU s (median of {args.runs})")
-        for stage, values in rows.items():
-            print(f"  {stage:45s} {statistics.median(v[0] for v in values):7.3f} "
-                  f"{statistics.median(v[1] for v in values):7.3f}", flush=True)
+            for mode in args.modes:
+                set_mode(mode)
+                timers.wall.clear()
+                timers.cpu.clear()
+                cancel = threading.Event()
+                w, c = time.perf_counter(), time.process_time()
+                chunks = engine.synthesize(probe.request(prompt, True, registered), cancel)
+                next(iter(chunks))
+                total = (time.perf_counter() - w, time.process_time() - c)
+                cancel.set()
+                chunks.close()
+                if run == 0:
+                    continue  # warm-up (builds this setting's speaker cache)
+                for stage in timers.wall:
+                    rows[mode][stage].append((timers.wall[stage], timers.cpu[stage]))
+                rows[mode]["TOTAL first audio"].append(total)
+        print(f"\n{what}: stage, then wall s / CPU s per setting (median of {args.runs}); "
+              f"load {open('/proc/loadavg').read().split()[:3]}")
+        print(f"  {'stage':45s}" + "".join(f"{m:>18s}" for m in args.modes))
+        for stage in rows[args.modes[0]]:
+            cells = []
+            for mode in args.modes:
+                values = rows[mode].get(stage, [(0.0, 0.0)])
+                cells.append(f"{statistics.median(v[0] for v in values):8.2f} /"
+                             f"{statistics.median(v[1] for v in values):7.2f}")
+            print(f"  {stage:45s}" + "".join(f"{c:>18s}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":
