@@ -191,6 +191,24 @@ def test_default_schedule_pads_the_prompt_only_for_whole_chunks() -> None:
     assert all(default_schedule(25, 10).prompt_pad(p) == 0 for p in range(60))
 
 
+def test_stream_prompt_is_aligned_to_end_past_an_attention_chunk() -> None:
+    """Streams drop the start of the flow prompt so that only its look-ahead is left outside
+    finished chunks (the first chunk then recomputes 3 prompt tokens, not up to 27)."""
+    for length, kept in [(87, 78), (103, 103), (78, 78), (50, 28), (28, 28), (27, 27),
+                         (10, 10), (130, 128)]:
+        tokens = torch.arange(length, dtype=torch.int32)[None]
+        feat = torch.arange(2 * length * 80, dtype=torch.float32).view(1, 2 * length, 80)
+        new_tokens, new_feat = cv2_engine.align_stream_prompt(tokens, feat, 25, 3, 2)
+        assert new_tokens.shape[1] == kept, length
+        assert torch.equal(new_tokens, tokens[:, length - kept:])  # the end is kept
+        assert torch.equal(new_feat, feat[:, 2 * (length - kept):])
+        if kept >= 28:
+            assert (kept - 3) % 25 == 0
+    # features that are not ratio frames a token are left alone
+    tokens, feat = torch.zeros(1, 87, dtype=torch.int32), torch.zeros(1, 170, 80)
+    assert cv2_engine.align_stream_prompt(tokens, feat, 25, 3, 2)[0] is tokens
+
+
 def test_speed_changes_the_length(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
     base = SynthesisRequest(Mode.ZERO_SHOT, text="你好，世界。", prompt=zh_prompt,
                             prompt_text=PROMPT_TEXT, stream=False)

@@ -202,3 +202,42 @@ def test_reduced_precision_cache_is_exact_too(parity) -> None:
     pairs = run_cached(low, s["token"], prompt, [13, 41, 95])
     assert_all_equal(pairs)
     assert all(cached.dtype == torch.float32 for cached, _ in pairs)  # the solver's dtype
+
+
+def test_prompt_chunks_run_together_as_they_would_apart() -> None:
+    """A stream's prompt chunks go through the estimator as one run with a block-causal mask;
+    mathematically that is the chunk-by-chunk computation (only the rounding differs)."""
+    flow = _small_flow(0.7, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    prompt = (torch.randint(0, 97, (1, 18), generator=gen), torch.randn(1, 54, 32, generator=gen),
+              torch.randn(1, 24, generator=gen))
+    tokens = torch.randint(0, 97, (1, 12), generator=gen)
+    assert flow.prompt_chunks(18) == 3
+    apart = copy.copy(flow)
+    apart.group_prompt_chunks = False
+    for final in (False, True):
+        together = flow.inference(tokens, *prompt, streaming=True, finalize=final)
+        separately = apart.inference(tokens, *prompt, streaming=True, finalize=final)
+        assert together.shape == separately.shape
+        assert (together - separately).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("budget_frames", [0, 70, 100])
+def test_memory_budget_recomputes_bit_identically(budget_frames: int) -> None:
+    """Past its memory budget a stream drops the estimator's keys/values and recomputes one
+    Euler step at a time; the output stays bit-identical to the uncached path."""
+    flow = _small_flow(0.7, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    prompt = (torch.randint(0, 97, (1, 18), generator=gen), torch.randn(1, 54, 32, generator=gen),
+              torch.randn(1, 24, generator=gen))
+    tokens = torch.randint(0, 97, (1, 40), generator=gen)
+    lengths = [3, 4, 9, 16, 17, 29, 40]
+    budget = flow.stream_cache_bytes_per_frame() * budget_frames
+    for start in (FlowStreamCache(), flow.prompt_cache(*prompt).clone()):
+        cache = start.with_budget(budget)
+        assert_all_equal(run_cached(flow, tokens, prompt, lengths, cache))
+        assert cache.lean and cache.estimator == []
+    # a budget that is never reached keeps the cache
+    cache = FlowStreamCache().with_budget(flow.stream_cache_bytes_per_frame() * 1000)
+    assert_all_equal(run_cached(flow, tokens, prompt, lengths, cache))
+    assert not cache.lean and cache.estimator

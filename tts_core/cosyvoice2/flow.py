@@ -118,12 +118,23 @@ class FlowStreamCache:
     registered speaker's prompt, :meth:`CausalFlow.prompt_cache`) is handed on by ``clone``
     before use (without copying). ``prompt``: the conditioning it was built for, checked on
     every call.
+
+    Memory budget: the estimator's keys/values take about 4.6 MB per mel frame at the official
+    size in float32. With ``max_bytes`` set, a call that would take them past it drops them
+    (``lean``) and from then on the stream recomputes the estimator over all its frames on
+    every call, one Euler step at a time (holding a tenth of the keys/values, transiently):
+    bit-identical, as every piece is computed as before, but each call costs the whole stream.
     """
 
     prompt: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     encoder: EncoderStreamCache = field(default_factory=EncoderStreamCache)
     estimator: list[EstimatorStepCache] = field(default_factory=list)
     mel: torch.Tensor | None = None  # [1, 80, frames] float32 mel of the finished frames
+    # (first frame, mu [1, 80, frames]) of each estimator piece of the finished frames, as it
+    # was computed (what a lean recomputation needs; 320 bytes a frame in float32)
+    mu: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    max_bytes: int | None = None
+    lean: bool = False
 
     @property
     def frames(self) -> int:
@@ -134,7 +145,13 @@ class FlowStreamCache:
         without copying them: every write goes past them, into newly grown buffers, so this
         cache is never changed through the clone (any number of streams may share it)."""
         return FlowStreamCache(self.prompt, self.encoder.clone(),
-                               [step.clone(self.frames) for step in self.estimator], self.mel)
+                               [step.clone(self.frames) for step in self.estimator], self.mel,
+                               list(self.mu), self.max_bytes, self.lean)
+
+    def with_budget(self, max_bytes: int | None) -> FlowStreamCache:
+        """This cache (itself, not a copy) with the given memory budget; returns self."""
+        self.max_bytes = max_bytes
+        return self
 
     def compact(self) -> FlowStreamCache:
         """A copy holding exactly the finished rows (no room to grow), to keep for long."""
@@ -156,6 +173,10 @@ class FlowStreamCache:
 
 
 class CausalFlow(nn.Module):
+    # Compute a stream's prompt chunks as one estimator run (see _run_chunks); False computes
+    # them chunk by chunk, as before (benchmarks compare the two; outputs differ in rounding).
+    group_prompt_chunks = True
+
     def __init__(self, config: FlowConfig):
         super().__init__()
         self.config = config
@@ -307,6 +328,22 @@ class CausalFlow(nn.Module):
                          finalize=False, keep_unfinished=False)
         return cache.compact()
 
+    def stream_cache_bytes_per_frame(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes a stream cache's estimator keys/values take per mel frame (every Euler step,
+        CFG row and attention layer)."""
+        est = self.config.estimator
+        layers = est.n_blocks * (len(est.channels) * 2 + est.num_mid_blocks)
+        rows = 2 if self.config.cfm.inference_cfg_rate > 0 else 1
+        width = est.num_heads * est.attention_head_dim
+        return self.config.cfm.n_timesteps * rows * layers * 2 * width \
+            * torch.finfo(dtype).bits // 8
+
+    def prompt_chunks(self, prompt_tokens: int) -> int:
+        """Attention chunks that a prompt of this many tokens finishes on its own (their
+        look-ahead lies inside it)."""
+        chunk = self.config.encoder.static_chunk_size
+        return max(0, prompt_tokens - self.config.pre_lookahead_len) // chunk
+
     def _run_chunks(self, tokens: torch.Tensor, prompt_token: torch.Tensor,
                     prompt_feat: torch.Tensor, embedding: torch.Tensor, cache: FlowStreamCache,
                     finalize: bool, keep_unfinished: bool) -> torch.Tensor:
@@ -333,20 +370,44 @@ class CausalFlow(nn.Module):
         feat = prompt_feat.to(device, dtype).transpose(1, 2)  # [1, 80, F]
         hidden = encoder.forward_chunks(self.input_embedding(tokens.long()), main,
                                         cache.encoder)
+        # The prompt's chunks (those whose look-ahead lies in the prompt: what prompt_cache
+        # computes) go through the estimator as one run when a stream starts from nothing: one
+        # call on all their frames uses the cores far better than a call per 50-frame chunk.
+        # The rule depends on the prompt length alone, so every path (uncached, zero-shot
+        # stream, a speaker's prompt cache) computes them the same way, bit for bit.
+        group = self.prompt_chunks(prompt_token.shape[1]) \
+            if start_frame == 0 and self.group_prompt_chunks else 0
+        if group > 1:
+            hidden = [torch.cat(hidden[:group], dim=1), *hidden[group:]]
         pieces = [] if cache.mel is None else [cache.mel]
+
+        def conditioning(frame: int, frames: int) -> torch.Tensor:
+            cond = torch.zeros(1, self.config.output_size, frames, device=device, dtype=dtype)
+            shown = max(0, min(frames, feat.shape[-1] - frame))
+            cond[:, :, :shown] = feat[:, :, frame:frame + shown]
+            return cond
+
+        new: list[tuple[int, torch.Tensor, torch.Tensor, bool]] = []
         frame = start_frame
         for h in hidden:
             frames = h.shape[1]
             mu = self.encoder_proj(h).transpose(1, 2).contiguous()  # [1, 80, frames]
-            cond = torch.zeros(1, self.config.output_size, frames, device=device, dtype=dtype)
-            shown = max(0, min(frames, feat.shape[-1] - frame))
-            cond[:, :, :shown] = feat[:, :, frame:frame + shown]
-            complete = frames == ratio * chunk
-            mel = self.decoder.solve_chunk(frame, mu, spks, cond, cache.estimator, complete)
+            new.append((frame, mu, conditioning(frame, frames), frames % (ratio * chunk) == 0))
+            frame += frames
+        if not cache.lean and cache.max_bytes is not None \
+                and self.stream_cache_bytes_per_frame(dtype) * frame > cache.max_bytes:
+            cache.lean, cache.estimator = True, []  # over budget: recompute from now on
+        if cache.lean:
+            old = [(f, mu, conditioning(f, mu.shape[-1]), True) for f, mu in cache.mu]
+            mels = self.decoder.solve_pieces(old + new, spks)[len(old):]
+        else:
+            mels = [self.decoder.solve_chunk(f, mu, spks, cond, cache.estimator, complete)
+                    for f, mu, cond, complete in new]
+        for (f, mu, _, complete), mel in zip(new, mels, strict=True):
             pieces.append(mel)
             if complete:
                 cache.mel = mel if cache.mel is None else torch.cat([cache.mel, mel], dim=2)
-            frame += frames
+                cache.mu.append((f, mu))
         if not pieces:
             return torch.zeros(1, self.config.output_size, 0, device=device)
         return torch.cat(pieces, dim=2)

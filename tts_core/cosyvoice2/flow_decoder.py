@@ -259,12 +259,29 @@ class EstimatorStepCache:
 
 
 class _ChunkRun:
-    """Walks one chunk through the estimator, reading and extending a step cache."""
+    """Walks one chunk (or a run of consecutive chunks) through the estimator, reading and
+    extending a step cache."""
 
-    def __init__(self, cache: EstimatorStepCache, start: int, left_frames: int | None):
-        self.cache, self.start, self.left_frames = cache, start, left_frames
+    def __init__(self, cache: EstimatorStepCache, start: int, left_frames: int | None,
+                 chunk: int):
+        self.cache, self.start, self.left_frames, self.chunk = cache, start, left_frames, chunk
         self.conv_index = self.attn_index = 0
         self.new_convs: list[torch.Tensor] = []
+        self._mask: torch.Tensor | None = None
+
+    def _group_mask(self, rows: int, first: int, device: torch.device) -> torch.Tensor | None:
+        """For rows spanning more than one chunk: which keys (first..) each row may see (its
+        own chunk and the ones before it, within ``left_frames``); None for a single chunk."""
+        if rows <= self.chunk:
+            return None
+        if self._mask is None:
+            row_chunk = self.start + torch.arange(rows, device=device) // self.chunk * self.chunk
+            key = torch.arange(first, self.start + rows, device=device)
+            visible = key[None, :] < row_chunk[:, None] + self.chunk
+            if self.left_frames is not None:
+                visible &= key[None, :] >= row_chunk[:, None] - self.left_frames
+            self._mask = visible
+        return self._mask
 
     def conv(self, module: CausalConv1d, x: torch.Tensor) -> torch.Tensor:
         i, self.conv_index = self.conv_index, self.conv_index + 1
@@ -305,7 +322,8 @@ class _ChunkRun:
             return h.view(b, h.shape[1], attn.heads, attn.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(split(attn.to_q(x)), split(keys[:, first:end]),
-                                             split(values[:, first:end]))
+                                             split(values[:, first:end]),
+                                             attn_mask=self._group_mask(r, first, x.device))
         return attn.to_out[0](out.transpose(1, 2).reshape(b, r, attn.heads * attn.head_dim))
 
     def transformers(self, blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
@@ -423,8 +441,10 @@ class CausalConditionalDecoder(nn.Module):
     def forward_chunk(self, x: torch.Tensor, mu: torch.Tensor, time: torch.Tensor,
                       spks: torch.Tensor, cond: torch.Tensor, cache: EstimatorStepCache,
                       start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Velocity of frames start..start+r-1 of a streamed sequence (one attention chunk, maybe
-        unfinished). x, mu, cond [B, 80, r]; time: :meth:`time_embedding` [B, time_dim].
+        """Velocity of frames start..start+r-1 of a streamed sequence: one attention chunk, maybe
+        unfinished, or (start on a chunk boundary) a run of chunks computed together, each row
+        attending as in its own chunk. x, mu, cond [B, 80, r]; time: :meth:`time_embedding`
+        [B, time_dim].
 
         Attention keys/values of these frames are written into ``cache``; the causal convs' new
         left contexts are returned, for the caller to keep once the chunk is complete.
@@ -432,7 +452,10 @@ class CausalConditionalDecoder(nn.Module):
         if not self.supports_chunks:
             raise ValueError("flow decoder: chunk streaming needs a single-level U-Net")
         left = self.config.num_decoding_left_chunks
-        run = _ChunkRun(cache, start, None if left < 0 else left * self.config.static_chunk_size)
+        chunk = self.config.static_chunk_size
+        if x.shape[-1] > chunk and start % chunk:
+            raise ValueError("flow decoder: a run of several chunks must start on a chunk")
+        run = _ChunkRun(cache, start, None if left < 0 else left * chunk, chunk)
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
         (resnet, blocks, resample), = self.down_blocks
         h = run.resnet(resnet, h, time)

@@ -154,35 +154,57 @@ class CausalConditionalCFM(nn.Module):
         chunk is complete, so its conv contexts join the caches (its keys/values always do).
         Returns the float32 mel [1, 80, r].
         """
-        frames = mu.shape[-1]
-        x = self.initial_noise(start + frames)[:, :, start:].float()
-        rate = self.config.inference_cfg_rate
-        if rate > 0:
-            mu_in = torch.cat([mu, torch.zeros_like(mu)])
-            spks_in = torch.cat([spks, torch.zeros_like(spks)])
-            cond_in = torch.cat([cond, torch.zeros_like(cond)])
-        else:
-            mu_in, spks_in, cond_in = mu, spks, cond
         t_span = time_grid(self.config.n_timesteps, self.config.t_scheduler, mu.device,
                            torch.float32)
         while len(caches) < len(t_span) - 1:
             caches.append(EstimatorStepCache())
+        return self._solve_pieces([(start, mu, cond, keep)], spks, caches)[0]
+
+    def solve_pieces(self, pieces: list[tuple[int, torch.Tensor, torch.Tensor, bool]],
+                     spks: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`solve_chunk` on each of ``pieces`` (start, mu, cond, complete), in order and
+        from an empty cache, but one Euler step at a time over all of them: only one step's
+        keys/values are held at once (a tenth of the caches), and every piece's arithmetic is
+        that of a chunk-by-chunk run, so the mels are bit-identical to it."""
+        return self._solve_pieces(pieces, spks, None)
+
+    def _solve_pieces(self, pieces: list[tuple[int, torch.Tensor, torch.Tensor, bool]],
+                      spks: torch.Tensor, caches: list[EstimatorStepCache] | None
+                      ) -> list[torch.Tensor]:
+        """Step-major Euler solve of consecutive pieces. caches: one per step, kept and
+        extended (a single piece); None: a fresh cache per step, dropped after it."""
+        if not pieces:
+            return []
+        dtype, device = pieces[0][1].dtype, pieces[0][1].device
+        rate = self.config.inference_cfg_rate
+        spks_in = torch.cat([spks, torch.zeros_like(spks)]) if rate > 0 else spks
+        states = []
+        for start, mu, cond, _ in pieces:
+            x = self.initial_noise(start + mu.shape[-1])[:, :, start:].float()
+            if rate > 0:
+                mu, cond = torch.cat([mu, torch.zeros_like(mu)]), \
+                    torch.cat([cond, torch.zeros_like(cond)])
+            states.append([x, mu, cond])
+        t_span = time_grid(self.config.n_timesteps, self.config.t_scheduler, device,
+                           torch.float32)
         t = t_span[0].unsqueeze(0)
         dt = t_span[1] - t_span[0]
         steps = len(t_span) - 1
         for step in range(1, steps + 1):
-            x_in = (torch.cat([x, x]) if rate > 0 else x).to(mu.dtype)
-            time = self.estimator.time_embedding(t.expand(x_in.shape[0]), mu.dtype)
-            cache = caches[step - 1]
-            velocity, convs = self.estimator.forward_chunk(x_in, mu_in, time, spks_in, cond_in,
-                                                           cache, start)
-            if keep:
-                cache.convs = list(convs)
-            velocity = velocity.to(x.dtype)
-            if rate > 0:
-                velocity = (1.0 + rate) * velocity[:1] - rate * velocity[1:]
-            x = x + dt * velocity
+            cache = EstimatorStepCache() if caches is None else caches[step - 1]
+            for (start, _, _, keep), state in zip(pieces, states, strict=True):
+                x, mu_in, cond_in = state
+                x_in = (torch.cat([x, x]) if rate > 0 else x).to(dtype)
+                time = self.estimator.time_embedding(t.expand(x_in.shape[0]), dtype)
+                velocity, convs = self.estimator.forward_chunk(x_in, mu_in, time, spks_in,
+                                                               cond_in, cache, start)
+                if keep:
+                    cache.convs = list(convs)
+                velocity = velocity.to(x.dtype)
+                if rate > 0:
+                    velocity = (1.0 + rate) * velocity[:1] - rate * velocity[1:]
+                state[0] = x + dt * velocity
             t = t + dt
             if step < steps:
                 dt = t_span[step + 1] - t
-        return x
+        return [state[0] for state in states]

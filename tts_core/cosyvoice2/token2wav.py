@@ -130,6 +130,7 @@ class Token2Wav:
         mel_cache_len: int = 8,
         schedule: StreamSchedule = REFERENCE_SCHEDULE,
         deterministic: bool = False,
+        flow_cache_bytes: int | None = None,
     ):
         ratio = token_mel_ratio or _flow_setting(flow, "token_mel_ratio")
         lookahead = pre_lookahead_len if pre_lookahead_len is not None else _flow_setting(
@@ -146,6 +147,9 @@ class Token2Wav:
         self.schedule = schedule
         # True replaces the vocoder's random excitation draws by zeros (parity tests).
         self.deterministic = deterministic
+        # Memory budget of each stream's flow cache (None: unlimited); past it the stream
+        # recomputes instead (bit-identical, slower): see FlowStreamCache.
+        self.flow_cache_bytes = flow_cache_bytes
         self.speech_window = torch.from_numpy(np.hamming(2 * self.source_cache_len))
         self._check_schedule(schedule)
 
@@ -303,7 +307,7 @@ class Token2WavStream:
         self._flow_cache: Any = None
         if driver.caches_streams:
             self._flow_cache = (prompt_cache.clone() if prompt_cache is not None
-                                else FlowStreamCache())
+                                else FlowStreamCache()).with_budget(driver.flow_cache_bytes)
         elif prompt_cache is not None:
             raise ValueError("this flow model keeps no stream cache; pass no prompt_cache")
         self.finished = False
