@@ -337,6 +337,7 @@ def build_config(s: GatewaySettings) -> dict:
         "request_timeout": "0s",  # an upload on a slow link may take long; idle ones still end
         # Clients send their headers at once; one that trickles them only holds a connection.
         "request_headers_timeout": REQUEST_HEADERS_TIMEOUT,
+        "max_request_headers_kb": limits.MAX_REQUEST_HEADERS_KB,
         "access_log": [{"name": "envoy.access_loggers.stderr", "typed_config": {
             "@type": f"{_TYPES}.access_loggers.stream.v3.StderrAccessLog",
             "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},

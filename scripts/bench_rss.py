@@ -78,7 +78,7 @@ def start_server(workdir: Path, key: str, args: argparse.Namespace) -> tuple[sub
     cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0",
            "--port-file", str(port_file), "--state-dir", str(workdir / "state"),
            "--engine", args.engine, "--max-concurrent", str(args.clients),
-           "--max-queue", str(args.clients), "--log-level", "WARNING"]
+           "--max-queue", str(args.clients), "--log-level", "WARNING", "--metrics-port", "0"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.model_dir:

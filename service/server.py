@@ -549,6 +549,8 @@ async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[s
         interceptors=[ApiKeyInterceptor(KeyChecker(api_keys))],
         options=[("grpc.max_receive_message_length", service_limits.MAX_GRPC_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", service_limits.MAX_GRPC_MESSAGE_BYTES),
+                 ("grpc.max_metadata_size", service_limits.MAX_GRPC_METADATA_BYTES),
+                 ("grpc.absolute_max_metadata_size", service_limits.MAX_GRPC_METADATA_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
     tts_pb2_grpc.add_TextToSpeechServiceServicer_to_server(TextToSpeechService(core), server)
