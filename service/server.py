@@ -447,10 +447,11 @@ class OpenAiSpeechService(openai_pb2_grpc.OpenAiSpeechServiceServicer):
                     ((errors.HTTP_STATUS_KEY, str(error.http_status or 500)),))
                 yield httpbody_pb2.HttpBody(content_type="application/json",
                                             data=openai_api.error_body(error))
-            elif speech is not None and speech.sse:  # an event can still say what happened
-                yield httpbody_pb2.HttpBody(content_type="text/event-stream",
-                                            data=openai_api.sse_error(error))
             else:  # audio has gone out: all that is left is to break the stream off
+                if speech is not None and speech.sse:  # an event can still say what happened
+                    yield httpbody_pb2.HttpBody(content_type="text/event-stream",
+                                                data=openai_api.sse_error(error))
+                # and the stream's status (the REST trailer) says it was cut short
                 await context.abort(error.code, error.message)
 
     async def ListModels(self, request: openai_pb2.ListModelsRequest,

@@ -94,12 +94,35 @@ def test_a_cancel_inside_the_vocoder_stops_before_its_next_stage(engine):
     assert stages == [1] and vocoder_calls == [] and chunks == []
 
 
+@pytest.mark.parametrize("step", [0, 5], ids=["first-step", "later-step"])
+def test_a_cancel_inside_an_lm_step_stops_before_its_next_layer(engine, step):
+    cancel = threading.Event()
+    layers = engine.models.lm.llm.model.model.layers
+    calls: list[int] = []
+
+    def on_layer(index: int):
+        def hook(module, inputs) -> None:
+            calls.append(index)
+            if index == 0 and calls.count(0) == step + 1:
+                cancel.set()  # inside LM step ``step`` (the first one holds the whole text)
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(on_layer(i)) for i, layer in enumerate(layers)]
+    try:
+        chunks = list(engine.synthesize(request(True), cancel))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls.count(0) == step + 1 and calls[-1] == 0, "the LM went on after the cancel"
+    assert chunks == []
+
+
 def test_the_engine_serves_normally_after_cancelled_model_calls(engine):
     for stream in (True, False):
         cancel = threading.Event()
         chunks = engine.synthesize(request(stream), cancel)
         cancel_in_flow = engine.token2wav.flow.decoder.estimator.final_proj \
-            .register_forward_pre_hook(lambda module, inputs: cancel.set())
+            .register_forward_pre_hook(lambda module, inputs, event=cancel: event.set())
         try:
             assert list(chunks) == []
         finally:
