@@ -22,6 +22,7 @@ import mimetypes
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.json_fields import LUA_CHECKER, json_schema, lua_tables
 from service import limits
 from service.errors import HTTP_STATUS_KEY
 
@@ -110,6 +111,33 @@ function envoy_on_response(handle)
     local code = trailers:get("grpc-status") or "2"
     handle:streamInfo():dynamicMetadata():set("cosyvoice", "grpc", code)
     trailers:add("{STREAM_STATUS_TRAILER}", code)
+  end
+end
+"""
+
+# After the key check (an unauthenticated caller learns nothing of the body): a JSON body the
+# transcoder would turn into a message must name only that message's fields, at every level;
+# the transcoder itself drops unknown ones silently (see gateway/json_fields.py).
+_JSON_FIELDS_LUA = LUA_CHECKER + """
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local message = json_body_message(headers:get(":method") or "", headers:get(":path") or "")
+  if message == nil then
+    return
+  end
+  local body = handle:body()
+  if body == nil or body:length() == 0 then
+    return
+  end
+  local field = scan_json(body:getBytes(0, body:length()), message)
+  if field ~= nil then
+    local info = handle:streamInfo():dynamicMetadata()
+    info:set("cosyvoice", "grpc", "3")
+    info:set("cosyvoice", "reply", "json_fields")
+    local short = string.match(message, "[^.]+$")
+    handle:respond({[":status"] = "400", ["content-type"] = "application/json"},
+      "unknown field '" .. field .. "' in the JSON body: this endpoint takes a " .. short ..
+      " (proto/cosyvoice/v1), whose fields may be written as in the proto or in lowerCamelCase")
   end
 end
 """
@@ -282,8 +310,17 @@ def _grpc_mapper(status: int, message: str | None) -> dict:
 
 
 def _local_reply_config() -> dict:
-    # First match wins: gRPC clients' mappers, then the OpenAI paths', then everyone else's.
-    mappers = [_grpc_mapper(status, message) for status, _, message in _LOCAL_REPLIES]
+    # First match wins: the unknown-field check's 400 keeps its own message; then gRPC
+    # clients' mappers, the OpenAI paths', everyone else's.
+    json_fields = {"metadata_filter": {"matcher": {
+        "filter": "cosyvoice", "path": [{"key": "reply"}],
+        "value": {"string_match": {"exact": "json_fields"}}},
+        "match_if_key_not_found": False}}
+    mappers = [{
+        "filter": {"and_filter": {"filters": [_status_is(400), json_fields]}},
+        "body_format_override": {"json_format": {"code": 3, "message": "%LOCAL_REPLY_BODY%"}},
+    }]
+    mappers += [_grpc_mapper(status, message) for status, _, message in _LOCAL_REPLIES]
     mappers += [_openai_mapper(status, message) for status, _, message in _LOCAL_REPLIES]
     for status, code, message in _LOCAL_REPLIES:
         mapper = {
@@ -409,12 +446,20 @@ def build_config(s: GatewaySettings) -> dict:
     files = web_files(s.web_dir)
     max_file = max((p.stat().st_size for p in files.values()), default=0)
     routes = [_static_route(url, path) for url, path in files.items()]
-    routes.append({
-        "match": {"prefix": "/"},
-        # No overall timeout: a long text streams for minutes. Idle streams still end.
-        "route": {"cluster": GRPC_CLUSTER, "timeout": "0s", "idle_timeout": STREAM_IDLE_TIMEOUT,
-                  "retry_policy": retry_policy(s.cluster)},
-    })
+    schema = json_schema(s.descriptor_path, TRANSCODED_SERVICES)
+    json_tables = lua_tables(schema)
+    # No overall timeout: a long text streams for minutes. Idle streams still end.
+    upstream = {"cluster": GRPC_CLUSTER, "timeout": "0s", "idle_timeout": STREAM_IDLE_TIMEOUT,
+                "retry_policy": retry_policy(s.cluster)}
+    # The unknown-field check reads a JSON body whole: on those routes Envoy may hold a body
+    # up to the transcoder's limit (elsewhere it streams under the default 1 MiB window).
+    routes += [{
+        "match": {"safe_regex": {"regex": route.path_regex},
+                  "headers": [{"name": ":method", "string_match": {"exact": route.method}}]},
+        "route": upstream,
+        "request_body_buffer_limit": limits.MAX_REQUEST_BODY_BYTES,
+    } for route in schema.routes]
+    routes.append({"match": {"prefix": "/"}, "route": upstream})
     # Requests pass these in order, responses in reverse: the Lua filter therefore sees the
     # transcoder's HTTP response (status mapping) and every request, even refused ones.
     http_filters = [
@@ -436,6 +481,10 @@ def build_config(s: GatewaySettings) -> dict:
                             for i, key in enumerate(s.api_keys, 1)],
             # Envoy strips a "Bearer " prefix, so "Authorization: Bearer KEY" works as well.
             "key_sources": [{"header": API_KEY_HEADER}, {"header": "Authorization"}],
+        }},
+        {"name": "cosyvoice.json_fields", "typed_config": {
+            "@type": f"{_TYPES}.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": json_tables + _JSON_FIELDS_LUA},
         }},
         {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": {
             "@type": f"{_TYPES}.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
@@ -463,6 +512,7 @@ def build_config(s: GatewaySettings) -> dict:
         "request_timeout": "0s",  # an upload on a slow link may take long; idle ones still end
         # Clients send their headers at once; one that trickles them only holds a connection.
         "request_headers_timeout": REQUEST_HEADERS_TIMEOUT,
+        "max_request_headers_kb": limits.MAX_REQUEST_HEADERS_KB,
         "access_log": [{"name": "envoy.access_loggers.stderr", "typed_config": {
             "@type": f"{_TYPES}.access_loggers.stream.v3.StderrAccessLog",
             "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},

@@ -78,7 +78,7 @@ def start_server(workdir: Path, key: str, args: argparse.Namespace) -> tuple[sub
     cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0",
            "--port-file", str(port_file), "--state-dir", str(workdir / "state"),
            "--engine", args.engine, "--max-concurrent", str(args.clients),
-           "--max-queue", str(args.clients), "--log-level", "WARNING"]
+           "--max-queue", str(args.clients), "--log-level", "WARNING", "--metrics-port", "0"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.model_dir:
@@ -120,6 +120,9 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-every", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="stop sending new requests after this many seconds (0: never); "
+                             "the summary then counts the requests actually sent")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
 
@@ -139,8 +142,10 @@ def main() -> int:
                 with grpc.insecure_channel(target) as channel:
                     stub = tts_pb2_grpc.TextToSpeechServiceStub(channel)
                     while True:
+                        out_of_time = (args.duration > 0
+                                       and time.monotonic() - started > args.duration)
                         with lock:
-                            case = next(cases, None)
+                            case = None if out_of_time else next(cases, None)
                         if case is None:
                             return
                         outcome = one_request(stub, key, case)
@@ -173,8 +178,10 @@ def main() -> int:
     warm = marks.get("after warm-up", marks["start"])
     print(f"RSS MiB: start {marks['start']:.1f}, after {args.warmup} requests {warm:.1f}, "
           f"peak {max(samples):.1f}, end {marks['end']:.1f}")
+    sent = sum(outcomes.values())
     print(f"growth after warm-up: {100 * (marks['end'] - warm) / warm:+.1f} % "
-          f"({args.requests - args.warmup} requests); load: {os.getloadavg()[0]:.2f}")
+          f"({sent - args.warmup} requests after warm-up, {sent} in all, "
+          f"{time.monotonic() - started:.0f} s); load: {os.getloadavg()[0]:.2f}")
     return 0
 
 

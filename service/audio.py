@@ -53,6 +53,11 @@ def decode_audio(data: bytes, fmt: int = PromptAudioFormat.PROMPT_AUDIO_FORMAT_U
     return audio
 
 
+# How the containers libsndfile reads begin, to tell a damaged file from a foreign one.
+_CONTAINER_MAGIC = ((b"RIFF", "WAV"), (b"RF64", "WAV"), (b"fLaC", "FLAC"), (b"OggS", "OGG"),
+                    (b"FORM", "AIFF"), (b"ID3", "MP3"), (b"\xff\xfb", "MP3"))
+
+
 def _read_container(data: bytes, what: str) -> tuple[np.ndarray, int]:
     """Mono float32 samples and the rate of a WAV/FLAC/OGG/... file."""
     try:
@@ -67,9 +72,13 @@ def _read_container(data: bytes, what: str) -> tuple[np.ndarray, int]:
                                   "best)")
             samples = file.read(dtype="float32", always_2d=True)
             rate = file.samplerate
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
-        reason = getattr(error, "error_string", "") or "unknown format"
-        raise bad_request(f"{what} could not be decoded ({reason}); send a WAV, FLAC or OGG "
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError):
+        # libsndfile's own text names its internals (chunk names, "W64/RF64"): say instead
+        # what the bytes look like.
+        kind = next((name for magic, name in _CONTAINER_MAGIC if data.startswith(magic)), None)
+        reason = (f"it starts like a {kind} file but is damaged or cut short" if kind else
+                  "its format is not recognised")
+        raise bad_request(f"{what} could not be decoded: {reason}; send a WAV, FLAC or OGG "
                           "file, or raw 16-bit PCM with its sample rate") from None
     return samples.mean(axis=1, dtype=np.float32), rate  # down-mixed to mono
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -26,6 +26,7 @@ from service import limits
 from service.audio import FORMAT_ENCODINGS
 from service.errors import bad_request, too_large, unsupported_media_type
 from service.gen.cosyvoice.v1 import tts_pb2
+from service.json_body import parse_json_object
 from tts_core.limits import FieldNames
 
 _COMMON = ("sample_rate", "speed", "format", "stream")
@@ -173,18 +174,21 @@ def _parse_bool(value: str, name: str) -> bool | None:
     if not value:
         return None
     if value not in _TRUE | _FALSE:
-        raise bad_request(f"{name} must be true or false, not {value!r}")
+        raise bad_request(f"{name} must be true or false, not {value[:40]!r}")
     return value in _TRUE
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def _parse_int(value: str, name: str, default: int) -> int:
     value = value.strip()
     if not value:
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise bad_request(f"{name} must be a whole number of Hz, not {value!r}") from None
+    if not _INTEGER.fullmatch(value):  # int() also takes "22_050" and non-ASCII digits
+        raise bad_request(f"{name} must be a whole number of Hz, not {value[:40]!r}")
+    number = int(value)
     if not -2**31 <= number < 2**31:  # the proto field is 32-bit: say so, never fail later
         raise bad_request(f"{name} {value[:20]!r} is out of range: use one of the output rates "
                           "listed by GET /v1/speakers (e.g. 22050)")
@@ -195,12 +199,11 @@ def _parse_speed(value: str) -> float:
     value = value.strip()
     if not value:
         return 1.0
-    try:
-        speed = float(value)
-    except ValueError:
-        raise bad_request(f"speed must be a number such as 1.0, not {value!r}") from None
+    if not _DECIMAL.fullmatch(value):  # float() also takes "nan", "inf" and "1_0"
+        raise bad_request(f"speed must be a number such as 1.0, not {value[:40]!r}")
+    speed = float(value)
     if not math.isfinite(speed) or speed <= 0:
-        raise bad_request(f"speed must be a positive number, not {value!r}")
+        raise bad_request(f"speed must be a positive number, not {value[:40]!r}")
     return speed
 
 
@@ -303,8 +306,11 @@ def _parse_multipart(data: bytes, boundary: bytes) -> tuple[list[tuple[str, str]
     try:
         parser.write(data)
         parser.finalize()
-    except MultipartParseError as error:
-        raise bad_request(f"the multipart/form-data body is malformed ({error})") from None
+    except MultipartParseError:
+        # The parser's own wording (byte offsets, its state names) helps no client.
+        raise bad_request("the multipart/form-data body is malformed: a part's headers or a "
+                          "boundary line are not valid (each part needs 'Content-Disposition: "
+                          "form-data; name=...' in ASCII)") from None
     if not ended:  # a cut-off upload must never be spoken as if it were whole
         raise bad_request("the multipart/form-data body is truncated: it ends before its closing "
                           "boundary line ('--' + boundary + '--'); send the whole body again")
@@ -326,12 +332,7 @@ def _parse_multipart(data: bytes, boundary: bytes) -> tuple[list[tuple[str, str]
 
 
 def _parse_json(data: bytes, endpoint: Endpoint) -> tuple[dict[str, str], dict[str, bytes]]:
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as error:
-        raise bad_request(f"the JSON body is malformed ({error})") from None
-    if not isinstance(obj, dict):
-        raise bad_request("the JSON body must be an object such as {\"tts_text\": \"...\"}")
+    obj = parse_json_object(data, '{"tts_text": "..."}')
     fields: dict[str, str] = {}
     files: dict[str, bytes] = {}
     for name, value in obj.items():

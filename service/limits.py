@@ -14,6 +14,14 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_REQUEST_BODY_BYTES = 2 * MAX_UPLOAD_BYTES + 1024 * 1024
 # A gRPC message the server accepts (same budget as an HTTP body).
 MAX_GRPC_MESSAGE_BYTES = MAX_REQUEST_BODY_BYTES
+# The request line and headers of one HTTP request at the gateway (Envoy's default, set
+# explicitly); larger ones get 431. A GET with a long text in its query string is legal within it.
+MAX_REQUEST_HEADERS_KB = 60
+# gRPC metadata the server accepts. Envoy forwards the original URL (query string and all) as
+# x-envoy-original-path, so every request the gateway lets through must fit: gRPC's default
+# (8 KiB) refused a 2 000-character Chinese text sent as a GET query (percent-encoded, ~18 KB)
+# with RESOURCE_EXHAUSTED, which REST clients saw as a 429 listing the headers.
+MAX_GRPC_METADATA_BYTES = 2 * MAX_REQUEST_HEADERS_KB * 1024
 # Channels of an uploaded file (down-mixed to mono); bounds the decoded size.
 MAX_INPUT_CHANNELS = 8
 

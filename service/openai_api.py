@@ -26,6 +26,7 @@ from service import errors
 from service.audio import FORMAT_ENCODINGS
 from service.convert import OutputSpec, check_rules
 from service.errors import ServiceError, bad_request, too_large, unsupported_media_type
+from service.json_body import json_type, parse_json_object
 from service.limits import MAX_REQUEST_BODY_BYTES
 from tts_core import limits
 from tts_core.engine import Mode, Speaker, SynthesisRequest
@@ -63,13 +64,17 @@ def _string(body: dict, name: str, *, required: bool = False, default: str = "")
             raise bad_request(f"'{name}' is required", name)
         return default
     if not isinstance(value, str):
-        raise bad_request(f"'{name}' must be a string, not {type(value).__name__}", name)
+        raise bad_request(f"'{name}' must be a string, not {json_type(value)}", name)
     return value
 
 
 def _voice(body: dict) -> str:
     voice = body.get("voice")
     if isinstance(voice, dict):  # OpenAI's custom voices: {"id": "..."}
+        unknown = sorted(set(voice) - {"id"})
+        if unknown:
+            raise bad_request(f"unrecognized request argument 'voice.{unknown[0]}': a voice "
+                              'object is {"id": "<speaker id>"}', "voice")
         voice = voice.get("id")
     if not isinstance(voice, str) or not voice.strip():
         raise bad_request("'voice' is required: a preset or registered speaker id (GET "
@@ -81,9 +86,9 @@ def _speed(body: dict) -> float:
     speed = body.get("speed", 1.0)
     if speed is None:
         return 1.0
-    if isinstance(speed, bool) or not isinstance(speed, int | float) or not math.isfinite(speed):
-        raise bad_request(f"'speed' must be a number, not {speed!r}", "speed")
-    if not MIN_OPENAI_SPEED <= speed <= MAX_OPENAI_SPEED:
+    if isinstance(speed, bool) or not isinstance(speed, int | float):
+        raise bad_request(f"'speed' must be a number, not {json_type(speed)}", "speed")
+    if not math.isfinite(speed) or not MIN_OPENAI_SPEED <= speed <= MAX_OPENAI_SPEED:
         raise bad_request(f"speed {speed!r} is out of range: use {MIN_OPENAI_SPEED} to "
                            f"{MAX_OPENAI_SPEED} (this server speaks at {limits.MIN_SPEED} to "
                            f"{limits.MAX_SPEED} and clamps to that)", "speed")
@@ -103,13 +108,7 @@ def decode_speech(body: bytes, content_type: str, engine: str) -> Speech:
     if len(body) > MAX_REQUEST_BODY_BYTES:
         raise too_large(f"request body is {len(body)} bytes; the limit is "
                         f"{MAX_REQUEST_BODY_BYTES} bytes")
-    try:
-        fields = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as error:
-        raise bad_request(f"the JSON body is malformed ({error})") from None
-    if not isinstance(fields, dict):
-        raise bad_request('the JSON body must be an object such as {"model": "tts-1", '
-                          '"input": "Hello.", "voice": "英文女"}')
+    fields = parse_json_object(body, '{"model": "tts-1", "input": "Hello.", "voice": "英文女"}')
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise bad_request(f"unrecognized request argument {unknown[0]!r}; this endpoint "

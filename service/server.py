@@ -488,10 +488,11 @@ class OpenAiSpeechService(openai_pb2_grpc.OpenAiSpeechServiceServicer):
                     ((errors.HTTP_STATUS_KEY, str(error.http_status or 500)),))
                 yield httpbody_pb2.HttpBody(content_type="application/json",
                                             data=openai_api.error_body(error))
-            elif speech is not None and speech.sse:  # an event can still say what happened
-                yield httpbody_pb2.HttpBody(content_type="text/event-stream",
-                                            data=openai_api.sse_error(error))
             else:  # audio has gone out: all that is left is to break the stream off
+                if speech is not None and speech.sse:  # an event can still say what happened
+                    yield httpbody_pb2.HttpBody(content_type="text/event-stream",
+                                                data=openai_api.sse_error(error))
+                # and the stream's status (the REST trailer) says it was cut short
                 await context.abort(error.code, error.message)
 
     async def ListModels(self, request: openai_pb2.ListModelsRequest,
@@ -627,6 +628,8 @@ async def start_server(engine: Engine, *, host: str, port: int, api_keys: list[s
         interceptors=[ApiKeyInterceptor(KeyChecker(api_keys))],
         options=[("grpc.max_receive_message_length", service_limits.MAX_GRPC_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", service_limits.MAX_GRPC_MESSAGE_BYTES),
+                 ("grpc.max_metadata_size", service_limits.MAX_GRPC_METADATA_BYTES),
+                 ("grpc.absolute_max_metadata_size", service_limits.MAX_GRPC_METADATA_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
     tts_pb2_grpc.add_TextToSpeechServiceServicer_to_server(TextToSpeechService(core), server)

@@ -77,6 +77,11 @@ FORM = "application/x-www-form-urlencoded"
                                   "format": "wav"}), FORM),
     ("/v1/synthesize", json.dumps({"text": "Hello there.", "sft": {"speaker_id": "英文女"}}),
      "application/json"),
+    ("/v1/audio/speech", json.dumps({"model": "tts-1", "input": "Hello there.",
+                                     "voice": "英文女"}), "application/json"),
+    ("/v1/audio/speech", json.dumps({"model": "tts-1", "input": "Hello there.",
+                                     "voice": "英文女", "stream_format": "sse"}),
+     "application/json"),
 ])
 def test_complete_streams_end_with_status_zero(stack, path, body, content_type) -> None:
     reply = raw_post(stack.rest_url, path, body.encode(), content_type, stack.api_key)

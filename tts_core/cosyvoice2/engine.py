@@ -54,7 +54,7 @@ from typing import Any, Self
 import numpy as np
 import torch
 
-from .. import limits
+from .. import cancellation, limits
 from ..engine import (
     Audio,
     Capabilities,
@@ -630,9 +630,13 @@ class CosyVoice2Engine:
         if cancel.is_set() or not collected:
             return
         token = torch.tensor([collected], dtype=torch.int32, device=self.models.device)
-        wav = self.token2wav.synthesize(token, voice.flow_prompt_tokens, voice.flow_prompt_feat,
-                                        voice.embedding, speed=request.speed,
-                                        generator=randomness.vocoder)
+        try:
+            with cancellation.watching(cancel):  # the model's loops stop within one step
+                wav = self.token2wav.synthesize(
+                    token, voice.flow_prompt_tokens, voice.flow_prompt_feat, voice.embedding,
+                    speed=request.speed, generator=randomness.vocoder)
+        except cancellation.Cancelled:
+            return
         if wav.shape[-1]:
             yield _to_numpy(wav)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tts_core import cancellation
 from tts_core.cosyvoice2.flow_decoder import (
     CausalConditionalDecoder,
     EstimatorStepCache,
@@ -132,6 +133,7 @@ class CausalConditionalCFM(nn.Module):
         dt = t_span[1] - t_span[0]
         steps = len(t_span) - 1
         for step in range(1, steps + 1):
+            cancellation.check()  # a hang-up stops the engine within one Euler step
             x_in = (torch.cat([x, x]) if rate > 0 else x).to(mu.dtype)
             t_in = t.expand(x_in.shape[0])
             velocity = estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in,
@@ -191,6 +193,7 @@ class CausalConditionalCFM(nn.Module):
         dt = t_span[1] - t_span[0]
         steps = len(t_span) - 1
         for step in range(1, steps + 1):
+            cancellation.check()  # a hang-up stops the engine within one Euler step
             cache = EstimatorStepCache() if caches is None else caches[step - 1]
             for (start, _, _, keep), state in zip(pieces, states, strict=True):
                 x, mu_in, cond_in = state

@@ -33,6 +33,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from tts_core import cancellation
+
 from .checkpoint import load_strict
 from .hyperyaml import Tagged
 
@@ -284,6 +286,7 @@ class HiFTBase(nn.Module):
         c = self.config
         n_kernels = len(c.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
+            cancellation.check()  # between the upsampling stages, the vocoder's steps
             x = up(F.leaky_relu(x, c.lrelu_slope))
             if i == len(self.ups) - 1:
                 x = F.pad(x, (1, 0), mode="reflect")

@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import nn
 
+from tts_core import cancellation
+
 from .hyperyaml import Tagged
 from .qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from .sampling import Sampler, SamplingConfig
@@ -316,6 +318,18 @@ class CosyVoice2LM(nn.Module):
 
     # --- whole-text decoding ----------------------------------------------------------------
 
+    def _cancellable_step(self, inputs: torch.Tensor, cache: KVCache,
+                          cancel: threading.Event | None
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``step``, stopped between decoder layers once ``cancel`` is set (None then): the
+        first step of a long text, or any step on a busy CPU, is long. The request's KV cache
+        is then half-updated and must not be used again."""
+        try:
+            with cancellation.watching(cancel):
+                return self.step(inputs, cache)
+        except cancellation.Cancelled:
+            return None
+
     @torch.inference_mode()
     def inference(self, text_ids: Sequence[int], prompt_text_ids: Sequence[int],
                   prompt_speech_tokens: Sequence[int], sampler: Sampler,
@@ -353,7 +367,10 @@ class CosyVoice2LM(nn.Module):
             if cancel is not None and cancel.is_set():
                 return
             cache_len = len(cache) - prefix_len  # the prefix belongs to the first step
-            hidden, logp = self.step(inputs[:, prefix_len:], cache)
+            stepped = self._cancellable_step(inputs[:, prefix_len:], cache, cancel)
+            if stepped is None:
+                return
+            hidden, logp = stepped
             prefix_len = 0
             ignore_eos = index < min_len
             token = self._check_token(sampler(logp, decoded, ignore_eos))
@@ -428,7 +445,10 @@ class CosyVoice2LM(nn.Module):
                 if cancel is not None and cancel.is_set():
                     return
                 index, cache_len = steps, len(cache)
-                hidden, logp = self.step(inputs, cache)
+                stepped = self._cancellable_step(inputs, cache, cancel)
+                if stepped is None:
+                    return
+                hidden, logp = stepped
                 steps += 1
                 if len(decoded) == next_fill:
                     token, from_sampler = fill, False
@@ -458,7 +478,10 @@ class CosyVoice2LM(nn.Module):
             if cancel is not None and cancel.is_set():
                 return
             index, cache_len = steps, len(cache)
-            hidden, logp = self.step(inputs, cache)
+            stepped = self._cancellable_step(inputs, cache, cancel)
+            if stepped is None:
+                return
+            hidden, logp = stepped
             steps += 1
             token = self._check_token(sampler(logp, decoded, False))
             if on_step is not None:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tts_core import cancellation
+
 
 @dataclass(frozen=True)
 class Qwen2Config:
@@ -267,6 +269,7 @@ class Qwen2Model(nn.Module):
             mask = keys[None, :] <= positions[:, None]
         x = inputs_embeds
         for layer in self.layers:
+            cancellation.check()  # one LM step is 24 layers: a hang-up stops at the next one
             x = layer(x, cos, sin, cache, mask)
         return self.norm(x)
 

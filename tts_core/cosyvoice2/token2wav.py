@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tts_core import cancellation
+
 from .flow import FlowStreamCache
 from .hift import HiFTGenerator
 
@@ -340,8 +342,11 @@ class Token2WavStream:
         ready: list[torch.Tensor] = []
         while not self._is_cancelled() and self.num_tokens >= self.next_chunk_tokens():
             hop = self.next_chunk_tokens() - self._driver.pre_lookahead_len - self.token_offset
-            ready.append(self._step(self.token_offset + hop + self._driver.pre_lookahead_len,
-                                    finalize=False))
+            wav = self._step(self.token_offset + hop + self._driver.pre_lookahead_len,
+                             finalize=False)
+            if self.cancelled:
+                break
+            ready.append(wav)
             self.token_offset += hop
             self._hop = self.schedule.next_hop(self._hop)
         return ready
@@ -358,8 +363,19 @@ class Token2WavStream:
         self._flow_cache = None  # free its memory even if the stream object lives on
         return wav
 
-    @torch.inference_mode()
     def _step(self, token_len: int, finalize: bool) -> torch.Tensor:
+        """One chunk; a cancel during it (checked between the model's steps) ends the stream:
+        ``cancelled`` is set and the chunk is empty."""
+        try:
+            with cancellation.watching(self._cancel):
+                return self._compute_step(token_len, finalize)
+        except cancellation.Cancelled:
+            self.cancelled = True
+            self._flow_cache = None  # half-updated: worthless, and its memory is freed now
+            return torch.zeros(1, 0, device=self._prompt_feat.device)
+
+    @torch.inference_mode()
+    def _compute_step(self, token_len: int, finalize: bool) -> torch.Tensor:
         d = self._driver
         token = torch.tensor([self._tokens[:token_len]], dtype=self._prompt_token.dtype,
                              device=self._prompt_token.device)
