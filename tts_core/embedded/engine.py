@@ -88,6 +88,45 @@ def _trim(audio: np.ndarray) -> np.ndarray:
     return audio
 
 
+def _speech_samples(audio: np.ndarray) -> int:
+    """Samples of speech in a trimmed piece (without the margins _trim keeps)."""
+    return max(0, len(audio) - 2 * _TRIM_KEEP)
+
+
+_SEAM_FRAME = int(0.01 * SAMPLE_RATE)
+_SEAM_SEARCH = int(0.12 * SAMPLE_RATE)
+
+
+def _after_head(audio: np.ndarray, head_samples: int) -> np.ndarray:
+    """The whole sentence's audio from where its head (already sent, ``head_samples`` of
+    speech) ends: the head was read with the sentence's style, so it lasts about as long as
+    the same words inside the sentence; the cut goes to the quietest 10 ms near there (a gap
+    between syllables), so no syllable is cut in two or heard twice."""
+    loud = np.flatnonzero(np.abs(audio) > _TRIM_THRESHOLD)
+    if loud.size == 0:
+        return audio[:0]
+    target = loud[0] + head_samples
+    lo, hi = max(loud[0], target - _SEAM_SEARCH), min(loud[-1], target + _SEAM_SEARCH)
+    if hi - lo > _SEAM_FRAME:
+        frames = audio[lo:hi - (hi - lo) % _SEAM_FRAME].reshape(-1, _SEAM_FRAME)
+        target = lo + int(np.argmin(np.square(frames).mean(axis=1))) * _SEAM_FRAME
+    audio = audio[target: loud[-1] + _TRIM_KEEP].copy()
+    if len(audio) > 2 * len(_FADE):
+        audio[: len(_FADE)] *= _FADE
+        audio[-len(_FADE):] *= _FADE[::-1]
+    return audio
+
+
+def _style_tokens(piece: text_split.Piece, tokens: int) -> int:
+    """The input length whose style row reads ``piece``: its own, or for a piece cut from a
+    sentence, the sentence's (estimated in proportion), so a short head keeps the sentence's
+    pace and intonation instead of the clipped style Kokoro gives a few-token input."""
+    units = text_split.speech_units(piece.text)
+    if not piece.sentence_units or units <= 0:
+        return tokens
+    return max(tokens, round(tokens * piece.sentence_units / units))
+
+
 class EmbeddedEngine:
     """Kokoro-82M preset-speaker synthesis; one onnxruntime session shared by all requests."""
 
@@ -177,13 +216,24 @@ class EmbeddedEngine:
                                  "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
 
     def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float,
-               run_options: ort.RunOptions | None = None) -> np.ndarray:
+               run_options: ort.RunOptions | None = None, style_tokens: int = 0) -> np.ndarray:
         (audio,) = self._session.run(None, {
             "tokens": np.array([[_PAD_ID, *ids, _PAD_ID]], dtype=np.int64),
-            "style": voice.style_for(len(ids)),
+            "style": voice.style_for(style_tokens or len(ids)),
             "speed": np.array([speed], dtype=np.float32),
         }, run_options)
         return np.clip(np.asarray(audio, np.float32).ravel(), -1.0, 1.0)
+
+    def _piece_ids(self, piece: text_split.Piece, language: str, head_samples: int
+                   ) -> tuple[list[int], bool]:
+        """Token ids of ``piece`` and whether they are the whole sentence, to be heard from
+        where the head before it stopped (it fits in one call and the head made sound)."""
+        if piece.spoken and head_samples:
+            whole = text_split.join(piece.spoken, piece.text)
+            ids = frontend.to_token_ids(frontend.phonemize(whole, language), self._vocab)
+            if len(ids) <= CALL_TOKENS:
+                return ids, True
+        return frontend.to_token_ids(frontend.phonemize(piece.text, language), self._vocab), False
 
     def synthesize(self, request: SynthesisRequest, cancel: threading.Event
                    ) -> Iterator[np.ndarray]:
@@ -203,21 +253,25 @@ class EmbeddedEngine:
                voice: assets.VoicePack, speed: float, cancel: threading.Event,
                run_options: ort.RunOptions) -> Iterator[np.ndarray]:
         spoke = False
+        head_samples = 0  # speech in the head just spoken, when the next piece resumes after it
         for piece in pieces:
             if cancel.is_set():
                 return
-            ids = frontend.to_token_ids(frontend.phonemize(piece.text, speaker.language),
-                                        self._vocab)
+            ids, resume = self._piece_ids(piece, speaker.language, head_samples)
             batches = frontend.split_tokens(ids, CALL_TOKENS, self._break_ids, self._space_ids)
             for i, batch in enumerate(batches):
                 if cancel.is_set():
                     return
                 try:
-                    audio = _trim(self._infer(batch, voice, speed, run_options))
+                    raw = self._infer(batch, voice, speed, run_options,
+                                      _style_tokens(piece, len(batch)))
                 except Exception:
                     if cancel.is_set():  # the run was stopped mid-call: the client has gone
                         return
                     raise
+                audio = _after_head(raw, head_samples) if resume else _trim(raw)
+                head_samples = _speech_samples(audio) if piece.sentence_units and not (
+                    piece.spoken) else 0
                 if audio.size == 0:
                     continue
                 pause = piece.pause if i == len(batches) - 1 else text_split.CLAUSE_PAUSE
