@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+import tts_core.embedded.engine as embedded
 from tests.asr import error_rate, transcribe
 from tests.embedded_sentences import HELD_OUT, TUNING
 from tts_core.embedded import assets, frontend, text_split
@@ -169,6 +170,29 @@ def test_long_text_streams_several_chunks_with_a_short_first_one(engine):
     assert durations[0] < 2.5 and durations[0] < max(durations[1:]), durations
 
 
+def test_rest_of_the_first_sentence_is_its_whole_reading_from_where_the_head_stopped(engine):
+    """The head is read alone (fast first audio); the rest is cut from a reading of the whole
+    sentence, so it sounds as in sentence mode, sample for sample."""
+    text = "这家饭馆的菜又便宜又好吃。"
+    head, rest = synth(engine, text, "中文女")
+    (whole,) = synth(engine, text, "中文女", stream=False)
+    fade = len(embedded._FADE)
+    np.testing.assert_array_equal(rest[fade:], whole[len(whole) - len(rest) + fade:])
+    # nothing dropped or said twice at the seam: head + rest last about as long as the whole
+    assert abs(len(head) + len(rest) - len(whole)) < 0.3 * RATE, (len(head), len(rest),
+                                                                   len(whole))
+
+
+def test_seam_alignment_follows_a_slower_reading():
+    """Dynamic time warping finds where the head's sound ends inside a reading of the whole
+    sentence that is paced differently (here: every head frame held for two frames)."""
+    rng = np.random.default_rng(7)
+    head = rng.standard_normal((40, 16)).astype(np.float32)
+    rest = rng.standard_normal((60, 16)).astype(np.float32)
+    whole = np.concatenate([np.repeat(head, 2, axis=0), rest])
+    assert abs(embedded._aligned_end(head, whole) - 79) <= 1
+
+
 def test_sentence_mode_yields_one_chunk_per_sentence(engine):
     chunks = synth(engine, "First sentence here. And a second one.", "英文男", stream=False)
     assert len(chunks) == 2
@@ -304,7 +328,14 @@ def test_first_piece_is_cut_short_and_sentences_split():
     assert [p.text for p in pieces][-1] == "Then he went home."
     assert "Dr. Smith" in pieces[0].text and text_split.speech_units(pieces[0].text) <= 8
     zh = text_split.split_text("今天天气很好，我们去公园吧。")
-    assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]
+    assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]  # a comma comes first
+    assert zh[1].spoken == "今天天气很好，" and zh[0].sentence_units == zh[1].sentence_units == 12
+    # after the head, every sentence is one piece, unless it is very long
+    two = text_split.split_text("明天可能会下雨，记得带伞。周末我打算在家里打扫房间，然后看书。")
+    assert [p.text for p in two][1:] == ["记得带伞。", "周末我打算在家里打扫房间，然后看书。"]
+    assert not two[2].spoken and not two[2].sentence_units
+    long = "，".join(["我们沿着河边慢慢地走到了那座古老的石桥"] * 3) + "。"
+    assert len(text_split.split_text(long)) >= 3 and len(text_split.split_text(long, False)) == 1
     # Chinese is cut between phrases by part of speech, never before a particle such as 的.
     assert [p.text for p in text_split.split_text("欢迎收听今天的晚间新闻。")] == [
         "欢迎收听", "今天的晚间新闻。"]

@@ -88,33 +88,67 @@ def _trim(audio: np.ndarray) -> np.ndarray:
     return audio
 
 
-def _speech_samples(audio: np.ndarray) -> int:
-    """Samples of speech in a trimmed piece (without the margins _trim keeps)."""
-    return max(0, len(audio) - 2 * _TRIM_KEEP)
+_FRAME = int(0.01 * SAMPLE_RATE)  # 10 ms: the resolution of the seam search
+_BANDS = 16
 
 
-_SEAM_FRAME = int(0.01 * SAMPLE_RATE)
-_SEAM_SEARCH = int(0.12 * SAMPLE_RATE)
+def _frames(audio: np.ndarray) -> np.ndarray:
+    """Log energy in ``_BANDS`` frequency bands of each 20 ms window, every 10 ms."""
+    count = max(0, (len(audio) - 2 * _FRAME) // _FRAME + 1)
+    if count == 0:
+        return np.zeros((0, _BANDS), np.float32)
+    index = np.arange(2 * _FRAME)[None, :] + _FRAME * np.arange(count)[:, None]
+    power = np.abs(np.fft.rfft(audio[index] * np.hanning(2 * _FRAME), axis=1)) ** 2
+    bands = np.array_split(power[:, 1:], _BANDS, axis=1)
+    return np.log(np.stack([b.sum(axis=1) for b in bands], axis=1) + 1e-8).astype(np.float32)
 
 
-def _after_head(audio: np.ndarray, head_samples: int) -> np.ndarray:
-    """The whole sentence's audio from where its head (already sent, ``head_samples`` of
-    speech) ends: the head was read with the sentence's style, so it lasts about as long as
-    the same words inside the sentence; the cut goes to the quietest 10 ms near there (a gap
-    between syllables), so no syllable is cut in two or heard twice."""
+def _aligned_end(head: np.ndarray, whole: np.ndarray) -> int:
+    """Frame of ``whole`` where the speech of ``head`` ends, by dynamic time warping from
+    both starts (open end): the two readings of the same words differ a little in timing."""
+    cost = np.linalg.norm(head[:, None, :] - whole[None, :, :], axis=2)
+    total = np.cumsum(cost[0])
+    for row in cost[1:]:
+        step = np.minimum(total, np.concatenate([[np.inf], total[:-1]]))  # down, diagonal
+        # then any run of moves along the row: total[j] = min over k <= j of
+        # step[k] + row[k] + ... + row[j], one running minimum instead of a loop
+        running = np.cumsum(row)
+        total = running + np.minimum.accumulate(step - (running - row))
+    lengths = len(head) + np.arange(1, len(total) + 1)
+    return int(np.argmin(total / lengths))
+
+
+def _after_head(audio: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """The whole sentence's audio from where its ``head`` (already sent) ends, found by
+    aligning the head's sound with the sentence's start; the cut then moves to the quietest
+    10 ms nearby (a gap between syllables), so no syllable is cut in two or heard twice."""
     loud = np.flatnonzero(np.abs(audio) > _TRIM_THRESHOLD)
     if loud.size == 0:
         return audio[:0]
-    target = loud[0] + head_samples
-    lo, hi = max(loud[0], target - _SEAM_SEARCH), min(loud[-1], target + _SEAM_SEARCH)
-    if hi - lo > _SEAM_FRAME:
-        frames = audio[lo:hi - (hi - lo) % _SEAM_FRAME].reshape(-1, _SEAM_FRAME)
-        target = lo + int(np.argmin(np.square(frames).mean(axis=1))) * _SEAM_FRAME
+    head_loud = np.flatnonzero(np.abs(head) > _TRIM_THRESHOLD)
+    speech = head[head_loud[0]: head_loud[-1]] if head_loud.size else head[:0]
+    start = loud[0]
+    span = audio[start: start + int(1.6 * len(speech)) + 2 * _SEAM_SEARCH]
+    head_frames, whole_frames = _frames(speech), _frames(span)
+    if len(head_frames) and len(whole_frames):
+        target = start + (_aligned_end(head_frames, whole_frames) + 2) * _FRAME
+    else:
+        target = start + len(speech)
+    # The head said alone ends on a drawn-out last syllable, so the alignment tends to end a
+    # little early inside the sentence: look for the gap mostly after it.
+    lo, hi = max(start, target - _SEAM_SNAP // 2), min(loud[-1], target + 2 * _SEAM_SNAP)
+    if hi - lo > _FRAME:
+        frames = audio[lo:hi - (hi - lo) % _FRAME].reshape(-1, _FRAME)
+        target = lo + int(np.argmin(np.square(frames).mean(axis=1))) * _FRAME
     audio = audio[target: loud[-1] + _TRIM_KEEP].copy()
     if len(audio) > 2 * len(_FADE):
         audio[: len(_FADE)] *= _FADE
         audio[-len(_FADE):] *= _FADE[::-1]
     return audio
+
+
+_SEAM_SEARCH = int(0.12 * SAMPLE_RATE)
+_SEAM_SNAP = int(0.04 * SAMPLE_RATE)
 
 
 def _style_tokens(piece: text_split.Piece, tokens: int) -> int:
@@ -224,11 +258,11 @@ class EmbeddedEngine:
         }, run_options)
         return np.clip(np.asarray(audio, np.float32).ravel(), -1.0, 1.0)
 
-    def _piece_ids(self, piece: text_split.Piece, language: str, head_samples: int
+    def _piece_ids(self, piece: text_split.Piece, language: str, after_head: bool
                    ) -> tuple[list[int], bool]:
         """Token ids of ``piece`` and whether they are the whole sentence, to be heard from
         where the head before it stopped (it fits in one call and the head made sound)."""
-        if piece.spoken and head_samples:
+        if piece.spoken and after_head:
             whole = text_split.join(piece.spoken, piece.text)
             ids = frontend.to_token_ids(frontend.phonemize(whole, language), self._vocab)
             if len(ids) <= CALL_TOKENS:
@@ -253,11 +287,11 @@ class EmbeddedEngine:
                voice: assets.VoicePack, speed: float, cancel: threading.Event,
                run_options: ort.RunOptions) -> Iterator[np.ndarray]:
         spoke = False
-        head_samples = 0  # speech in the head just spoken, when the next piece resumes after it
+        head = np.zeros(0, np.float32)  # the head just spoken, when the next piece resumes it
         for piece in pieces:
             if cancel.is_set():
                 return
-            ids, resume = self._piece_ids(piece, speaker.language, head_samples)
+            ids, resume = self._piece_ids(piece, speaker.language, head.size > 0)
             batches = frontend.split_tokens(ids, CALL_TOKENS, self._break_ids, self._space_ids)
             for i, batch in enumerate(batches):
                 if cancel.is_set():
@@ -269,9 +303,9 @@ class EmbeddedEngine:
                     if cancel.is_set():  # the run was stopped mid-call: the client has gone
                         return
                     raise
-                audio = _after_head(raw, head_samples) if resume else _trim(raw)
-                head_samples = _speech_samples(audio) if piece.sentence_units and not (
-                    piece.spoken) else 0
+                audio = _after_head(raw, head) if resume else _trim(raw)
+                is_head = piece.sentence_units and not piece.spoken
+                head = audio if is_head else np.zeros(0, np.float32)
                 if audio.size == 0:
                     continue
                 pause = piece.pause if i == len(batches) - 1 else text_split.CLAUSE_PAUSE
