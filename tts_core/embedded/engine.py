@@ -134,12 +134,13 @@ def _after_head(audio: np.ndarray, head: np.ndarray) -> np.ndarray:
         target = start + (_aligned_end(head_frames, whole_frames) + 2) * _FRAME
     else:
         target = start + len(speech)
-    # The head said alone ends on a drawn-out last syllable, so the alignment tends to end a
-    # little early inside the sentence: look for the gap mostly after it.
-    lo, hi = max(start, target - _SEAM_SNAP // 2), min(loud[-1], target + 2 * _SEAM_SNAP)
+    # The sentence was read with a comma after the head, so a pause lies near the target:
+    # cut in the middle of the longest quiet stretch around it (a stop's closure is shorter).
+    lo, hi = max(start, target - _SEAM_BEFORE), min(loud[-1], target + _SEAM_AFTER)
     if hi - lo > _FRAME:
         frames = audio[lo:hi - (hi - lo) % _FRAME].reshape(-1, _FRAME)
-        target = lo + int(np.argmin(np.square(frames).mean(axis=1))) * _FRAME
+        energy = np.sqrt(np.square(frames).mean(axis=1))
+        target = lo + _middle_of_longest_quiet(energy) * _FRAME
     audio = audio[target: loud[-1] + _TRIM_KEEP].copy()
     if len(audio) > 2 * len(_FADE):
         audio[: len(_FADE)] *= _FADE
@@ -148,7 +149,22 @@ def _after_head(audio: np.ndarray, head: np.ndarray) -> np.ndarray:
 
 
 _SEAM_SEARCH = int(0.12 * SAMPLE_RATE)
-_SEAM_SNAP = int(0.04 * SAMPLE_RATE)
+_SEAM_BEFORE = int(0.12 * SAMPLE_RATE)
+_SEAM_AFTER = int(0.25 * SAMPLE_RATE)
+_QUIET = 0.01  # RMS of a 10 ms frame in a pause
+
+
+def _middle_of_longest_quiet(energy: np.ndarray) -> int:
+    """Index of the middle of the longest run of frames below ``_QUIET``, else the quietest."""
+    best, best_len, run_start = int(np.argmin(energy)), 0, None
+    for i, quiet in enumerate(np.append(energy < _QUIET, False)):
+        if quiet and run_start is None:
+            run_start = i
+        elif not quiet and run_start is not None:
+            if i - run_start > best_len:
+                best, best_len = (run_start + i) // 2, i - run_start
+            run_start = None
+    return best
 
 
 def _style_tokens(piece: text_split.Piece, tokens: int) -> int:
@@ -263,7 +279,7 @@ class EmbeddedEngine:
         """Token ids of ``piece`` and whether they are the whole sentence, to be heard from
         where the head before it stopped (it fits in one call and the head made sound)."""
         if piece.spoken and after_head:
-            whole = text_split.join(piece.spoken, piece.text)
+            whole = text_split.join_with_pause(piece.spoken, piece.text)
             ids = frontend.to_token_ids(frontend.phonemize(whole, language), self._vocab)
             if len(ids) <= CALL_TOKENS:
                 return ids, True
@@ -297,8 +313,9 @@ class EmbeddedEngine:
                 if cancel.is_set():
                     return
                 try:
-                    raw = self._infer(batch, voice, speed, run_options,
-                                      _style_tokens(piece, len(batch)))
+                    # a resumed piece is the whole sentence: its own length picks its style
+                    style = len(batch) if resume else _style_tokens(piece, len(batch))
+                    raw = self._infer(batch, voice, speed, run_options, style)
                 except Exception:
                     if cancel.is_set():  # the run was stopped mid-call: the client has gone
                         return

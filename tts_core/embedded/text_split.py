@@ -88,6 +88,16 @@ def join(left: str, right: str) -> str:
     return left + ("" if cjk else " ") + right
 
 
+def join_with_pause(head: str, rest: str) -> str:
+    """``head`` and ``rest`` with a comma between them unless ``head`` ends a clause already:
+    the sentence read again after a head pauses where the head stopped, so the seam falls in
+    silence, and the listener hears a phrase break there rather than a jump."""
+    if _CLAUSE_END.search(head[-1:]):
+        return join(head, rest)
+    cjk = ord(head[-1]) >= 0x2E80 or ord(rest[0]) >= 0x2E80
+    return head + ("，" if cjk else ", ") + rest
+
+
 def _merge_short(clauses: list[str], min_units: int) -> list[str]:
     """Join clauses shorter than ``min_units`` with their neighbour."""
     merged: list[str] = []
