@@ -92,7 +92,9 @@ def join_with_pause(head: str, rest: str) -> str:
     """``head`` and ``rest`` with a comma between them unless ``head`` ends a clause already:
     the sentence read again after a head pauses where the head stopped, so the seam falls in
     silence, and the listener hears a phrase break there rather than a jump."""
-    if _CLAUSE_END.search(head[-1:]):
+    if _CLAUSE_END.search(head[-1:]) or _KANA.search(head + rest):
+        # Japanese: a comma after the particle the head ends on changed the reading of the
+        # words around it (日语男 held-out CER 7.7 % with it, 3.3 % without)
         return join(head, rest)
     cjk = ord(head[-1]) >= 0x2E80 or ord(rest[0]) >= 0x2E80
     return head + ("，" if cjk else ", ") + rest
