@@ -93,9 +93,6 @@ ASCII_IDS = {"中文女": "zh-female", "中文男": "zh-male", "日语男": "ja-
 SHORT_OF_THE_LIMIT = {
     "粤语女": "no package ships an ASR that reads Cantonese: Whisper base (99 languages, no "
              "Cantonese) writes what it hears as Mandarin and scores the held-out set at 76% CER",
-    "英文女": "measured 6.3% WER (limit 5%; 4.8% before the head/whole-sentence streaming): "
-             "the short first piece 'Written notes' is heard as 'With notes' and the seam after "
-             "'The bakery' as 'The baker yawns'",
 }
 
 
@@ -324,10 +321,14 @@ def test_over_long_phonemes_are_split_at_punctuation():
 
 
 def test_first_piece_is_cut_short_and_sentences_split():
-    pieces = text_split.split_text("Dr. Smith paid 3.14 dollars for the bread and the milk at "
+    pieces = text_split.split_text("Dr. Smith, our baker, paid 3.14 dollars for the bread at "
                                    "the little shop. Then he went home.")
-    assert [p.text for p in pieces][-1] == "Then he went home."
-    assert "Dr. Smith" in pieces[0].text and text_split.speech_units(pieces[0].text) <= 8
+    assert [p.text for p in pieces] == ["Dr. Smith,", "our baker, paid 3.14 dollars for the "
+                                        "bread at the little shop.", "Then he went home."]
+    # English is cut only at a clause end: a few words read alone, or a comma read into a
+    # phrase, cost words (英文女 held-out WER 6.3 % cut before "the", 3.2 % uncut)
+    uncut = "The bakery on the corner sells warm bread every morning. It opens at six."
+    assert [p.text for p in text_split.split_text(uncut)] == text_split.split_sentences(uncut)
     zh = text_split.split_text("今天天气很好，我们去公园吧。")
     assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]  # a comma comes first
     assert zh[1].spoken == "今天天气很好，" and zh[0].sentence_units == zh[1].sentence_units == 12

@@ -2,8 +2,8 @@
 
 Sentences end at . ! ? and their CJK forms (not after "Mr." or inside "3.14"); clauses at commas,
 colons, semicolons and dashes. Each sentence is one piece; when streaming, the first sentence's
-first few words make a piece of their own (at a phrase boundary) so the first audio arrives early,
-and very long sentences are cut at clauses.
+first few words make a piece of their own (at a clause end, or outside English at a phrase
+boundary) so the first audio arrives early, and very long sentences are cut at clauses.
 """
 
 from __future__ import annotations
@@ -179,10 +179,10 @@ def _cut_candidates(clause: str) -> list[tuple[int, bool]]:
 
 def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
     """Split ``clause`` (a sentence) after its first clause if that ends between
-    ``MIN_HEAD_UNITS`` and ``units + 3`` speech units from its start, else at the phrase
-    boundary nearest ``units`` in that range, else at a word boundary within one unit of
-    ``units``; ("", clause) if it is short already or has no such place. The tail keeps at
-    least ``MIN_PIECE_UNITS``."""
+    ``MIN_HEAD_UNITS`` and ``units + 3`` speech units from its start, else (not in English) at
+    the phrase boundary nearest ``units`` in that range, else at a word boundary within one
+    unit of ``units``; ("", clause) if it is short already or has no such place. The tail
+    keeps at least ``MIN_PIECE_UNITS``."""
     if speech_units(clause) <= units + MIN_PIECE_UNITS:
         return "", clause
     for m in _CLAUSE_END.finditer(clause):  # a comma is the best-formed place to pause
@@ -191,6 +191,12 @@ def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
             break
         if head_units >= 2:  # "你好，", "Hello," are whole phrases
             return clause[:m.end()].strip(), clause[m.end():].strip()
+    if not _CJK.search(clause):
+        # English: a few words read alone lose their last sound ("Written notes" heard as "With
+        # notes") and a comma read into the middle of a phrase blurs the word before it ("The
+        # bakery" as "The baker yawns"): 英文女 held-out WER 6.3 % cut before a function word,
+        # 3.2 % uncut. Only a clause end is a safe place to cut.
+        return "", clause
     candidates = []  # (distance from the target, offset, between phrases)
     for end, between_phrases in _cut_candidates(clause):
         head_units = speech_units(clause[:end])
