@@ -49,9 +49,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def first_chunk(engine: EmbeddedEngine, speaker: str, text: str) -> tuple[float, float]:
-    """(seconds to the first chunk, its audio seconds); the request is cancelled after it."""
-    request = SynthesisRequest(Mode.SFT, text=text, speaker_id=speaker)
+def first_chunk(engine: EmbeddedEngine, speaker: str, text: str, stream: bool = True
+                ) -> tuple[float, float]:
+    """(seconds to the first chunk, its audio seconds); the request is cancelled after it.
+    ``stream=False`` is sentence mode: no short first piece, the whole first sentence first."""
+    request = SynthesisRequest(Mode.SFT, text=text, speaker_id=speaker, stream=stream)
     cancel = threading.Event()
     start = time.perf_counter()
     chunk = next(engine.synthesize(request, cancel))
@@ -60,12 +62,20 @@ def first_chunk(engine: EmbeddedEngine, speaker: str, text: str) -> tuple[float,
     return elapsed, len(chunk) / SAMPLE_RATE
 
 
-def whole(engine: EmbeddedEngine, speaker: str, text: str) -> tuple[float, float]:
-    """(wall seconds, audio seconds) of the whole text."""
+def whole(engine: EmbeddedEngine, speaker: str, text: str) -> tuple[float, float, float]:
+    """(wall seconds, audio seconds, stall seconds) of the whole text. A stall is time a
+    listener who starts playing at the first chunk waits for a later chunk: with a short first
+    piece, the next one must be ready before the first has played."""
     request = SynthesisRequest(Mode.SFT, text=text, speaker_id=speaker)
     start = time.perf_counter()
-    samples = sum(len(c) for c in engine.synthesize(request, threading.Event()))
-    return time.perf_counter() - start, samples / SAMPLE_RATE
+    samples, stall, playing_until = 0, 0.0, None
+    for chunk in engine.synthesize(request, threading.Event()):
+        now = time.perf_counter()
+        if playing_until is not None and now > playing_until:
+            stall += now - playing_until
+        playing_until = max(now, playing_until or now) + len(chunk) / SAMPLE_RATE
+        samples += len(chunk)
+    return time.perf_counter() - start, samples / SAMPLE_RATE, stall
 
 
 def ms(values: list[float]) -> str:
@@ -80,24 +90,34 @@ def bench_in_process(args: argparse.Namespace, speakers: list[str]) -> None:
     start = time.perf_counter()
     engine = EmbeddedEngine(threads=args.threads)
     print(f"engine start-up {time.perf_counter() - start:.2f} s, threads={engine.threads}")
-    print(f"\nin-process first audio, {args.runs} runs per text\n{HEADER} {'1st chunk s':>11}")
-    all_first = []
+    print(f"\nin-process first audio, {args.runs} runs per text; streaming (short first piece) "
+          f"and, interleaved with it, sentence mode (whole first sentence)\n"
+          f"{HEADER} {'1st chunk s':>11}")
+    all_first, all_sentence = [], []
     for speaker in speakers:
         text = TWO_SENTENCES[speaker]
         first_chunk(engine, speaker, text)
-        runs = [first_chunk(engine, speaker, text) for _ in range(args.runs)]
+        first_chunk(engine, speaker, text, stream=False)
+        runs, sentence = [], []
+        for _ in range(args.runs):  # interleaved, so both see the same load
+            runs.append(first_chunk(engine, speaker, text))
+            sentence.append(first_chunk(engine, speaker, text, stream=False))
         all_first += [r[0] for r in runs]
+        all_sentence += [r[0] for r in sentence]
         print(f"{speaker:<24} {ms([r[0] for r in runs])} {runs[0][1]:11.2f}")
+        print(f"{'  sentence mode':<24} {ms([r[0] for r in sentence])} {sentence[0][1]:11.2f}")
     print(f"{'all speakers':<24} {ms(all_first)}")
-    print(f"\nwhole text, {args.rtf_runs} runs per text\n{'speaker':<24} {'wall s':>8} "
-          f"{'audio s':>8} {'RTF':>6}")
-    walls = audios = 0.0
+    print(f"{'  sentence mode':<24} {ms(all_sentence)}")
+    print(f"\nwhole text streamed, {args.rtf_runs} runs per text (medians)\n{'speaker':<24} "
+          f"{'wall s':>8} {'audio s':>8} {'RTF':>6} {'stall s':>8}")
+    walls = audios = stalls = 0.0
     for speaker in speakers:
         runs = [whole(engine, speaker, TWO_SENTENCES[speaker]) for _ in range(args.rtf_runs)]
         wall, audio = percentile([r[0] for r in runs], 0.5), runs[0][1]
-        walls, audios = walls + wall, audios + audio
-        print(f"{speaker:<24} {wall:8.2f} {audio:8.2f} {wall / audio:6.3f}")
-    print(f"{'all speakers':<24} {walls:8.2f} {audios:8.2f} {walls / audios:6.3f}")
+        stall = percentile([r[2] for r in runs], 0.5)
+        walls, audios, stalls = walls + wall, audios + audio, stalls + stall
+        print(f"{speaker:<24} {wall:8.2f} {audio:8.2f} {wall / audio:6.3f} {stall:8.2f}")
+    print(f"{'all speakers':<24} {walls:8.2f} {audios:8.2f} {walls / audios:6.3f} {stalls:8.2f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process {peak:.0f} MiB (model, voices, G2P dictionaries, taggers)")
 

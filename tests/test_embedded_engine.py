@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+import tts_core.embedded.engine as embedded
 from tests.asr import error_rate, transcribe
 from tests.embedded_sentences import HELD_OUT, TUNING
 from tts_core.embedded import assets, frontend, text_split
@@ -90,11 +91,8 @@ ASCII_IDS = {"中文女": "zh-female", "中文男": "zh-male", "日语男": "ja-
 # Presets known to miss their limit, with the measured figure; strict, so the day one passes,
 # this list must shrink.
 SHORT_OF_THE_LIMIT = {
-    "中文女": "measured 12.0% CER (limit 8%): the Japanese-trained female voices miss Mandarin "
-             "tones and initials (no package ships native Mandarin voices)",
     "粤语女": "no package ships an ASR that reads Cantonese: Whisper base (99 languages, no "
-             "Cantonese) writes what it hears as Mandarin and scores the held-out set at 78% CER",
-    "韩语女": "measured 16.7% CER (limit 15%) with Whisper base",
+             "Cantonese) writes what it hears as Mandarin and scores the held-out set at 76% CER",
 }
 
 
@@ -167,6 +165,30 @@ def test_long_text_streams_several_chunks_with_a_short_first_one(engine):
     durations = [len(c) / RATE for c in chunks]
     assert len(chunks) >= 4, durations
     assert durations[0] < 2.5 and durations[0] < max(durations[1:]), durations
+
+
+def test_rest_of_the_first_sentence_is_its_whole_reading_from_where_the_head_stopped(engine):
+    """The head is read alone (fast first audio); the rest is cut from a reading of the whole
+    sentence with a comma after the head, so it sounds as that sentence does, sample for
+    sample, from the pause on."""
+    head, rest = synth(engine, "这家饭馆的菜又便宜又好吃。", "中文女")
+    (whole,) = synth(engine, "这家饭馆的菜，又便宜又好吃。", "中文女", stream=False)
+    fade = len(embedded._FADE)
+    np.testing.assert_array_equal(rest[fade:], whole[len(whole) - len(rest) + fade:])
+    dropped = len(whole) - len(rest)  # what the head already said, and the pause after it
+    assert 0.5 * RATE < dropped < len(head) + 0.3 * RATE, (len(head), len(rest), len(whole))
+    seam = whole[dropped - embedded._FRAME: dropped + embedded._FRAME]
+    assert np.sqrt(np.mean(seam ** 2)) < 0.02, "the cut should fall in the pause"
+
+
+def test_seam_alignment_follows_a_slower_reading():
+    """Dynamic time warping finds where the head's sound ends inside a reading of the whole
+    sentence that is paced differently (here: every head frame held for two frames)."""
+    rng = np.random.default_rng(7)
+    head = rng.standard_normal((40, 16)).astype(np.float32)
+    rest = rng.standard_normal((60, 16)).astype(np.float32)
+    whole = np.concatenate([np.repeat(head, 2, axis=0), rest])
+    assert abs(embedded._aligned_end(head, whole) - 79) <= 1
 
 
 def test_sentence_mode_yields_one_chunk_per_sentence(engine):
@@ -299,12 +321,25 @@ def test_over_long_phonemes_are_split_at_punctuation():
 
 
 def test_first_piece_is_cut_short_and_sentences_split():
-    pieces = text_split.split_text("Dr. Smith paid 3.14 dollars for the bread and the milk at "
+    pieces = text_split.split_text("Dr. Smith, our baker, paid 3.14 dollars for the bread at "
                                    "the little shop. Then he went home.")
-    assert [p.text for p in pieces][-1] == "Then he went home."
-    assert "Dr. Smith" in pieces[0].text and text_split.speech_units(pieces[0].text) <= 8
+    assert [p.text for p in pieces] == ["Dr. Smith,", "our baker, paid 3.14 dollars for the "
+                                        "bread at the little shop.", "Then he went home."]
+    # English is cut only at a clause end: a few words read alone, or a comma read into a
+    # phrase, cost words (英文女 held-out WER 6.3 % cut before "the", 3.2 % uncut)
+    uncut = "The bakery on the corner sells warm bread every morning. It opens at six."
+    assert [p.text for p in text_split.split_text(uncut)] == text_split.split_sentences(uncut)
     zh = text_split.split_text("今天天气很好，我们去公园吧。")
-    assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]
+    assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]  # a comma comes first
+    assert zh[1].spoken == "今天天气很好，" and zh[0].sentence_units == zh[1].sentence_units == 12
+    assert text_split.join_with_pause("欢迎收听", "今天的新闻。") == "欢迎收听，今天的新闻。"
+    assert text_split.join_with_pause("Hello,", "world.") == "Hello, world."
+    # after the head, every sentence is one piece, unless it is very long
+    two = text_split.split_text("明天可能会下雨，记得带伞。周末我打算在家里打扫房间，然后看书。")
+    assert [p.text for p in two][1:] == ["记得带伞。", "周末我打算在家里打扫房间，然后看书。"]
+    assert not two[2].spoken and not two[2].sentence_units
+    long = "，".join(["我们沿着河边慢慢地走到了那座古老的石桥"] * 3) + "。"
+    assert len(text_split.split_text(long)) >= 3 and len(text_split.split_text(long, False)) == 1
     # Chinese is cut between phrases by part of speech, never before a particle such as 的.
     assert [p.text for p in text_split.split_text("欢迎收听今天的晚间新闻。")] == [
         "欢迎收听", "今天的晚间新闻。"]

@@ -88,6 +88,95 @@ def _trim(audio: np.ndarray) -> np.ndarray:
     return audio
 
 
+_FRAME = int(0.01 * SAMPLE_RATE)  # 10 ms: the resolution of the seam search
+_BANDS = 16
+
+
+def _frames(audio: np.ndarray) -> np.ndarray:
+    """Log energy in ``_BANDS`` frequency bands of each 20 ms window, every 10 ms."""
+    count = max(0, (len(audio) - 2 * _FRAME) // _FRAME + 1)
+    if count == 0:
+        return np.zeros((0, _BANDS), np.float32)
+    index = np.arange(2 * _FRAME)[None, :] + _FRAME * np.arange(count)[:, None]
+    power = np.abs(np.fft.rfft(audio[index] * np.hanning(2 * _FRAME), axis=1)) ** 2
+    bands = np.array_split(power[:, 1:], _BANDS, axis=1)
+    return np.log(np.stack([b.sum(axis=1) for b in bands], axis=1) + 1e-8).astype(np.float32)
+
+
+def _aligned_end(head: np.ndarray, whole: np.ndarray) -> int:
+    """Frame of ``whole`` where the speech of ``head`` ends, by dynamic time warping from
+    both starts (open end): the two readings of the same words differ a little in timing."""
+    cost = np.linalg.norm(head[:, None, :] - whole[None, :, :], axis=2)
+    total = np.cumsum(cost[0])
+    for row in cost[1:]:
+        step = np.minimum(total, np.concatenate([[np.inf], total[:-1]]))  # down, diagonal
+        # then any run of moves along the row: total[j] = min over k <= j of
+        # step[k] + row[k] + ... + row[j], one running minimum instead of a loop
+        running = np.cumsum(row)
+        total = running + np.minimum.accumulate(step - (running - row))
+    lengths = len(head) + np.arange(1, len(total) + 1)
+    return int(np.argmin(total / lengths))
+
+
+def _after_head(audio: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """The whole sentence's audio from where its ``head`` (already sent) ends, found by
+    aligning the head's sound with the sentence's start; the cut then moves to the quietest
+    10 ms nearby (a gap between syllables), so no syllable is cut in two or heard twice."""
+    loud = np.flatnonzero(np.abs(audio) > _TRIM_THRESHOLD)
+    if loud.size == 0:
+        return audio[:0]
+    head_loud = np.flatnonzero(np.abs(head) > _TRIM_THRESHOLD)
+    speech = head[head_loud[0]: head_loud[-1]] if head_loud.size else head[:0]
+    start = loud[0]
+    span = audio[start: start + int(1.6 * len(speech)) + 2 * _SEAM_SEARCH]
+    head_frames, whole_frames = _frames(speech), _frames(span)
+    if len(head_frames) and len(whole_frames):
+        target = start + (_aligned_end(head_frames, whole_frames) + 2) * _FRAME
+    else:
+        target = start + len(speech)
+    # The sentence was read with a comma after the head, so a pause lies near the target:
+    # cut in the middle of the longest quiet stretch around it (a stop's closure is shorter).
+    lo, hi = max(start, target - _SEAM_BEFORE), min(loud[-1], target + _SEAM_AFTER)
+    if hi - lo > _FRAME:
+        frames = audio[lo:hi - (hi - lo) % _FRAME].reshape(-1, _FRAME)
+        energy = np.sqrt(np.square(frames).mean(axis=1))
+        target = lo + _middle_of_longest_quiet(energy) * _FRAME
+    audio = audio[target: loud[-1] + _TRIM_KEEP].copy()
+    if len(audio) > 2 * len(_FADE):
+        audio[: len(_FADE)] *= _FADE
+        audio[-len(_FADE):] *= _FADE[::-1]
+    return audio
+
+
+_SEAM_SEARCH = int(0.12 * SAMPLE_RATE)
+_SEAM_BEFORE = int(0.12 * SAMPLE_RATE)
+_SEAM_AFTER = int(0.25 * SAMPLE_RATE)
+_QUIET = 0.01  # RMS of a 10 ms frame in a pause
+
+
+def _middle_of_longest_quiet(energy: np.ndarray) -> int:
+    """Index of the middle of the longest run of frames below ``_QUIET``, else the quietest."""
+    best, best_len, run_start = int(np.argmin(energy)), 0, None
+    for i, quiet in enumerate(np.append(energy < _QUIET, False)):
+        if quiet and run_start is None:
+            run_start = i
+        elif not quiet and run_start is not None:
+            if i - run_start > best_len:
+                best, best_len = (run_start + i) // 2, i - run_start
+            run_start = None
+    return best
+
+
+def _style_tokens(piece: text_split.Piece, tokens: int) -> int:
+    """The input length whose style row reads ``piece``: its own, or for a piece cut from a
+    sentence, the sentence's (estimated in proportion), so a short head keeps the sentence's
+    pace and intonation instead of the clipped style Kokoro gives a few-token input."""
+    units = text_split.speech_units(piece.text)
+    if not piece.sentence_units or units <= 0:
+        return tokens
+    return max(tokens, round(tokens * piece.sentence_units / units))
+
+
 class EmbeddedEngine:
     """Kokoro-82M preset-speaker synthesis; one onnxruntime session shared by all requests."""
 
@@ -177,13 +266,24 @@ class EmbeddedEngine:
                                  "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
 
     def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float,
-               run_options: ort.RunOptions | None = None) -> np.ndarray:
+               run_options: ort.RunOptions | None = None, style_tokens: int = 0) -> np.ndarray:
         (audio,) = self._session.run(None, {
             "tokens": np.array([[_PAD_ID, *ids, _PAD_ID]], dtype=np.int64),
-            "style": voice.style_for(len(ids)),
+            "style": voice.style_for(style_tokens or len(ids)),
             "speed": np.array([speed], dtype=np.float32),
         }, run_options)
         return np.clip(np.asarray(audio, np.float32).ravel(), -1.0, 1.0)
+
+    def _piece_ids(self, piece: text_split.Piece, language: str, after_head: bool
+                   ) -> tuple[list[int], bool]:
+        """Token ids of ``piece`` and whether they are the whole sentence, to be heard from
+        where the head before it stopped (it fits in one call and the head made sound)."""
+        if piece.spoken and after_head:
+            whole = text_split.join_with_pause(piece.spoken, piece.text)
+            ids = frontend.to_token_ids(frontend.phonemize(whole, language), self._vocab)
+            if len(ids) <= CALL_TOKENS:
+                return ids, True
+        return frontend.to_token_ids(frontend.phonemize(piece.text, language), self._vocab), False
 
     def synthesize(self, request: SynthesisRequest, cancel: threading.Event
                    ) -> Iterator[np.ndarray]:
@@ -203,21 +303,26 @@ class EmbeddedEngine:
                voice: assets.VoicePack, speed: float, cancel: threading.Event,
                run_options: ort.RunOptions) -> Iterator[np.ndarray]:
         spoke = False
+        head = np.zeros(0, np.float32)  # the head just spoken, when the next piece resumes it
         for piece in pieces:
             if cancel.is_set():
                 return
-            ids = frontend.to_token_ids(frontend.phonemize(piece.text, speaker.language),
-                                        self._vocab)
+            ids, resume = self._piece_ids(piece, speaker.language, head.size > 0)
             batches = frontend.split_tokens(ids, CALL_TOKENS, self._break_ids, self._space_ids)
             for i, batch in enumerate(batches):
                 if cancel.is_set():
                     return
                 try:
-                    audio = _trim(self._infer(batch, voice, speed, run_options))
+                    # a resumed piece is the whole sentence: its own length picks its style
+                    style = len(batch) if resume else _style_tokens(piece, len(batch))
+                    raw = self._infer(batch, voice, speed, run_options, style)
                 except Exception:
                     if cancel.is_set():  # the run was stopped mid-call: the client has gone
                         return
                     raise
+                audio = _after_head(raw, head) if resume else _trim(raw)
+                is_head = piece.sentence_units and not piece.spoken
+                head = audio if is_head else np.zeros(0, np.float32)
                 if audio.size == 0:
                     continue
                 pause = piece.pause if i == len(batches) - 1 else text_split.CLAUSE_PAUSE

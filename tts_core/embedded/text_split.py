@@ -1,8 +1,9 @@
 """Cut text into the pieces the engine synthesizes one at a time, each becoming one audio chunk.
 
 Sentences end at . ! ? and their CJK forms (not after "Mr." or inside "3.14"); clauses at commas,
-colons, semicolons and dashes. When streaming, the first piece is kept short (cut after a few
-words if its clause is long) so the first audio arrives early.
+colons, semicolons and dashes. Each sentence is one piece; when streaming, the first sentence's
+first few words make a piece of their own (at a clause end, or outside English at a phrase
+boundary) so the first audio arrives early, and very long sentences are cut at clauses.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ CLAUSE_PAUSE = 0.12
 # second of speech; its synthesis time is roughly proportional to its length), cut at a phrase
 # boundary so it is still read as a well-formed phrase.
 FIRST_PIECE_UNITS = 4
-MIN_HEAD_UNITS = 2
-MIN_PIECE_UNITS = 3  # merge clauses shorter than this with the next one
+MIN_HEAD_UNITS = 3
+MIN_PIECE_UNITS = 3  # the part after the head keeps at least this much
+# When streaming, a sentence longer than this is cut at its clauses (commas, colons, ...), so its
+# audio comes in pieces of a few seconds; clauses shorter than MIN_CLAUSE_UNITS join a neighbour.
+LONG_SENTENCE_UNITS = 40
+MIN_CLAUSE_UNITS = 10
 
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "no", "e.g",
                   "i.e", "approx", "fig", "inc", "ltd", "co", "mt"}
@@ -36,6 +41,13 @@ _PHRASE_STARTERS = {"the", "a", "an", "and", "or", "but", "to", "of", "in", "on"
 class Piece:
     text: str
     pause: float  # silence after this piece, before the next one (seconds at speed 1)
+    # Speech units of the sentence this piece was cut from (0: the piece is a whole sentence).
+    # Kokoro picks its style by input length; a head read with a short input's style sounds
+    # rushed and clipped, so the engine scales the length up to the sentence's.
+    sentence_units: int = 0
+    # Set on the piece after a head: the head's text. The engine reads the whole sentence again
+    # and keeps what follows the head, so the rest is read as in the whole sentence.
+    spoken: str = ""
 
 
 def speech_units(text: str) -> int:
@@ -70,26 +82,35 @@ def split_clauses(sentence: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _join(left: str, right: str) -> str:
+def join(left: str, right: str) -> str:
     """CJK text has no spaces between clauses; other scripts need one."""
     cjk = ord(left[-1]) >= 0x2E80 or ord(right[0]) >= 0x2E80
     return left + ("" if cjk else " ") + right
 
 
-def _merge_short(clauses: list[str], keep_first: bool = False) -> list[str]:
-    """Join clauses too short to phrase well with their neighbour. ``keep_first`` leaves a
-    short opening clause ("Hello world,") alone: it makes a fast first chunk."""
+def join_with_pause(head: str, rest: str) -> str:
+    """``head`` and ``rest`` with a comma between them unless ``head`` ends a clause already:
+    the sentence read again after a head pauses where the head stopped, so the seam falls in
+    silence, and the listener hears a phrase break there rather than a jump."""
+    if _CLAUSE_END.search(head[-1:]) or _KANA.search(head + rest):
+        # Japanese: a comma after the particle the head ends on changed the reading of the
+        # words around it (日语男 held-out CER 7.7 % with it, 3.3 % without)
+        return join(head, rest)
+    cjk = ord(head[-1]) >= 0x2E80 or ord(rest[0]) >= 0x2E80
+    return head + ("，" if cjk else ", ") + rest
+
+
+def _merge_short(clauses: list[str], min_units: int) -> list[str]:
+    """Join clauses shorter than ``min_units`` with their neighbour."""
     merged: list[str] = []
     for clause in clauses:
-        short = speech_units(merged[-1]) < (2 if keep_first and len(merged) == 1
-                                            else MIN_PIECE_UNITS) if merged else False
-        if short:
-            merged[-1] = _join(merged[-1], clause)
+        if merged and speech_units(merged[-1]) < min_units:
+            merged[-1] = join(merged[-1], clause)
         else:
             merged.append(clause)
-    if len(merged) > 1 and speech_units(merged[-1]) < MIN_PIECE_UNITS:
+    if len(merged) > 1 and speech_units(merged[-1]) < min_units:
         tail = merged.pop()
-        merged[-1] = _join(merged[-1], tail)
+        merged[-1] = join(merged[-1], tail)
     return merged
 
 
@@ -157,11 +178,24 @@ def _cut_candidates(clause: str) -> list[tuple[int, bool]]:
 
 
 def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
-    """Split ``clause`` at the phrase boundary nearest ``units`` speech units from its start
-    (between ``MIN_HEAD_UNITS`` and ``units + 3``), else at a word boundary within one unit of
-    ``units``; ("", clause) if it is short already or has no such place. The tail keeps at
-    least ``MIN_PIECE_UNITS``."""
+    """Split ``clause`` (a sentence) after its first clause if that ends between
+    ``MIN_HEAD_UNITS`` and ``units + 3`` speech units from its start, else (not in English) at
+    the phrase boundary nearest ``units`` in that range, else at a word boundary within one
+    unit of ``units``; ("", clause) if it is short already or has no such place. The tail
+    keeps at least ``MIN_PIECE_UNITS``."""
     if speech_units(clause) <= units + MIN_PIECE_UNITS:
+        return "", clause
+    for m in _CLAUSE_END.finditer(clause):  # a comma is the best-formed place to pause
+        head_units = speech_units(clause[:m.end()])
+        if head_units > units + 3 or speech_units(clause[m.end():]) < MIN_PIECE_UNITS:
+            break
+        if head_units >= 2:  # "你好，", "Hello," are whole phrases
+            return clause[:m.end()].strip(), clause[m.end():].strip()
+    if not _CJK.search(clause):
+        # English: a few words read alone lose their last sound ("Written notes" heard as "With
+        # notes") and a comma read into the middle of a phrase blurs the word before it ("The
+        # bakery" as "The baker yawns"): 英文女 held-out WER 6.3 % cut before a function word,
+        # 3.2 % uncut. Only a clause end is a safe place to cut.
         return "", clause
     candidates = []  # (distance from the target, offset, between phrases)
     for end, between_phrases in _cut_candidates(clause):
@@ -178,17 +212,28 @@ def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
 
 
 def split_text(text: str, stream: bool = True) -> list[Piece]:
-    """Pieces in speaking order; the last one has no pause after it."""
+    """Pieces in speaking order; the last one has no pause after it.
+
+    Every sentence is one piece, except when streaming: then the first sentence starts with a
+    short head (:func:`cut_head`, so the first audio comes early) and sentences longer than
+    ``LONG_SENTENCE_UNITS`` are cut at clauses. Kokoro reads short pieces far worse than whole
+    sentences (Mandarin held-out CER 12 % with every clause a piece vs 4 % whole, Whisper base),
+    and after the head there is time: each piece is made while the one before it plays.
+    """
     pieces: list[Piece] = []
-    for n, sentence in enumerate(split_sentences(text)):
-        parts = _merge_short(split_clauses(sentence), keep_first=n == 0) if stream else [sentence]
+    for sentence in split_sentences(text):
+        long = stream and speech_units(sentence) > LONG_SENTENCE_UNITS
+        parts = _merge_short(split_clauses(sentence), MIN_CLAUSE_UNITS) if long else [sentence]
         for i, part in enumerate(parts):
             pause = SENTENCE_PAUSE if i == len(parts) - 1 else CLAUSE_PAUSE
             pieces.append(Piece(part, pause))
     if stream and pieces:
-        head, tail = cut_head(pieces[0].text)
+        first = pieces[0]
+        head, tail = cut_head(first.text)
         if head:
-            pieces[0:1] = [Piece(head, 0.0), Piece(tail, pieces[0].pause)]
+            units = speech_units(first.text)
+            pieces[0:1] = [Piece(head, 0.0, units), Piece(tail, first.pause, units, head)]
     if pieces:
-        pieces[-1] = Piece(pieces[-1].text, 0.0)
+        last = pieces[-1]
+        pieces[-1] = Piece(last.text, 0.0, last.sentence_units, last.spoken)
     return pieces
