@@ -11,6 +11,10 @@ Default model: the parity directory (seeded random weights, so the "speech" is n
 figures measure the streaming machinery, not perceptual quality).
 
     .venv/bin/python scripts/bench_cv2_stream_quality.py [--model-dir DIR] [--tokens N]
+
+A last table measures the engine's flow prompt alignment (STREAM_ALIGN_FLOW_PROMPT): the
+engine's schedule streamed with the whole and with the aligned prompt, against one-shot output
+on the whole prompt (``--align-prompt-tokens``, default 87, as a 3.5 s prompt).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tts_core.cosyvoice2.engine import align_stream_prompt, default_schedule
 from tts_core.cosyvoice2.features import MelConfig, mel_spectrogram_24k
 from tts_core.cosyvoice2.flow import CausalFlow
 from tts_core.cosyvoice2.hift import HiFTGenerator
@@ -117,6 +122,73 @@ def run_case(driver: Token2Wav, name: str, case: dict[str, torch.Tensor],
               f"{logmel_l1(r['wav'], reference['wav'], mel_config):7.4f}")
 
 
+def run_alignment(driver: Token2Wav, case: dict[str, torch.Tensor], prompt_tokens: int,
+                  mel_config: MelConfig) -> None:
+    """The engine's STREAM_ALIGN_FLOW_PROMPT: its schedule streamed on the whole flow prompt and
+    on the aligned one (start dropped so only the look-ahead lies outside finished chunks),
+    against the one-shot output on the whole prompt (what a non-streamed request gives).
+
+    The recorded prompt is too short to align, so a longer one is made: ``prompt_tokens``
+    seeded random tokens, whose features are the flow's own one-shot mel for them."""
+    flow = driver.flow
+    config = flow.config
+    generator = torch.Generator().manual_seed(4321)
+    tokens = torch.randint(0, config.vocab_size, (1, prompt_tokens), generator=generator,
+                           dtype=torch.int32)
+    feat = flow.inference(tokens, case["prompt_token"], case["prompt_feat"], case["embedding"],
+                          streaming=False, finalize=True).transpose(1, 2).contiguous()
+    whole_case = dict(case, prompt_token=tokens, prompt_feat=feat)
+    aligned_token, aligned_feat = align_stream_prompt(
+        tokens, feat, config.encoder.static_chunk_size, config.pre_lookahead_len,
+        config.token_mel_ratio)
+    aligned_case = dict(case, prompt_token=aligned_token, prompt_feat=aligned_feat)
+    schedule = default_schedule(config.encoder.static_chunk_size)
+
+    def one_shot(c: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mel = flow.inference(c["token"], c["prompt_token"], c["prompt_feat"], c["embedding"],
+                             streaming=False, finalize=True)
+        return mel, driver.hift.inference(mel, deterministic=True)[0]
+
+    whole_mel, whole_wav = one_shot(whole_case)
+    aligned_mel, aligned_wav = one_shot(aligned_case)
+    # The start noise is a fixed tensor indexed by frame position, so dropping the prompt's
+    # start also gives the new frames other noise (another draw, as a different prompt length
+    # would). Control: the whole prompt with the noise shifted so its new frames get the
+    # aligned run's noise; aligned vs that isolates the dropped conditioning.
+    shift = feat.shape[1] - aligned_feat.shape[1]
+    noise = flow.decoder.noise
+    flow.decoder.noise = torch.roll(noise, shift, dims=-1)
+    try:
+        shifted_mel, shifted_wav = one_shot(whole_case)
+    finally:
+        flow.decoder.noise = noise
+    print(f"\nflow prompt alignment (engine schedule, {case['token'].shape[1]} new tokens): "
+          f"prompt {prompt_tokens} tokens, aligned {aligned_token.shape[1]}; reference = one-shot "
+          "on the whole prompt")
+    print(f"  {'output':44s} {'mel L1':>6s} {'mel rel':>7s} {'SNR dB':>6s} {'lmel L1':>7s}")
+    scale = whole_mel.abs().mean().item()
+
+    def row(label: str, mel: torch.Tensor, wav: torch.Tensor) -> None:
+        l1 = (mel - whole_mel).abs().mean().item()
+        print(f"  {label:44s} {l1:6.3f} {l1 / scale:7.4f} {snr_db(wav, whole_wav):6.1f} "
+              f"{logmel_l1(wav, whole_wav, mel_config):7.4f}")
+
+    row("one-shot, whole prompt, noise shifted", shifted_mel, shifted_wav)
+    row("one-shot, aligned prompt", aligned_mel, aligned_wav)
+    streams = {}
+    for label, c in (("streamed, whole prompt", whole_case),
+                     ("streamed, aligned prompt (engine default)", aligned_case)):
+        streams[label] = stream_once(driver, c, schedule)
+        row(label, streams[label]["mel"], streams[label]["wav"])
+    a, b = streams.values()
+    l1 = (aligned_mel - shifted_mel).abs().mean().item()
+    print(f"  same noise, one-shot aligned vs whole prompt (the dropped conditioning alone): mel "
+          f"L1 {l1:.3f} (rel {l1 / scale:.4f}), SNR {snr_db(aligned_wav, shifted_wav):.1f} dB, "
+          f"lmel L1 {logmel_l1(aligned_wav, shifted_wav, mel_config):.4f}")
+    print(f"  aligned vs whole-prompt stream: mel L1 {(a['mel'] - b['mel']).abs().mean():.3f}, "
+          f"SNR {snr_db(b['wav'], a['wav']):.1f} dB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_DIR,
@@ -124,21 +196,33 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300,
                         help="length of the extra seeded random-token case (0: skip)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--align-prompt-tokens", type=int, default=87,
+                        help="prompt length of the flow prompt alignment case (0: skip)")
+    parser.add_argument("--only-align", action="store_true",
+                        help="only the alignment case, on the recorded tokens (for full size)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
     flow, hift, mel_config = load_models(options.model_dir)
     driver = Token2Wav(flow, hift, deterministic=True)
-    recorded = load_file(options.model_dir / "vectors" / "token2wav_stream.safetensors")
+    # a directory without recorded vectors (e.g. a generated full-size one) takes the parity
+    # set's inputs: tokens, prompt features and speaker embedding have the same shapes
+    vectors = options.model_dir / "vectors"
+    if not vectors.is_dir():
+        vectors = DEFAULT_DIR / "vectors"
+    recorded = load_file(vectors / "token2wav_stream.safetensors")
     case = {k: recorded[k] for k in ("prompt_token", "prompt_feat", "embedding", "token")}
     with torch.inference_mode():
-        run_case(driver, "recorded tokens (token2wav_stream)", case, mel_config)
-        if options.tokens > 0:
+        if not options.only_align:
+            run_case(driver, "recorded tokens (token2wav_stream)", case, mel_config)
+        if options.tokens > 0 and not options.only_align:
             vocab = flow.config.vocab_size
             generator = torch.Generator().manual_seed(1234)
             case["token"] = torch.randint(0, vocab, (1, options.tokens), generator=generator,
                                           dtype=torch.int32)
             run_case(driver, f"seeded random tokens ({options.tokens})", case, mel_config)
+        if options.align_prompt_tokens > 0:
+            run_alignment(driver, case, options.align_prompt_tokens, mel_config)
 
 
 if __name__ == "__main__":
