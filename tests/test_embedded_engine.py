@@ -329,6 +329,10 @@ def test_first_piece_is_cut_short_and_sentences_split():
     # phrase, cost words (英文女 held-out WER 6.3 % cut before "the", 3.2 % uncut)
     uncut = "The bakery on the corner sells warm bread every morning. It opens at six."
     assert [p.text for p in text_split.split_text(uncut)] == text_split.split_sentences(uncut)
+    # ...unless the sentence is long: first audio must not wait for a run-on sentence
+    run_on = " ".join(["people like spoken words"] * 15) + "."
+    head = text_split.split_text(run_on)[0].text
+    assert 3 <= text_split.speech_units(head) <= text_split.FIRST_PIECE_UNITS + 3, head
     zh = text_split.split_text("今天天气很好，我们去公园吧。")
     assert [p.text for p in zh] == ["今天天气很好，", "我们去公园吧。"]  # a comma comes first
     assert zh[1].spoken == "今天天气很好，" and zh[0].sentence_units == zh[1].sentence_units == 12

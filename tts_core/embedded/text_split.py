@@ -181,7 +181,8 @@ def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
     """Split ``clause`` (a sentence) after its first clause if that ends between
     ``MIN_HEAD_UNITS`` and ``units + 3`` speech units from its start, else (not in English) at
     the phrase boundary nearest ``units`` in that range, else at a word boundary within one
-    unit of ``units``; ("", clause) if it is short already or has no such place. The tail
+    unit of ``units`` (English: only past ``LONG_SENTENCE_UNITS``); ("", clause) if it is
+    short already or has no such place. The tail
     keeps at least ``MIN_PIECE_UNITS``."""
     if speech_units(clause) <= units + MIN_PIECE_UNITS:
         return "", clause
@@ -195,8 +196,11 @@ def cut_head(clause: str, units: int = FIRST_PIECE_UNITS) -> tuple[str, str]:
         # English: a few words read alone lose their last sound ("Written notes" heard as "With
         # notes") and a comma read into the middle of a phrase blurs the word before it ("The
         # bakery" as "The baker yawns"): 英文女 held-out WER 6.3 % cut before a function word,
-        # 3.2 % uncut. Only a clause end is a safe place to cut.
-        return "", clause
+        # 3.2 % uncut. Only a clause end is a safe place to cut, unless the sentence is long:
+        # then first audio must not wait for all of it (a run-on of 300 words without
+        # punctuation), so it is cut at a phrase boundary as in other languages.
+        if speech_units(clause) <= LONG_SENTENCE_UNITS:
+            return "", clause
     candidates = []  # (distance from the target, offset, between phrases)
     for end, between_phrases in _cut_candidates(clause):
         head_units = speech_units(clause[:end])
