@@ -16,8 +16,10 @@ Per concurrency level it prints: aggregate audio seconds per wall second (and it
 stream), p50/p95 time to first audio over all streams of all rounds, stalls per stream (a chunk
 arriving after the audio before it would have finished playing, playback starting at the first
 chunk), seconds stalled per stream, the longest gap between two chunks of a stream, and the mean
-decode batch of the scheduler and the share of its time spent in LM steps (the rest is flow +
-vocoder chunks). ``uptime`` load is printed before and after: the figures depend
+decode batch of the scheduler, the mean number of streams per output round (their flow chunks
+are solved together) and the share of its time spent in LM steps (the rest is flow + vocoder
+chunks). ``--compare-flow`` also runs the scheduler with every flow chunk solved alone, side by
+side in the same process. ``uptime`` load is printed before and after: the figures depend
 on what else runs on the machine.
 """
 
@@ -159,7 +161,7 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
         run_level(target, key, request, 1)  # warm-up
         print(f"\n{label}  ({load()})")
         print("streams  audio s/s  x1-stream  first audio p50 / p95 (s)  stalls/stream  "
-              "stalled s/stream  max gap s  mean batch  LM share")
+              "stalled s/stream  max gap s  mean batch  flow batch  LM share")
         base = None
         for streams in levels:
             rates, firsts, stalls, stalled, gaps = [], [], [], [], []
@@ -168,6 +170,8 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
             rows0 = scheduler.stats.decoded_rows if scheduler else 0
             lm0 = scheduler.stats.lm_seconds if scheduler else 0.0
             out0 = scheduler.stats.output_seconds if scheduler else 0.0
+            outputs0 = scheduler.stats.outputs if scheduler else 0
+            rounds0 = scheduler.stats.output_batches if scheduler else 0
             for _ in range(rounds):
                 wall, results = run_level(target, key, request, streams)
                 errors = [r.error for r in results if r.error]
@@ -186,8 +190,10 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
                     gaps.append(gap)
             rate = statistics.median(rates)
             base = base or rate
-            batch = share = "-"
+            batch = share = flow = "-"
             if scheduler:
+                output_rounds = max(scheduler.stats.output_batches - rounds0, 1)
+                flow = f"{(scheduler.stats.outputs - outputs0) / output_rounds:.2f}"
                 steps = scheduler.stats.steps - steps0
                 batch = f"{(scheduler.stats.decoded_rows - rows0) / max(steps, 1):.2f}"
                 lm = scheduler.stats.lm_seconds - lm0
@@ -195,7 +201,7 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
             print(f"{streams:7d}  {rate:9.3f}  {rate / base:9.2f}  "
                   f"{percentile(firsts, 50):12.2f} / {percentile(firsts, 95):5.2f}  "
                   f"{statistics.mean(stalls):13.2f}  {statistics.mean(stalled):16.2f}  "
-                  f"{max(gaps):9.2f}  {batch:>10s}  {share:>8s}", flush=True)
+                  f"{max(gaps):9.2f}  {batch:>10s}  {flow:>10s}  {share:>8s}", flush=True)
         print(f"({load()})")
     finally:
         asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result()
@@ -215,6 +221,9 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=0, help="default: the most streams")
     parser.add_argument("--baseline", action="store_true",
                         help="also measure today's thread-per-request server (max_concurrent 2)")
+    parser.add_argument("--compare-flow", action="store_true",
+                        help="also measure the scheduler with each stream's flow chunk solved "
+                             "alone (before the flow was batched across streams)")
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     torch.set_num_threads(args.threads)
@@ -237,12 +246,17 @@ def main() -> int:
     print(f"{args.tokens} speech tokens per request = {expected_audio:.2f} s of audio; "
           f"{args.rounds} rounds per level (medians of throughput)")
 
-    settings = [(f"batch scheduler, max_batch {args.max_batch or max(levels)}",
-                 args.max_batch or max(levels))]
+    most = args.max_batch or max(levels)
+    settings = [(f"batch scheduler, max_batch {most}, flow batched across streams", most, True)]
+    if args.compare_flow:
+        settings.insert(0, (f"batch scheduler, max_batch {most}, flow one stream at a time",
+                            most, False))
     if args.baseline:
-        settings.insert(0, ("thread per request, max_concurrent 2 (before)", 1))
-    for label, max_batch in settings:
+        settings.insert(0, ("thread per request, max_concurrent 2 (before)", 1, False))
+    for label, max_batch, batch_flow in settings:
         engine = BenchEngine(models, seed=1, max_batch=max_batch)
+        if engine.scheduler is not None and not batch_flow:
+            engine.scheduler.run_outputs = None
         engine.forced_tokens = args.tokens
         engine.register_speaker("bench", Audio(samples, rate), prompt_text=PROMPT_TEXT)
         bench_server(engine, label, max_batch if max_batch > 1 else 2, levels, args.rounds,

@@ -241,3 +241,82 @@ def test_memory_budget_recomputes_bit_identically(budget_frames: int) -> None:
     cache = FlowStreamCache().with_budget(flow.stream_cache_bytes_per_frame() * 1000)
     assert_all_equal(run_cached(flow, tokens, prompt, lengths, cache))
     assert not cache.lean and cache.estimator
+
+
+def _stream_inputs(seed: int, prompt_tokens: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    prompt = (torch.randint(0, 97, (1, prompt_tokens), generator=gen),
+              torch.randn(1, 3 * prompt_tokens, 32, generator=gen),
+              torch.randn(1, 24, generator=gen))
+    return prompt, torch.randint(0, 97, (1, 40), generator=gen)
+
+
+@pytest.mark.parametrize("cfg_rate", [0.7, 0.0])
+def test_streams_solved_together_match_each_alone(cfg_rate: float) -> None:
+    """Several streams' chunks in one estimator run per Euler step (what the batch scheduler
+    does): different prompts, call lengths and cache states (a speaker's prompt cache, an empty
+    one, one over its memory budget) give each stream its own output. The packed products may
+    round differently from one stream's, so this is a tolerance, not equality."""
+    flow = _small_flow(cfg_rate, seed=3)
+    streams = [_stream_inputs(4, 18), _stream_inputs(5, 7), _stream_inputs(6, 11)]
+    schedules = [[3, 9, 17, 29, 40], [5, 6, 20, 33, 40], [4, 16, 30, 31, 40]]
+    alone = [run_cached(flow, tokens, prompt, lengths)
+             for (prompt, tokens), lengths in zip(streams, schedules, strict=True)]
+    caches = [flow.prompt_cache(*streams[0][0]).clone(), FlowStreamCache(),
+              FlowStreamCache().with_budget(1)]  # the third recomputes every call
+    emitted = [0, 0, 0]
+    worst = 0.0
+    for i in range(5):
+        final = i == 4
+        calls = [flow.begin_cached(tokens[:, :lengths[i]], *prompt, cache, finalize=final,
+                                   skip=skip)
+                 for (prompt, tokens), lengths, cache, skip
+                 in zip(streams, schedules, caches, emitted, strict=True)]
+        flow.decoder.solve_streams([call.solve for call in calls])
+        for k, call in enumerate(calls):
+            out = flow.end_cached(call)
+            want = alone[k][i][0]
+            assert out.shape == want.shape, (i, k)
+            worst = max(worst, (out - want).abs().max().item())
+            emitted[k] += out.shape[-1]
+    assert caches[2].lean
+    print(f"largest difference, together vs alone: {worst:.2e}")
+    assert worst < 1e-4, worst
+
+
+def test_a_stream_cancelled_inside_a_shared_solve_leaves_the_others_intact() -> None:
+    import threading
+
+    from tts_core import cancellation
+
+    flow = _small_flow(0.7, seed=7)
+    streams = [_stream_inputs(8, 12), _stream_inputs(9, 9)]
+    alone = [run_cached(flow, tokens, prompt, [20, 40]) for prompt, tokens in streams]
+    cancel = threading.Event()
+    caches = [FlowStreamCache(), FlowStreamCache()]
+    calls = [flow.begin_cached(tokens[:, :20], *prompt, cache, cancel=event)
+             for (prompt, tokens), cache, event in zip(streams, caches, [cancel, None],
+                                                       strict=True)]
+    estimator, runs = flow.decoder.estimator, []
+    original = estimator.forward_chunks
+
+    def cancel_after_first_step(parts, time):  # noqa: ANN001, ANN202 - the wrapped call's
+        runs.append(len(parts))
+        cancel.set()
+        return original(parts, time)
+
+    estimator.forward_chunks = cancel_after_first_step
+    try:
+        flow.decoder.solve_streams([call.solve for call in calls])
+    finally:
+        del estimator.forward_chunks
+    # the first step ran both streams together, the later ones the survivor alone
+    assert runs[0] == 2 and runs[-1] == 1 and runs == sorted(runs, reverse=True)
+    with pytest.raises(cancellation.Cancelled):
+        flow.end_cached(calls[0])
+    out = flow.end_cached(calls[1])
+    assert (out - alone[1][0][0]).abs().max().item() < 1e-4
+    # the survivor goes on alone and stays right
+    rest = flow.inference_cached(streams[1][1], *streams[1][0], caches[1], finalize=True,
+                                 skip=out.shape[-1])
+    assert (rest - alone[1][1][0]).abs().max().item() < 1e-4

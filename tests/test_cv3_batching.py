@@ -99,7 +99,17 @@ def audio(engine: CosyVoice3Engine, request: SynthesisRequest,
 
 def run_together(engine: CosyVoice3Engine, requests_: list[SynthesisRequest],
                  stagger: float = 0.15) -> list[np.ndarray | BaseException | None]:
+    """Start the requests ``stagger`` s apart; the scheduler waits for the first two, so two
+    share a batch however fast the machine runs the tiny model, and the others join it."""
     got: list[np.ndarray | BaseException | None] = [None] * len(requests_)
+    scheduler = engine.scheduler
+    assert scheduler is not None
+    step, deadline = scheduler._step, time.monotonic() + 30
+
+    def gated_step() -> None:
+        while scheduler.occupancy() < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        step()
 
     def run(i: int) -> None:
         time.sleep(stagger * i)  # interleaved starts: each joins a batch already running
@@ -108,11 +118,15 @@ def run_together(engine: CosyVoice3Engine, requests_: list[SynthesisRequest],
         except BaseException as error:  # noqa: BLE001 - handed to the test
             got[i] = error
 
+    scheduler._step = gated_step  # type: ignore[method-assign]
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests_))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(180)
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(180)
+    finally:
+        scheduler._step = step  # type: ignore[method-assign]
     return got
 
 

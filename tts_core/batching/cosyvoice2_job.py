@@ -17,6 +17,7 @@ tables, ``config.speech_token_size``), so the job drives CosyVoice 3's LM the sa
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -30,12 +31,18 @@ import torch
 from tts_core.cosyvoice2.llm import SOS_ROW, TASK_ID_ROW, CosyVoice2LM
 from tts_core.cosyvoice2.qwen2 import KVCache
 from tts_core.cosyvoice2.sampling import Sampler
-from tts_core.cosyvoice2.token2wav import Token2Wav, Token2WavStream
+from tts_core.cosyvoice2.token2wav import (
+    PendingChunk,
+    Token2Wav,
+    Token2WavStream,
+    solve_chunks,
+)
 
 from .lm_batch import BackboneLM
 from .scheduler import BatchScheduler
 
 _END = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -220,11 +227,22 @@ class CosyVoice2Job:
         return (1, self._audio_seconds - (now - self._first_audio))
 
     def run_output(self) -> None:
+        """One output step alone (:func:`run_outputs` runs several jobs' together)."""
+        chunk = self.begin_output()
+        if chunk is not None:
+            solve_chunks([chunk])
+            self.end_output(chunk)
+
+    def begin_output(self) -> PendingChunk | None:
+        """Start the next output step: a streamed chunk whose flow solve is still to run
+        (then :meth:`end_output`), or None when the step was done here (a whole segment's
+        synthesis, or the end of the job)."""
         segment = self._current()
         if segment is None:  # every segment delivered
             self._finish()
-            return
+            return None
         stream = segment.stream
+        chunk = None
         if stream is None:
             self._out_seg += 1
             if segment.tokens:
@@ -238,13 +256,23 @@ class CosyVoice2Job:
             need = stream.next_chunk_tokens() - stream.num_tokens
             if len(segment.tokens) >= need:  # one chunk's worth
                 take, segment.tokens = segment.tokens[:need], segment.tokens[need:]
-                for wav in stream.push(take):
-                    self._deliver(wav)
+                chunk = stream.begin_push(take)
             elif segment.lm_done:
-                stream.push(segment.tokens)
+                if stream.begin_push(segment.tokens) is not None:  # fewer than a chunk
+                    raise RuntimeError("a chunk became due while closing a segment")
                 segment.tokens = []
                 self._out_seg += 1
-                self._deliver(stream.finish())
+                chunk = stream.begin_finish()
+        if chunk is None:
+            self._check_finished()
+        return chunk
+
+    def end_output(self, chunk: PendingChunk) -> None:
+        """Vocode and deliver a chunk of :meth:`begin_output` once its flow solve ran."""
+        self._deliver(chunk.stream.complete(chunk))
+        self._check_finished()
+
+    def _check_finished(self) -> None:
         if self._current() is None and self._lm_seg >= len(self._texts):
             self._finish()
 
@@ -276,8 +304,38 @@ class CosyVoice2Job:
         self._out.put(_Failure(error))
 
 
+def run_outputs(jobs: Sequence[CosyVoice2Job]) -> list[BaseException | None]:
+    """One output step of each job, their flow solves run together (the scheduler's output
+    batch). Returns each job's error or None: a job failing before or after the shared solve
+    fails alone; a failing shared solve (a bug: inputs are checked when the chunks start)
+    fails every job in it, as their caches may hold part of it."""
+    errors: list[BaseException | None] = [None] * len(jobs)
+    chunks: dict[int, PendingChunk] = {}
+    for index, job in enumerate(jobs):
+        try:
+            chunk = job.begin_output()
+        except Exception as error:
+            errors[index] = error
+            continue
+        if chunk is not None:
+            chunks[index] = chunk
+    try:
+        solve_chunks(list(chunks.values()))
+    except Exception as error:
+        log.exception("batched flow solve failed")
+        for index in chunks:
+            errors[index] = RuntimeError(f"the batched flow step failed: {error}")
+        chunks = {}
+    for index, chunk in chunks.items():
+        try:
+            jobs[index].end_output(chunk)
+        except Exception as error:
+            errors[index] = error
+    return errors
+
+
 def make_scheduler(lm: CosyVoice2LM, max_batch: int) -> BatchScheduler:
     """The scheduler of a CosyVoice 2 engine: its Qwen2 backbone with the speech head."""
     head = lm.llm_decoder
     return BatchScheduler(BackboneLM(lm.llm.model.model, head, head.weight.dtype), max_batch,
-                          name="cosyvoice2-batch")
+                          name="cosyvoice2-batch", run_outputs=run_outputs)

@@ -11,6 +11,7 @@ state between calls, so one instance can serve concurrent requests.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tts_core import cancellation
 from tts_core.cosyvoice2.flow_decoder import EstimatorStepCache, FlowDecoderConfig
 from tts_core.cosyvoice2.flow_encoder import (
     EncoderStreamCache,
     FlowEncoderConfig,
     UpsampleConformerEncoder,
 )
-from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig
+from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig, StreamSolve
 from tts_core.cosyvoice2.hyperyaml import Tagged
 
 _FLOW_DEFAULTS: dict[str, Any] = {  # defaults of the reference constructor
@@ -301,17 +303,40 @@ class CausalFlow(nn.Module):
         returns. The output equals ``inference``'s bit for bit: the uncached streaming path is
         this one with an empty cache.
         """
+        call = self.begin_cached(token, prompt_token, prompt_feat, embedding, cache, finalize,
+                                 skip)
+        self.decoder.solve_streams([call.solve])
+        return self.end_cached(call)
+
+    @torch.inference_mode()
+    def begin_cached(self, token: torch.Tensor, prompt_token: torch.Tensor,
+                     prompt_feat: torch.Tensor, embedding: torch.Tensor,
+                     cache: FlowStreamCache, finalize: bool = False, skip: int = 0,
+                     cancel: threading.Event | None = None) -> CachedFlowCall:
+        """:meth:`inference_cached` up to the Euler solve (the encoder's new frames and the
+        estimator's inputs). The caller runs ``flow.decoder.solve_streams`` on the call's
+        ``solve``, alone or together with other streams' (the batch scheduler does), then
+        :meth:`end_cached`. ``cancel``: the solve drops this stream at its next step once set.
+        """
         if not self.supports_chunk_streaming:
             raise ValueError("flow: this configuration cannot stream chunk by chunk")
         self._check_inputs(token, prompt_token, prompt_feat, embedding)
         tokens = torch.cat([prompt_token, token.to(prompt_token.device)], dim=1)
-        mel = self._run_chunks(tokens, prompt_token, prompt_feat, embedding, cache, finalize,
-                               keep_unfinished=True)
-        prompt_frames = prompt_feat.shape[1]
-        if prompt_frames > mel.shape[-1]:
-            raise ValueError(f"flow: prompt_feat has {prompt_frames} frames but the tokens give "
-                             f"only {mel.shape[-1]}")
-        return mel[:, :, prompt_frames + skip:]
+        call = self._plan_chunks(tokens, prompt_token, prompt_feat, embedding, cache, finalize,
+                                 keep_unfinished=True)
+        call.skip, call.solve.cancel = skip, cancel
+        return call
+
+    @torch.inference_mode()
+    def end_cached(self, call: CachedFlowCall) -> torch.Tensor:
+        """The mel of a :meth:`begin_cached` call once its solve ran (frames from ``skip``);
+        raises ``cancellation.Cancelled`` if the solve dropped it (the cache is then
+        worthless)."""
+        mel = self._finish_chunks(call)
+        if call.prompt_frames > mel.shape[-1]:
+            raise ValueError(f"flow: prompt_feat has {call.prompt_frames} frames but the tokens "
+                             f"give only {mel.shape[-1]}")
+        return mel[:, :, call.prompt_frames + call.skip:]
 
     @torch.inference_mode()
     def prompt_cache(self, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
@@ -324,8 +349,10 @@ class CausalFlow(nn.Module):
             raise ValueError("flow: this configuration cannot stream chunk by chunk")
         self._check_inputs(prompt_token[:, :0], prompt_token, prompt_feat, embedding)
         cache = FlowStreamCache()
-        self._run_chunks(prompt_token, prompt_token, prompt_feat, embedding, cache,
-                         finalize=False, keep_unfinished=False)
+        call = self._plan_chunks(prompt_token, prompt_token, prompt_feat, embedding, cache,
+                                 finalize=False, keep_unfinished=False)
+        self.decoder.solve_streams([call.solve])
+        self._finish_chunks(call)
         return cache.compact()
 
     def stream_cache_bytes_per_frame(self, dtype: torch.dtype = torch.float32) -> int:
@@ -344,10 +371,11 @@ class CausalFlow(nn.Module):
         chunk = self.config.encoder.static_chunk_size
         return max(0, prompt_tokens - self.config.pre_lookahead_len) // chunk
 
-    def _run_chunks(self, tokens: torch.Tensor, prompt_token: torch.Tensor,
-                    prompt_feat: torch.Tensor, embedding: torch.Tensor, cache: FlowStreamCache,
-                    finalize: bool, keep_unfinished: bool) -> torch.Tensor:
-        """Frames 0.. of prompt + tokens (finished ones from the cache), float32 [1, 80, T]."""
+    def _plan_chunks(self, tokens: torch.Tensor, prompt_token: torch.Tensor,
+                     prompt_feat: torch.Tensor, embedding: torch.Tensor, cache: FlowStreamCache,
+                     finalize: bool, keep_unfinished: bool) -> CachedFlowCall:
+        """Everything before the Euler solve for frames 0.. of prompt + tokens (the finished
+        ones come from the cache); :meth:`_finish_chunks` completes it after the solve."""
         weight = self.input_embedding.weight
         device, dtype = weight.device, weight.dtype
         prompt = (prompt_token, prompt_feat, embedding)
@@ -379,7 +407,6 @@ class CausalFlow(nn.Module):
             if start_frame == 0 and self.group_prompt_chunks else 0
         if group > 1:
             hidden = [torch.cat(hidden[:group], dim=1), *hidden[group:]]
-        pieces = [] if cache.mel is None else [cache.mel]
 
         def conditioning(frame: int, frames: int) -> torch.Tensor:
             cond = torch.zeros(1, self.config.output_size, frames, device=device, dtype=dtype)
@@ -399,15 +426,38 @@ class CausalFlow(nn.Module):
             cache.lean, cache.estimator = True, []  # over budget: recompute from now on
         if cache.lean:
             old = [(f, mu, conditioning(f, mu.shape[-1]), True) for f, mu in cache.mu]
-            mels = self.decoder.solve_pieces(old + new, spks)[len(old):]
+            solve = StreamSolve(old + new, spks, None)
         else:
-            mels = [self.decoder.solve_chunk(f, mu, spks, cond, cache.estimator, complete)
-                    for f, mu, cond, complete in new]
+            old, solve = [], StreamSolve(new, spks, cache.estimator)
+        return CachedFlowCall(solve, cache, len(old), prompt_feat.shape[1], device)
+
+    def _finish_chunks(self, call: CachedFlowCall) -> torch.Tensor:
+        """Frames 0.. after the solve (finished ones from the cache), float32 [1, 80, T]; the
+        solve's complete pieces join the cache."""
+        if call.solve.cancelled:
+            raise cancellation.Cancelled
+        cache = call.cache
+        pieces = [] if cache.mel is None else [cache.mel]
+        new = call.solve.pieces[call.recomputed:]
+        mels = call.solve.mels[call.recomputed:]
         for (f, mu, _, complete), mel in zip(new, mels, strict=True):
             pieces.append(mel)
             if complete:
                 cache.mel = mel if cache.mel is None else torch.cat([cache.mel, mel], dim=2)
                 cache.mu.append((f, mu))
         if not pieces:
-            return torch.zeros(1, self.config.output_size, 0, device=device)
+            return torch.zeros(1, self.config.output_size, 0, device=call.device)
         return torch.cat(pieces, dim=2)
+
+
+@dataclass
+class CachedFlowCall:
+    """A streamed flow call between :meth:`CausalFlow.begin_cached` and
+    :meth:`CausalFlow.end_cached`: its Euler solve, and what completing it needs."""
+
+    solve: StreamSolve
+    cache: FlowStreamCache
+    recomputed: int  # leading pieces of the solve that recompute finished frames (lean cache)
+    prompt_frames: int
+    device: torch.device
+    skip: int = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -258,41 +259,81 @@ class EstimatorStepCache:
                    for t in (*self.convs, *self.keys, *self.values) if t is not None)
 
 
+@dataclass
+class ChunkInput:
+    """One request's frames in an estimator run over chunks: x, mu, cond [B, 80, r] for
+    frames start..start+r-1 of its stream, its speaker spks [B, 80] and its step cache."""
+
+    x: torch.Tensor
+    mu: torch.Tensor
+    spks: torch.Tensor
+    cond: torch.Tensor
+    cache: EstimatorStepCache
+    start: int
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[-1]
+
+
 class _ChunkRun:
-    """Walks one chunk (or a run of consecutive chunks) through the estimator, reading and
-    extending a step cache."""
+    """Walks the frames of one or more requests through the estimator, each reading and
+    extending its own step cache. The requests' frames are packed along time, so every
+    position-wise layer (linear, 1x1 conv, norm, activation) runs once over all of them; only
+    the causal convs' left context and attention are per request. With one request this is
+    exactly the single-stream computation."""
 
-    def __init__(self, cache: EstimatorStepCache, start: int, left_frames: int | None,
-                 chunk: int):
-        self.cache, self.start, self.left_frames, self.chunk = cache, start, left_frames, chunk
+    def __init__(self, parts: list[ChunkInput], left_frames: int | None, chunk: int):
+        self.parts, self.left_frames, self.chunk = parts, left_frames, chunk
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + part.rows)
         self.conv_index = self.attn_index = 0
-        self.new_convs: list[torch.Tensor] = []
-        self._mask: torch.Tensor | None = None
+        self.new_convs: list[list[torch.Tensor]] = [[] for _ in parts]
+        self._masks: list[torch.Tensor | None | bool] = [False] * len(parts)
 
-    def _group_mask(self, rows: int, first: int, device: torch.device) -> torch.Tensor | None:
-        """For rows spanning more than one chunk: which keys (first..) each row may see (its
-        own chunk and the ones before it, within ``left_frames``); None for a single chunk."""
+    def _group_mask(self, index: int, first: int, device: torch.device) -> torch.Tensor | None:
+        """For a part spanning more than one chunk: which keys (first..) each of its rows may
+        see (its own chunk and the ones before it, within ``left_frames``); None for a single
+        chunk."""
+        part = self.parts[index]
+        rows, start = part.rows, part.start
         if rows <= self.chunk:
             return None
-        if self._mask is None:
-            row_chunk = self.start + torch.arange(rows, device=device) // self.chunk * self.chunk
-            key = torch.arange(first, self.start + rows, device=device)
+        mask = self._masks[index]
+        if mask is False:
+            row_chunk = start + torch.arange(rows, device=device) // self.chunk * self.chunk
+            key = torch.arange(first, start + rows, device=device)
             visible = key[None, :] < row_chunk[:, None] + self.chunk
             if self.left_frames is not None:
                 visible &= key[None, :] >= row_chunk[:, None] - self.left_frames
-            self._mask = visible
-        return self._mask
+            mask = self._masks[index] = visible
+        assert isinstance(mask, torch.Tensor)
+        return mask
+
+    def split(self, x: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        return [x.narrow(dim, a, b - a) for a, b in pairwise(self.offsets)]
 
     def conv(self, module: CausalConv1d, x: torch.Tensor) -> torch.Tensor:
         i, self.conv_index = self.conv_index, self.conv_index + 1
-        if i == len(self.cache.convs):
-            self.cache.convs.append(None)
-        context = self.cache.convs[i]
-        if context is None:  # the causal conv's zero padding
-            context = x.new_zeros(x.shape[0], x.shape[1], module.left_pad)
-        x = torch.cat([context, x], dim=2)
-        self.new_convs.append(x[:, :, -module.left_pad:])
-        return F.conv1d(x, module.weight, module.bias)
+        pad = module.left_pad
+        joined = []
+        for part, rows, new in zip(self.parts, self.split(x, 2), self.new_convs, strict=True):
+            convs = part.cache.convs
+            if i == len(convs):
+                convs.append(None)
+            context = convs[i]
+            if context is None:  # the causal conv's zero padding
+                context = x.new_zeros(x.shape[0], x.shape[1], pad)
+            joined.append(torch.cat([context, rows], dim=2))
+            new.append(joined[-1][:, :, -pad:])
+        if len(joined) == 1:
+            return F.conv1d(joined[0], module.weight, module.bias)
+        # One conv over every part, each behind its own context; outputs that straddle two
+        # parts are dropped.
+        out = F.conv1d(torch.cat(joined, dim=2), module.weight, module.bias)
+        return torch.cat([out[:, :, a + k * pad:b + k * pad] for k, (a, b)
+                          in enumerate(pairwise(self.offsets))], dim=2)
 
     def causal_block(self, block: CausalBlock, x: torch.Tensor) -> torch.Tensor:
         conv, _, norm, _, mish = block.block
@@ -306,25 +347,32 @@ class _ChunkRun:
 
     def attention(self, attn: SelfAttention, x: torch.Tensor) -> torch.Tensor:
         i, self.attn_index = self.attn_index, self.attn_index + 1
-        cache = self.cache
-        if i == len(cache.keys):
-            cache.keys.append(None)
-            cache.values.append(None)
-        b, r, _ = x.shape
-        start, end = self.start, self.start + r
-        keys = cache.keys[i] = _grow_rows(cache.keys[i], end, x, attn.to_k.out_features)
-        values = cache.values[i] = _grow_rows(cache.values[i], end, x, attn.to_v.out_features)
-        keys[:, start:end] = attn.to_k(x)
-        values[:, start:end] = attn.to_v(x)
-        first = 0 if self.left_frames is None else max(0, start - self.left_frames)
+        b = x.shape[0]
+        queries, new_keys, new_values = attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
         def split(h: torch.Tensor) -> torch.Tensor:
             return h.view(b, h.shape[1], attn.heads, attn.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(attn.to_q(x)), split(keys[:, first:end]),
-                                             split(values[:, first:end]),
-                                             attn_mask=self._group_mask(r, first, x.device))
-        return attn.to_out[0](out.transpose(1, 2).reshape(b, r, attn.heads * attn.head_dim))
+        outs = []
+        for index, part in enumerate(self.parts):
+            cache = part.cache
+            if i == len(cache.keys):
+                cache.keys.append(None)
+                cache.values.append(None)
+            a, r = self.offsets[index], part.rows
+            start, end = part.start, part.start + r
+            keys = cache.keys[i] = _grow_rows(cache.keys[i], end, x, attn.to_k.out_features)
+            values = cache.values[i] = _grow_rows(cache.values[i], end, x,
+                                                  attn.to_v.out_features)
+            keys[:, start:end] = new_keys[:, a:a + r]
+            values[:, start:end] = new_values[:, a:a + r]
+            first = 0 if self.left_frames is None else max(0, start - self.left_frames)
+            out = F.scaled_dot_product_attention(
+                split(queries[:, a:a + r]), split(keys[:, first:end]),
+                split(values[:, first:end]), attn_mask=self._group_mask(index, first, x.device))
+            outs.append(out.transpose(1, 2).reshape(b, r, attn.heads * attn.head_dim))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return attn.to_out[0](out)
 
     def transformers(self, blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
         x = h.transpose(1, 2).contiguous()
@@ -449,14 +497,24 @@ class CausalConditionalDecoder(nn.Module):
         Attention keys/values of these frames are written into ``cache``; the causal convs' new
         left contexts are returned, for the caller to keep once the chunk is complete.
         """
+        return self.forward_chunks([ChunkInput(x, mu, spks, cond, cache, start)], time)[0]
+
+    def forward_chunks(self, parts: list[ChunkInput], time: torch.Tensor
+                       ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """:meth:`forward_chunk` for several requests at once (all at the same flow time, with
+        the same batch size B): one estimator run over all their frames. Returns each part's
+        (velocity [B, 80, r], new conv contexts)."""
         if not self.supports_chunks:
             raise ValueError("flow decoder: chunk streaming needs a single-level U-Net")
         left = self.config.num_decoding_left_chunks
         chunk = self.config.static_chunk_size
-        if x.shape[-1] > chunk and start % chunk:
-            raise ValueError("flow decoder: a run of several chunks must start on a chunk")
-        run = _ChunkRun(cache, start, None if left < 0 else left * chunk, chunk)
-        h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]), cond], dim=1)
+        for part in parts:
+            if part.rows > chunk and part.start % chunk:
+                raise ValueError("flow decoder: a run of several chunks must start on a chunk")
+        run = _ChunkRun(parts, None if left < 0 else left * chunk, chunk)
+        inputs = [torch.cat([p.x, p.mu, p.spks.unsqueeze(-1).expand(-1, -1, p.rows), p.cond],
+                            dim=1) for p in parts]
+        h = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=2)
         (resnet, blocks, resample), = self.down_blocks
         h = run.resnet(resnet, h, time)
         skip = h = run.transformers(blocks, h)
@@ -467,7 +525,8 @@ class CausalConditionalDecoder(nn.Module):
         h = run.resnet(resnet, torch.cat([h, skip], dim=1), time)
         h = run.conv(resample, run.transformers(blocks, h))
         h = run.causal_block(self.final_block, h)
-        return self.final_proj(h), run.new_convs
+        velocity = self.final_proj(h)
+        return list(zip(run.split(velocity, 2), run.new_convs, strict=True))
 
     def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B] flow times -> the time MLP's output [B, time_dim] in ``dtype``."""

@@ -13,8 +13,9 @@ generator so the global RNG is never re-seeded; it is made once per module and o
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from tts_core import cancellation
 from tts_core.cosyvoice2.flow_decoder import (
     CausalConditionalDecoder,
+    ChunkInput,
     EstimatorStepCache,
     FlowDecoderConfig,
 )
@@ -147,67 +149,93 @@ class CausalConditionalCFM(nn.Module):
                 dt = t_span[step + 1] - t
         return x
 
-    def solve_chunk(self, start: int, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-                    caches: list[EstimatorStepCache], keep: bool) -> torch.Tensor:
-        """Euler steps for frames start..start+r-1 of a streamed sequence (one estimator chunk,
-        maybe unfinished), given ``caches`` (one per step) of every chunk before it.
+    def solve_streams(self, solves: list[StreamSolve]) -> None:
+        """Euler steps for the next frames of one or more streams, one step at a time over all
+        of them; each stream's results go into its :class:`StreamSolve`.
 
-        mu, cond [1, 80, r]; spks [1, 80]. Same arithmetic as :meth:`solve_euler`; keep: the
-        chunk is complete, so its conv contexts join the caches (its keys/values always do).
-        Returns the float32 mel [1, 80, r].
+        Within a step, a stream's pieces run in order (each reads the keys/values the one
+        before wrote in that step's cache); the k-th pieces of all streams run as one estimator
+        call (:meth:`~CausalConditionalDecoder.forward_chunks`), since streams share nothing.
+        A lone stream's arithmetic is that of :meth:`solve_euler` on its frames with chunked
+        attention, bit for bit; in a batch of streams the packed matrix products may round
+        differently. A stream whose ``cancel`` is set leaves at the next step.
         """
-        t_span = time_grid(self.config.n_timesteps, self.config.t_scheduler, mu.device,
-                           torch.float32)
-        while len(caches) < len(t_span) - 1:
-            caches.append(EstimatorStepCache())
-        return self._solve_pieces([(start, mu, cond, keep)], spks, caches)[0]
-
-    def solve_pieces(self, pieces: list[tuple[int, torch.Tensor, torch.Tensor, bool]],
-                     spks: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`solve_chunk` on each of ``pieces`` (start, mu, cond, complete), in order and
-        from an empty cache, but one Euler step at a time over all of them: only one step's
-        keys/values are held at once (a tenth of the caches), and every piece's arithmetic is
-        that of a chunk-by-chunk run, so the mels are bit-identical to it."""
-        return self._solve_pieces(pieces, spks, None)
-
-    def _solve_pieces(self, pieces: list[tuple[int, torch.Tensor, torch.Tensor, bool]],
-                      spks: torch.Tensor, caches: list[EstimatorStepCache] | None
-                      ) -> list[torch.Tensor]:
-        """Step-major Euler solve of consecutive pieces. caches: one per step, kept and
-        extended (a single piece); None: a fresh cache per step, dropped after it."""
-        if not pieces:
-            return []
-        dtype, device = pieces[0][1].dtype, pieces[0][1].device
+        active = [s for s in solves if s.pieces]
+        if not active:
+            return
+        first_mu = active[0].pieces[0][1]
+        dtype, device = first_mu.dtype, first_mu.device
         rate = self.config.inference_cfg_rate
-        spks_in = torch.cat([spks, torch.zeros_like(spks)]) if rate > 0 else spks
-        states = []
-        for start, mu, cond, _ in pieces:
-            x = self.initial_noise(start + mu.shape[-1])[:, :, start:].float()
-            if rate > 0:
-                mu, cond = torch.cat([mu, torch.zeros_like(mu)]), \
-                    torch.cat([cond, torch.zeros_like(cond)])
-            states.append([x, mu, cond])
         t_span = time_grid(self.config.n_timesteps, self.config.t_scheduler, device,
                            torch.float32)
+        steps = len(t_span) - 1
+        states: dict[int, list[list[torch.Tensor]]] = {}
+        spks_in: dict[int, torch.Tensor] = {}
+        for solve in active:
+            if solve.caches is not None:
+                while len(solve.caches) < steps:
+                    solve.caches.append(EstimatorStepCache())
+            spks = solve.spks
+            spks_in[id(solve)] = torch.cat([spks, torch.zeros_like(spks)]) if rate > 0 else spks
+            pieces = states[id(solve)] = []
+            for start, mu, cond, _ in solve.pieces:
+                x = self.initial_noise(start + mu.shape[-1])[:, :, start:].float()
+                if rate > 0:
+                    mu, cond = torch.cat([mu, torch.zeros_like(mu)]), \
+                        torch.cat([cond, torch.zeros_like(cond)])
+                pieces.append([x, mu, cond])
         t = t_span[0].unsqueeze(0)
         dt = t_span[1] - t_span[0]
-        steps = len(t_span) - 1
         for step in range(1, steps + 1):
             cancellation.check()  # a hang-up stops the engine within one Euler step
-            cache = EstimatorStepCache() if caches is None else caches[step - 1]
-            for (start, _, _, keep), state in zip(pieces, states, strict=True):
-                x, mu_in, cond_in = state
-                x_in = (torch.cat([x, x]) if rate > 0 else x).to(dtype)
-                time = self.estimator.time_embedding(t.expand(x_in.shape[0]), dtype)
-                velocity, convs = self.estimator.forward_chunk(x_in, mu_in, time, spks_in,
-                                                               cond_in, cache, start)
-                if keep:
-                    cache.convs = list(convs)
-                velocity = velocity.to(x.dtype)
-                if rate > 0:
-                    velocity = (1.0 + rate) * velocity[:1] - rate * velocity[1:]
-                state[0] = x + dt * velocity
+            for solve in active:
+                if solve.cancel is not None and solve.cancel.is_set():
+                    solve.cancelled = True
+            active = [s for s in active if not s.cancelled]
+            if not active:
+                return
+            caches = {id(s): EstimatorStepCache() if s.caches is None else s.caches[step - 1]
+                      for s in active}
+            time = self.estimator.time_embedding(t.expand(2 if rate > 0 else 1), dtype)
+            for k in range(max(len(s.pieces) for s in active)):
+                members = [s for s in active if k < len(s.pieces)]
+                parts = []
+                for solve in members:
+                    start = solve.pieces[k][0]
+                    x, mu_in, cond_in = states[id(solve)][k]
+                    x_in = (torch.cat([x, x]) if rate > 0 else x).to(dtype)
+                    parts.append(ChunkInput(x_in, mu_in, spks_in[id(solve)], cond_in,
+                                            caches[id(solve)], start))
+                outputs = self.estimator.forward_chunks(parts, time)
+                for solve, (velocity, convs) in zip(members, outputs, strict=True):
+                    if solve.pieces[k][3]:  # a complete chunk: its conv contexts are final
+                        caches[id(solve)].convs = list(convs)
+                    state = states[id(solve)][k]
+                    velocity = velocity.to(state[0].dtype)
+                    if rate > 0:
+                        velocity = (1.0 + rate) * velocity[:1] - rate * velocity[1:]
+                    state[0] = state[0] + dt * velocity
             t = t + dt
             if step < steps:
                 dt = t_span[step + 1] - t
-        return [state[0] for state in states]
+        for solve in active:
+            solve.mels = [state[0] for state in states[id(solve)]]
+
+
+@dataclass
+class StreamSolve:
+    """One stream's share of :meth:`CausalConditionalCFM.solve_streams`.
+
+    pieces: consecutive (first frame, mu [1, 80, r], cond [1, 80, r], complete) of the stream;
+    spks [1, 80]; caches: one per Euler step, kept and extended, or None for a fresh cache per
+    step, dropped after it (a tenth of the memory; the stream's earlier frames must then be
+    among the pieces). After the solve: ``mels`` (float32 [1, 80, r] per piece), or
+    ``cancelled`` when ``cancel`` was set during it.
+    """
+
+    pieces: list[tuple[int, torch.Tensor, torch.Tensor, bool]]
+    spks: torch.Tensor
+    caches: list[EstimatorStepCache] | None
+    cancel: threading.Event | None = None
+    mels: list[torch.Tensor] = field(default_factory=list)
+    cancelled: bool = False

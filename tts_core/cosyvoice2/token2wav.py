@@ -314,6 +314,7 @@ class Token2WavStream:
             raise ValueError("this flow model keeps no stream cache; pass no prompt_cache")
         self.finished = False
         self.cancelled = False
+        self._pending: PendingChunk | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -334,65 +335,151 @@ class Token2WavStream:
 
     def push(self, tokens: Iterable[int] | torch.Tensor) -> list[torch.Tensor]:
         """Add new speech tokens; return the wav chunks [1, n] that became ready (maybe none)."""
+        ready: list[torch.Tensor] = []
+        chunk = self.begin_push(tokens)
+        while chunk is not None:
+            wav = self._run(chunk)
+            if self.cancelled:
+                break
+            ready.append(wav)
+            chunk = self.begin_push(())
+        return ready
+
+    def finish(self) -> torch.Tensor:
+        """No more tokens: vocode everything not yet emitted (full attention) -> wav [1, n]."""
+        chunk = self.begin_finish()
+        if chunk is None:
+            return torch.zeros(1, 0, device=self._prompt_feat.device)
+        return self._run(chunk)
+
+    # --- one chunk in three phases, so a scheduler can solve many streams' flow together ---
+
+    def begin_push(self, tokens: Iterable[int] | torch.Tensor) -> PendingChunk | None:
+        """Add new speech tokens and start the next chunk if it is due (at most one; call
+        again with no tokens for the next). Run the chunk's flow solve (:func:`solve_chunks`,
+        alone or with other streams' chunks), then :meth:`complete` it."""
         if self.finished:
             raise RuntimeError("push() after finish()")
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.flatten().tolist()
         self._tokens.extend(int(t) for t in tokens)
-        ready: list[torch.Tensor] = []
-        while not self._is_cancelled() and self.num_tokens >= self.next_chunk_tokens():
-            hop = self.next_chunk_tokens() - self._driver.pre_lookahead_len - self.token_offset
-            wav = self._step(self.token_offset + hop + self._driver.pre_lookahead_len,
-                             finalize=False)
-            if self.cancelled:
-                break
-            ready.append(wav)
-            self.token_offset += hop
-            self._hop = self.schedule.next_hop(self._hop)
-        return ready
+        if self._is_cancelled() or self.num_tokens < self.next_chunk_tokens():
+            return None
+        hop = self.next_chunk_tokens() - self._driver.pre_lookahead_len - self.token_offset
+        return self._begin(self.token_offset + hop + self._driver.pre_lookahead_len, False, hop)
 
-    def finish(self) -> torch.Tensor:
-        """No more tokens: vocode everything not yet emitted (full attention) -> wav [1, n]."""
+    def begin_finish(self) -> PendingChunk | None:
+        """No more tokens: start the last chunk (None when there is nothing left to make)."""
         if self.finished:
             raise RuntimeError("finish() called twice")
         self.finished = True
         if self._is_cancelled() or self.num_tokens == 0:
             self._flow_cache = None
-            return torch.zeros(1, 0, device=self._prompt_feat.device)
-        wav = self._step(self.num_tokens, finalize=True)
-        self._flow_cache = None  # free its memory even if the stream object lives on
-        return wav
+            return None
+        return self._begin(self.num_tokens, True, 0)
 
-    def _step(self, token_len: int, finalize: bool) -> torch.Tensor:
-        """One chunk; a cancel during it (checked between the model's steps) ends the stream:
-        ``cancelled`` is set and the chunk is empty."""
+    def complete(self, chunk: PendingChunk) -> torch.Tensor:
+        """Vocode a chunk whose flow solve ran -> wav [1, n]; a cancel (before or during it)
+        ends the stream: ``cancelled`` is set and the chunk is empty."""
+        if chunk.stream is not self or self._pending is not chunk:
+            raise RuntimeError("complete() takes this stream's pending chunk")
+        self._pending = None
         try:
             with cancellation.watching(self._cancel):
-                return self._compute_step(token_len, finalize)
+                return self._end(chunk)
         except cancellation.Cancelled:
-            self.cancelled = True
-            self._flow_cache = None  # half-updated: worthless, and its memory is freed now
-            return torch.zeros(1, 0, device=self._prompt_feat.device)
+            return self._cancelled()
+        finally:
+            if chunk.finalize:
+                self._flow_cache = None  # free its memory even if the stream object lives on
+
+    def _run(self, chunk: PendingChunk) -> torch.Tensor:
+        solve_chunks([chunk])
+        return self.complete(chunk)
+
+    def _cancelled(self) -> torch.Tensor:
+        self.cancelled = True
+        self._flow_cache = None  # half-updated: worthless, and its memory is freed now
+        return torch.zeros(1, 0, device=self._prompt_feat.device)
 
     @torch.inference_mode()
-    def _compute_step(self, token_len: int, finalize: bool) -> torch.Tensor:
+    def _begin(self, token_len: int, finalize: bool, hop: int) -> PendingChunk | None:
+        if self._pending is not None:
+            raise RuntimeError("the stream's previous chunk was not completed")
         d = self._driver
         token = torch.tensor([self._tokens[:token_len]], dtype=self._prompt_token.dtype,
                              device=self._prompt_token.device)
         # the reference runs the final call without chunk masks (full_attention_final)
         streaming = not (finalize and self.schedule.full_attention_final)
         skip = self.token_offset * d.token_mel_ratio
-        if streaming and self._flow_cache is not None:
-            mel = d.flow.inference_cached(  # type: ignore[attr-defined]
-                token, self._prompt_token, self._prompt_feat, self._embedding,
-                self._flow_cache, finalize=finalize, skip=skip)
-        else:
-            mel = d.flow.inference(token, self._prompt_token, self._prompt_feat,
-                                   self._embedding, streaming=streaming, finalize=finalize)
-            mel = mel[:, :, skip:]
-        wav, self._cache, trace = d._vocode(mel, self._cache, finalize, self._generator)
+        chunk = PendingChunk(self, token_len, finalize, streaming, hop)
+        try:
+            with cancellation.watching(self._cancel):
+                if streaming and self._flow_cache is not None:
+                    chunk.flow_call = d.flow.begin_cached(  # type: ignore[attr-defined]
+                        token, self._prompt_token, self._prompt_feat, self._embedding,
+                        self._flow_cache, finalize=finalize, skip=skip, cancel=self._cancel)
+                else:
+                    mel = d.flow.inference(token, self._prompt_token, self._prompt_feat,
+                                           self._embedding, streaming=streaming,
+                                           finalize=finalize)
+                    chunk.mel = mel[:, :, skip:]
+        except cancellation.Cancelled:
+            self._cancelled()
+            return None
+        self._pending = chunk
+        return chunk
+
+    @torch.inference_mode()
+    def _end(self, chunk: PendingChunk) -> torch.Tensor:
+        d = self._driver
+        mel = chunk.mel
+        if chunk.flow_call is not None:
+            mel = d.flow.end_cached(chunk.flow_call)  # type: ignore[attr-defined]
+        assert mel is not None
+        wav, self._cache, trace = d._vocode(mel, self._cache, chunk.finalize, self._generator)
         self.chunks += 1
         if self._on_chunk is not None:
-            self._on_chunk(ChunkTrace(token_len, self.token_offset, streaming, finalize,
-                                      wav=wav, **trace))
+            self._on_chunk(ChunkTrace(chunk.token_len, self.token_offset, chunk.streaming,
+                                      chunk.finalize, wav=wav, **trace))
+        if not chunk.finalize:
+            self.token_offset += chunk.hop
+            self._hop = self.schedule.next_hop(self._hop)
         return wav
+
+
+@dataclass(eq=False)
+class PendingChunk:
+    """One chunk of a stream between its start and :meth:`Token2WavStream.complete`: the flow
+    call still waiting for its Euler solve, or the mel when the flow ran whole."""
+
+    stream: Token2WavStream
+    token_len: int  # tokens given to the flow (look-ahead included)
+    finalize: bool
+    streaming: bool
+    hop: int  # tokens the chunk moves the stream on by (0 for the last)
+    flow_call: Any = None
+    mel: torch.Tensor | None = None
+
+
+@torch.inference_mode()
+def solve_chunks(chunks: Sequence[PendingChunk]) -> None:
+    """Run the flow solves of pending chunks, those of streams sharing a flow model together
+    (one estimator call per Euler step for all of them: far better use of the matrix units
+    than one stream at a time). A lone chunk watches its stream's cancel event; in a group
+    each stream leaves at its next step once its event is set."""
+    groups: dict[int, list[PendingChunk]] = {}
+    for chunk in chunks:
+        if chunk.flow_call is not None:
+            groups.setdefault(id(chunk.stream._driver.flow), []).append(chunk)
+    for group in groups.values():
+        decoder = group[0].stream._driver.flow.decoder  # type: ignore[attr-defined]
+        solves = [chunk.flow_call.solve for chunk in group]
+        if len(group) == 1:
+            with cancellation.watching(group[0].stream._cancel):
+                try:
+                    decoder.solve_streams(solves)
+                except cancellation.Cancelled:
+                    solves[0].cancelled = True
+        else:
+            decoder.solve_streams(solves)

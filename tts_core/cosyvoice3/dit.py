@@ -101,7 +101,9 @@ class TimestepEmbedding(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # [B] -> [B, dim]
-        return self.time_mlp(sinusoidal_time_embedding(t, TIME_FREQ_DIM))
+        # The solver keeps t in float32 whatever the model's dtype (see flow_matching).
+        embedded = sinusoidal_time_embedding(t.float(), TIME_FREQ_DIM)
+        return self.time_mlp(embedded.to(self.time_mlp[0].weight.dtype))
 
 
 class CausalConvPositionEmbedding(nn.Module):
