@@ -307,6 +307,9 @@ def engines(model_dir: Path) -> tuple[CosyVoice2Engine, CosyVoice2Engine]:
                                             precision="float32")
     batched = CosyVoice2Engine.from_model_dir(model_dir, threads=1, device="cpu", seed=5,
                                               max_batch=4, precision="float32")
+    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
+    for engine in (alone, batched):  # a stored speaker: its streams share the prompt's flow
+        engine.register_speaker("stored", Audio(samples, rate), prompt_text=PROMPT_TEXT)
     return alone, batched
 
 
@@ -326,6 +329,8 @@ def engine_requests(prompt: Audio) -> list[SynthesisRequest]:
         SynthesisRequest(Mode.VOICE_CONVERSION, prompt=prompt, source=source),
         SynthesisRequest(Mode.ZERO_SHOT, text="一二三四五六七八九十。", prompt=prompt,
                          prompt_text=PROMPT_TEXT, speed=1.5),
+        SynthesisRequest(Mode.ZERO_SHOT, text="收到好友从远方寄来的生日礼物。",
+                         speaker_id="stored"),
     ]
 
 
@@ -335,10 +340,19 @@ def audio(engine: CosyVoice2Engine, request: SynthesisRequest,
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
-def test_engine_batch_gives_the_audio_of_each_request_alone(engines, prompt: Audio) -> None:
+def test_engine_batch_gives_the_audio_of_each_request_alone(engines, prompt: Audio,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
     alone, batched = engines
     requests = engine_requests(prompt)
     want = [audio(alone, r) for r in requests]
+    start_stream, prompt_caches = batched.token2wav.start_stream, []
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the wrapped method's
+        prompt_caches.append(kwargs.get("prompt_cache"))
+        return start_stream(*args, **kwargs)
+
+    monkeypatch.setattr(batched.token2wav, "start_stream", spy)
     got: list[np.ndarray | None] = [None] * len(requests)
 
     def run(i: int) -> None:
@@ -354,6 +368,8 @@ def test_engine_batch_gives_the_audio_of_each_request_alone(engines, prompt: Aud
     for w, g in zip(want, got, strict=True):
         assert g is not None and len(g) == len(w) > 0
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    # the stored speaker's stream started from its prompt cache (zero-shot ones had none)
+    assert sum(cache is not None for cache in prompt_caches) == 1
 
 
 def test_engine_cancel_in_the_middle_of_a_batch(engines, prompt: Audio) -> None:
@@ -379,6 +395,58 @@ def test_engine_cancel_in_the_middle_of_a_batch(engines, prompt: Audio) -> None:
     while batched.batch_occupancy()[0] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batched.batch_occupancy() == (0, 4)
+
+
+def test_engine_flow_chunks_solved_together_and_a_failing_one_fails_alone(
+        engines, prompt: Audio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three streams whose chunks fall due together: their flow chunks are solved in one
+    estimator run per Euler step, each stream's audio stays that of the request alone, and a
+    stream whose chunk fails to start fails alone."""
+    from tts_core.batching import cosyvoice2_job
+
+    alone, batched = engines
+    scheduler = batched.scheduler
+    assert scheduler is not None
+    good = [SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=prompt, prompt_text=PROMPT_TEXT)
+            for text in ("今天天气很好，我们去公园散步吧！", "一二三四五六七八九十。")]
+    # the failing one is told apart by its mode: cross-lingual gives the LM no prompt text
+    bad = SynthesisRequest(Mode.CROSS_LINGUAL, text="收到好友从远方寄来的生日礼物。", prompt=prompt)
+    want = [audio(alone, r) for r in good]
+    begin = cosyvoice2_job.CosyVoice2Job.begin_output
+
+    def begin_output(job):  # noqa: ANN001, ANN202 - the patched method
+        if not job.voice.lm_prompt_text_ids:
+            raise ValueError("this request's chunk cannot start")
+        return begin(job)
+
+    monkeypatch.setattr(cosyvoice2_job.CosyVoice2Job, "begin_output", begin_output)
+    step = scheduler._step
+    deadline = time.monotonic() + 30
+
+    def gated_step() -> None:  # the three start together, so their chunks fall due together
+        while scheduler.occupancy() < 3 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        step()
+
+    monkeypatch.setattr(scheduler, "_step", gated_step)
+    got: list[np.ndarray | BaseException | None] = [None] * 3
+
+    def run(i: int, request: SynthesisRequest) -> None:
+        try:
+            got[i] = audio(batched, request)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            got[i] = error
+
+    threads = [threading.Thread(target=run, args=(i, r)) for i, r in enumerate(good + [bad])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert scheduler.stats.peak_output_batch >= 2
+    for w, g in zip(want, got[:2], strict=True):
+        assert isinstance(g, np.ndarray) and len(g) == len(w) > 0
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    assert isinstance(got[2], ValueError) and "cannot start" in str(got[2])
 
 
 # ----------------------------------------------------------------------------- service level

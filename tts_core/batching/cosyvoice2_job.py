@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -77,16 +77,20 @@ class CosyVoice2Job:
                  vocoder_generator: torch.Generator | None, cancel: threading.Event,
                  stream: bool, speed: float = 1.0,
                  forced_tokens: Sequence[Sequence[int]] | None = None,
-                 token_filter: Callable[[], Callable[[int], bool]] | None = None) -> None:
+                 token_filter: Callable[[], Callable[[int], bool]] | None = None,
+                 prompt_cache: Any = None) -> None:
         """``segments``: text ids per segment; ``forced_tokens`` instead gives the speech tokens
         of each segment directly (voice conversion: no LM at all). ``token_filter`` makes, per
         segment, a predicate saying which LM tokens go on to the vocoder (CosyVoice 3 thins
-        long silences; the LM and its sampler still see every token)."""
+        long silences; the LM and its sampler still see every token). ``prompt_cache``: the
+        flow's cache of a stored speaker's prompt (``Token2Wav.prompt_cache``), shared by every
+        segment's stream so the prompt's share of the flow is not computed again."""
         self.lm, self.token2wav, self.voice = lm, token2wav, voice
         self._make_sampler = make_sampler
         self._token_filter = token_filter
         self._keep: Callable[[int], bool] | None = None
         self._generator = vocoder_generator
+        self._prompt_cache = prompt_cache
         self._cancel = cancel
         self._streaming = stream and speed == 1.0
         self._speed = speed
@@ -199,7 +203,8 @@ class CosyVoice2Job:
             v = self.voice
             stream = self.token2wav.start_stream(v.flow_prompt_tokens, v.flow_prompt_feat,
                                                  v.embedding, generator=self._generator,
-                                                 cancel=self._cancel)
+                                                 cancel=self._cancel,
+                                                 prompt_cache=self._prompt_cache)
         segment = _Segment(stream)
         self._segments.append(segment)
         return segment
@@ -220,6 +225,14 @@ class CosyVoice2Job:
         if segment.stream is None:
             return False
         return segment.stream.num_tokens + len(segment.tokens) >= segment.stream.next_chunk_tokens()
+
+    def tokens_to_output(self) -> int | None:
+        segment = self._current()
+        if segment is None or segment.stream is None or segment.lm_done \
+                or self._rows is None or self._rows.shape[0] != 1:
+            return None  # not waiting on decode steps
+        stream = segment.stream
+        return max(0, stream.next_chunk_tokens() - stream.num_tokens - len(segment.tokens))
 
     def output_rank(self, now: float) -> tuple[int, float]:
         if self._first_audio is None:

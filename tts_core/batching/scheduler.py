@@ -11,7 +11,9 @@ tokens accumulate. One loop iteration is:
    audio, only urgent work runs (a stream with enough audio buffered can wait a step), so a
    newcomer's first chunk is not held behind long streams. The chosen jobs' output steps run
    as one batch when the engine gives a batch function (CosyVoice 2: one flow estimator call
-   per Euler step for all of them);
+   per Euler step for all of them). Due work waits up to ``GATHER_STEPS`` decode steps while
+   another job's output falls due by then, so streams that started a few steps apart still
+   share their flow runs;
 3. feed one prefill chunk (at most ``prefill_chunk`` rows) of one request, so a long prompt
    delays the decoding requests by one chunk per step rather than by the whole prompt;
 4. one batched decode step (:mod:`.lm_batch`) for every request that takes a single row.
@@ -43,6 +45,10 @@ DEFAULT_PREFILL_CHUNK = 64
 # A stream with less audio than this ahead of real time gets its next chunk even while a
 # newcomer waits for its first audio.
 URGENT_LEAD_SECONDS = 0.6
+# Due output work waits up to this many decode steps for other streams whose output falls due
+# by then, so their flow chunks are solved together (streams that started a few steps apart
+# would otherwise never be due in the same step): at most ~0.25 s of audio worth of tokens.
+GATHER_STEPS = 6
 
 
 class Job(Protocol):
@@ -62,6 +68,11 @@ class Job(Protocol):
 
     def output_due(self) -> bool:
         """Whether output work (a flow + vocoder chunk) can run now."""
+        ...
+
+    def tokens_to_output(self) -> int | None:
+        """LM tokens still to decode before the next output is due (0: due now), or None when
+        that does not depend on decode steps (prefill, no LM, finished)."""
         ...
 
     def output_rank(self, now: float) -> tuple[int, float]:
@@ -106,6 +117,7 @@ class SchedulerStats:
     prefill_rows: int = 0
     outputs: int = 0
     output_batches: int = 0  # output rounds; outputs / output_batches: jobs per round
+    peak_output_batch: int = 0
     failed: int = 0
     peak_batch: int = 0
     lm_seconds: float = 0.0  # wall time in prefill and decode steps
@@ -142,6 +154,7 @@ class BatchScheduler:
         self._inbox: list[Job] = []
         self._entries: list[_Entry] = []
         self._seq = 0
+        self._held = 0  # steps the due output work has waited for others (GATHER_STEPS)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -265,7 +278,13 @@ class BatchScheduler:
                   if not waiting_first or rank[0] == 0 or rank[1] < URGENT_LEAD_SECONDS]
         if not chosen:
             return
+        if self.run_outputs is not None and self._held < GATHER_STEPS \
+                and self._due_soon(entries, chosen, GATHER_STEPS - self._held):
+            self._held += 1
+            return
+        self._held = 0
         self.stats.output_batches += 1
+        self.stats.peak_output_batch = max(self.stats.peak_output_batch, len(chosen))
         if self.run_outputs is None:
             for entry in chosen:
                 if self._guard(entry, entry.job.run_output):
@@ -281,6 +300,21 @@ class BatchScheduler:
                 self.stats.outputs += 1
             else:
                 self._fail(entry, error)
+
+    def _due_soon(self, entries: Iterable[_Entry], chosen: list[_Entry], steps: int) -> bool:
+        """Whether a job other than ``chosen`` will have output due within ``steps`` decode
+        steps (so waiting lets its flow chunk join theirs)."""
+        for entry in entries:
+            if entry in chosen or entry not in self._entries:
+                continue
+            try:
+                left = entry.job.tokens_to_output()
+            except Exception as error:
+                self._fail(entry, error)
+                continue
+            if left is not None and 0 < left <= steps:
+                return True
+        return False
 
     def _rows(self, entry: _Entry) -> torch.Tensor | None:
         if entry.pending is not None:

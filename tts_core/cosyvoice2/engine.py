@@ -698,12 +698,14 @@ class CosyVoice2Engine:
         from ..batching.cosyvoice2_job import CosyVoice2Job
 
         assert self.scheduler is not None
+        prompt_cache = None
         if request.stream and request.speed == 1.0:
             voice = self._stream_voice(voice)
+            prompt_cache = self._speaker_flow_cache(voice)
         job = CosyVoice2Job(self.models.lm, self.token2wav, voice, segments,
                             lambda: self._sampler(randomness), randomness.vocoder, cancel,
                             stream=request.stream, speed=request.speed, forced_tokens=tokens,
-                            token_filter=self._vocoder_token_filter)
+                            token_filter=self._vocoder_token_filter, prompt_cache=prompt_cache)
         self.scheduler.submit(job)
         yield from job.chunks()
 
