@@ -218,6 +218,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="float32",
+                        help="precision option of the engine (float32, auto, int8w, bf16, ...)")
     parser.add_argument("--max-batch", type=int, default=0, help="default: the most streams")
     parser.add_argument("--baseline", action="store_true",
                         help="also measure today's thread-per-request server (max_concurrent 2)")
@@ -236,8 +238,11 @@ def main() -> int:
         model_dir = make_model_dir(Path(tmp.name), args.preset, seed=0)
     print(f"uptime: {load()}; {os.cpu_count()} cores, torch threads {args.threads}")
     started = time.perf_counter()
-    models = load_model_dir(model_dir, device=args.device, onnx_threads=1)
-    print(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s ({models.dtype})")
+    models = load_model_dir(model_dir, device=args.device, onnx_threads=1,
+                            precision=args.precision)
+    plan = models.precision
+    described = f"LM {plan.lm_description}, flow {plan.flow_dtype}" if plan else models.dtype
+    print(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s ({described})")
     samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
     request = tts_pb2.SynthesizeRequest(text=TEXT, zero_shot=tts_pb2.ZeroShotMode(
         speaker_id="bench"))

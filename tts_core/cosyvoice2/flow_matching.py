@@ -149,6 +149,7 @@ class CausalConditionalCFM(nn.Module):
                 dt = t_span[step + 1] - t
         return x
 
+    @torch.inference_mode()
     def solve_streams(self, solves: list[StreamSolve]) -> None:
         """Euler steps for the next frames of one or more streams, one step at a time over all
         of them; each stream's results go into its :class:`StreamSolve`.
