@@ -49,6 +49,10 @@ URGENT_LEAD_SECONDS = 0.6
 # by then, so their flow chunks are solved together (streams that started a few steps apart
 # would otherwise never be due in the same step): at most ~0.25 s of audio worth of tokens.
 GATHER_STEPS = 6
+# At most this many jobs' output steps in one round: packing more wins little (the flow's
+# packed run is 1.37x faster than one stream at a time at 4 streams, 1.53x at 8, float32) while
+# a round holds every stream's decoding and grows that many flow caches at once.
+MAX_OUTPUT_BATCH = 4
 
 
 class Job(Protocol):
@@ -276,6 +280,7 @@ class BatchScheduler:
         # While a newcomer waits for its first audio, streams with audio buffered wait a step.
         chosen = [entry for rank, _, entry in due
                   if not waiting_first or rank[0] == 0 or rank[1] < URGENT_LEAD_SECONDS]
+        chosen = chosen[:MAX_OUTPUT_BATCH]  # the most urgent; the rest go next step
         if not chosen:
             return
         if self.run_outputs is not None and self._held < GATHER_STEPS \
