@@ -207,7 +207,7 @@ def engine_probe(args: argparse.Namespace) -> tuple[Any, Callable[[], dict[str, 
     probe.register(prompt)
     timers = Timers()
     timers.wrap_generator(models.lm, "inference", "prefill", "decode")
-    timers.wrap(models.flow.decoder, "solve_chunk", "flow")
+    timers.wrap(models.flow.decoder, "solve_streams", "flow")
     timers.wrap(models.hift, "inference", "hift")
     return models, lambda: measure(engine, probe, prompt, timers, args.tokens)
 

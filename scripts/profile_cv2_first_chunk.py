@@ -103,8 +103,10 @@ def main() -> None:
     timers.wrap(engine, "_speaker_flow_cache", "flow: speaker prompt cache lookup/build")
     flow = models.flow
     timers.wrap(flow.encoder, "forward_chunks", "flow: encoder")
-    timers.wrap(flow.decoder, "solve_chunk", "flow: estimator (Euler steps)")
-    timers.wrap(flow, "inference_cached", "flow: all")
+    timers.wrap(flow.decoder, "solve_streams", "flow: estimator (Euler steps)")
+    # a stream's chunk is begin_cached (encoder, estimator inputs), the solve, end_cached
+    timers.wrap(flow, "begin_cached", "flow: begin + end of a chunk (encoder included)")
+    timers.wrap(flow, "end_cached", "flow: begin + end of a chunk (encoder included)")
     timers.wrap(models.hift, "inference", "hift")
     caches: dict[str, OrderedDict] = {mode: OrderedDict() for mode in args.modes}
 
