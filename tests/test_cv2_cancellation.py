@@ -60,7 +60,8 @@ def test_a_cancel_during_the_flow_stops_at_the_next_euler_step(engine, stream):
 
     vocoder_calls: list[int] = []
     estimator = engine.token2wav.flow.decoder.estimator
-    hooks = [estimator.final_proj.register_forward_pre_hook(on_euler_step),
+    # the time MLP runs once per Euler step, in the whole-sentence and the chunked estimator
+    hooks = [estimator.time_mlp.register_forward_pre_hook(on_euler_step),
              engine.token2wav.hift.conv_post.register_forward_pre_hook(
                  lambda module, inputs: vocoder_calls.append(1))]
     try:
@@ -121,7 +122,7 @@ def test_the_engine_serves_normally_after_cancelled_model_calls(engine):
     for stream in (True, False):
         cancel = threading.Event()
         chunks = engine.synthesize(request(stream), cancel)
-        cancel_in_flow = engine.token2wav.flow.decoder.estimator.final_proj \
+        cancel_in_flow = engine.token2wav.flow.decoder.estimator.time_mlp \
             .register_forward_pre_hook(lambda module, inputs, event=cancel: event.set())
         try:
             assert list(chunks) == []

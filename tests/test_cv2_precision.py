@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 
@@ -24,8 +25,15 @@ from tts_core.cosyvoice2.engine import CosyVoice2Engine
 from tts_core.cosyvoice2.llm import CosyVoice2LM, DecodeStep, PrefixCache
 from tts_core.cosyvoice2.model_dir import load_model_dir
 from tts_core.cosyvoice2.precision import PRECISIONS, cpu_bf16_support, resolve_precision
+from tts_core.cosyvoice2.qwen2 import Qwen2Config, Qwen2Model
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
-from tts_core.cosyvoice2.weight_quant import GEMM_ROWS, WeightOnlyLinear
+from tts_core.cosyvoice2.weight_quant import (
+    ATTENTION_LINEARS,
+    GEMM_ROWS,
+    MLP_LINEARS,
+    WeightOnlyLinear,
+    fuse_and_quantize,
+)
 from tts_core.engine import Audio, Mode, SynthesisRequest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -105,17 +113,23 @@ def test_bf16_detection_and_fallback(monkeypatch: pytest.MonkeyPatch, flags: set
 # --- weight-only quantised Linear -------------------------------------------------------------
 
 
+_GEMM_DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_bf16_support() == "amx" else [])
+
+
+@pytest.mark.parametrize("gemm_dtype", _GEMM_DTYPES)
 @pytest.mark.parametrize("bits, group, bound", [(8, 0, 0.012), (4, 32, 0.1), (4, 128, 0.12)])
-def test_weight_only_linear_tracks_the_float_layer(bits: int, group: int, bound: float) -> None:
+def test_weight_only_linear_tracks_the_float_layer(bits: int, group: int, bound: float,
+                                                   gemm_dtype: torch.dtype) -> None:
     """Relative error against the float32 layer within what the rounding step allows (int8 per
     channel: max|w|/127 steps, about 0.8 % for Gaussian weights; int4 per group: about 8 %),
-    in the decode path (few rows) and the prefill path (float32 GEMM on widened weights)."""
+    in the decode path (few rows) and the prefill path (a GEMM on widened weights, float32 or,
+    on CPUs with AMX, bfloat16, whose rounding of inputs and outputs adds about 0.3 %)."""
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(256, 96)
     with torch.no_grad():
         linear.weight.normal_(0, 0.02, generator=g)
         linear.bias.normal_(0, 0.02, generator=g)
-    quant = WeightOnlyLinear.from_linear(linear, bits, group)
+    quant = WeightOnlyLinear.from_linear(linear, bits, group, gemm_dtype=gemm_dtype)
     for rows in (1, 3, GEMM_ROWS + 5):
         x = torch.randn(2, rows, 256, generator=g)
         with torch.inference_mode():
@@ -127,6 +141,37 @@ def test_weight_only_linear_tracks_the_float_layer(bits: int, group: int, bound:
         WeightOnlyLinear.from_linear(linear, 4, 48)
     with pytest.raises(ValueError, match="weight bits"):
         WeightOnlyLinear.from_linear(linear, 2)
+
+
+def test_fused_projections_compute_what_separate_layers_do() -> None:
+    """q/k/v and gate/up fused into one int8 layer each (the int8w plan) give the outputs of the
+    same layers quantised one by one: per-output-channel scales make the fused rows the same
+    rows. Decode rows go through the int8 kernel, a prefill through the widened GEMM; the only
+    allowed difference is the GEMM's blocking over a wider output."""
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(5)
+    separate = Qwen2Model(cfg).eval()
+    for module in separate.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, 0, 0.1)
+    fused = copy.deepcopy(separate)
+    for layer in separate.layers:
+        for name in ATTENTION_LINEARS + MLP_LINEARS:
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            setattr(parent, child, WeightOnlyLinear.from_linear(getattr(parent, child), 8))
+    fuse_and_quantize(fused.layers)
+    attn = fused.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    assert fused.layers[0].mlp.gate_up_proj is not None
+    caches = separate.new_cache(), fused.new_cache()
+    with torch.inference_mode():
+        for rows in (GEMM_ROWS + 8, 1, 1):  # a prefill, then two decode steps
+            x = torch.randn(1, rows, cfg.hidden_size)
+            want, got = separate(x, caches[0]), fused(x, caches[1])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            assert not torch.equal(want, torch.zeros_like(want))
 
 
 # --- every CPU option loads and runs ----------------------------------------------------------

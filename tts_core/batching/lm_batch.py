@@ -6,7 +6,7 @@ attention output projection, MLP, speech head) runs as one [B, D] matrix, and on
 the one part that depends on each request's history, runs per request against that request's
 own :class:`KVCache` (each of its own length, no padding).
 
-The step reads the weights through the backbone's own modules (``layer.self_attn.q_proj`` ...)
+The step reads the weights through the backbone's own modules (``layer.self_attn.project_qkv`` ...)
 and calls them, so it keeps working when those Linear layers are cast to bfloat16 or replaced by
 dynamic-int8 modules. It reproduces ``Qwen2Model.forward`` for one new position per request;
 ``tests/test_cv2_batching.py`` checks that against the sequential path.
@@ -50,9 +50,8 @@ def batched_decode(backbone: Qwen2Model, rows: torch.Tensor,
     for layer in backbone.layers:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(batch, heads, hd)
-        k = attn.k_proj(h).view(batch, kv_heads, hd)
-        v = attn.v_proj(h).view(batch, kv_heads, hd)
+        q, k, v = attn.project_qkv(h)
+        q, k, v = q.view(batch, heads, hd), k.view(batch, kv_heads, hd), v.view(batch, kv_heads, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         outs = []

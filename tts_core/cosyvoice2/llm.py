@@ -26,9 +26,10 @@ from torch import nn
 from tts_core import cancellation
 
 from .hyperyaml import Tagged
+from .precision import cpu_bf16_support
 from .qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from .sampling import Sampler, SamplingConfig
-from .weight_quant import ATTENTION_LINEARS, MLP_LINEARS, quantize_layers
+from .weight_quant import fuse_and_quantize
 
 SOS_ROW = 0  # rows of llm_embedding
 TASK_ID_ROW = 1
@@ -238,8 +239,9 @@ class CosyVoice2LM(nn.Module):
         if self._device.type != "cpu":
             raise ValueError("weight-only int8 Linear layers run on CPU only")
         self.llm.to(torch.float32)
-        quantize_layers(self.llm.model.model.layers,
-                        dict.fromkeys(ATTENTION_LINEARS + MLP_LINEARS, (8, 0)))
+        # A prefill's GEMM on the widened weights: bfloat16 where AMX makes it ~3x faster.
+        gemm_dtype = torch.bfloat16 if cpu_bf16_support() == "amx" else torch.float32
+        fuse_and_quantize(self.llm.model.model.layers, gemm_dtype)
         self._int8 = True
         return self
 

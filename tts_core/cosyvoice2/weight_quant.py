@@ -20,9 +20,11 @@ from torch import nn
 
 WEIGHT_BITS = (8, 4)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-# Above this many rows (a prefill) an int8 layer widens its weights to float32 and runs the
-# float32 GEMM: the int8 kernel works row by row, so on a 112-row prompt it was ~2x slower than
-# float32, while widening costs about a third of a float32 GEMM. Decode batches stay below it.
+# Above this many rows (a prefill) an int8 layer widens its weights and runs a floating-point
+# GEMM: the int8 kernel works row by row, so on a 112-row prompt it was ~2x slower than float32,
+# while widening costs about a third of a float32 GEMM. Decode batches stay below it. The GEMM
+# runs in ``gemm_dtype``: bfloat16 on CPUs with AMX (the 91-row prefill of a 4864x896 layer took
+# 1.0 ms against 3.3 ms in float32 on 2 threads), float32 elsewhere.
 GEMM_ROWS = 32
 
 
@@ -33,8 +35,10 @@ class WeightOnlyLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+                 qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 gemm_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self.gemm_dtype = gemm_dtype  # of the prefill GEMM (int8 only; see GEMM_ROWS)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.register_buffer("qweight", qweight)
@@ -44,7 +48,8 @@ class WeightOnlyLinear(nn.Module):
         self.prefill: nn.Module | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32) -> WeightOnlyLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32,
+                    gemm_dtype: torch.dtype = torch.float32) -> WeightOnlyLinear:
         if bits not in WEIGHT_BITS:
             raise ValueError(f"weight bits must be one of {WEIGHT_BITS}, got {bits}")
         weight = linear.weight.detach().float()
@@ -55,7 +60,8 @@ class WeightOnlyLinear(nn.Module):
         if bits == 8:
             scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
             q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            return cls(in_features, out_features, 8, 0, q, scale.to(torch.bfloat16), bias)
+            return cls(in_features, out_features, 8, 0, q, scale.to(torch.bfloat16), bias,
+                       gemm_dtype)
         if group_size not in INT4_GROUP_SIZES or in_features % group_size:
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES} and divide "
                              f"the input width {in_features}, got {group_size}")
@@ -77,8 +83,8 @@ class WeightOnlyLinear(nn.Module):
             return self.prefill(x)
         if self.bits == 8 and x.numel() > GEMM_ROWS * self.in_features:
             # scales per output channel: applied to the product, not to every weight
-            y = F.linear(x.reshape(-1, self.in_features).float(), self.qweight.float())
-            y = y * self.scales.float()
+            rows = x.reshape(-1, self.in_features).to(self.gemm_dtype)
+            y = F.linear(rows, self.qweight.to(self.gemm_dtype)).float() * self.scales.float()
             if self.bias is not None:
                 y = y + self.bias
             return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -96,23 +102,44 @@ class WeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}{group}")
+                f"bits={self.bits}{group}, gemm_dtype={str(self.gemm_dtype)[6:]}")
 
 
-# Names of the Linear layers inside one Qwen2 decoder layer, by block.
+# Names of the Linear layers inside one Qwen2 decoder layer, by block (before fusion).
 ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                      "self_attn.o_proj")
 MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def quantize_layers(layers: nn.ModuleList, scheme: dict[str, tuple[int, int]]) -> None:
-    """Replace, in every decoder layer, each Linear named in ``scheme`` by a
-    :class:`WeightOnlyLinear` with that (bits, group size); the others stay as they are."""
+def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the outputs of ``linears`` (same input) side by side."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    with_bias = [m.bias is not None for m in linears]
+    if any(with_bias) and not all(with_bias):
+        raise ValueError("cannot concatenate Linear layers with and without bias")
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=all(with_bias),
+                      dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias.detach() for m in linears]))
+    return fused
+
+
+def fuse_and_quantize(layers: nn.ModuleList, gemm_dtype: torch.dtype = torch.float32) -> None:
+    """Every Linear of the Qwen2 decoder layers as weight-only int8, with q/k/v and gate/up
+    each fused into one layer (``qkv_proj``, ``gate_up_proj``).
+
+    Per-output-channel scales make the fused layer's rows exactly the separate layers' rows;
+    the gain is fewer kernel calls and activation casts per decode step (7 -> 4 per layer).
+    """
     for layer in layers:
-        for name, (bits, group) in scheme.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = layer.get_submodule(parent_name)
-            linear = getattr(parent, child)
-            if not isinstance(linear, nn.Linear):
-                raise TypeError(f"{name} is a {type(linear).__name__}, not a float Linear")
-            setattr(parent, child, WeightOnlyLinear.from_linear(linear, bits, group))
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.qkv_proj = WeightOnlyLinear.from_linear(qkv, 8, gemm_dtype=gemm_dtype)
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        attn.o_proj = WeightOnlyLinear.from_linear(attn.o_proj, 8, gemm_dtype=gemm_dtype)
+        gate_up = concat_linears([mlp.gate_proj, mlp.up_proj])
+        mlp.gate_up_proj = WeightOnlyLinear.from_linear(gate_up, 8, gemm_dtype=gemm_dtype)
+        del mlp.gate_proj, mlp.up_proj
+        mlp.down_proj = WeightOnlyLinear.from_linear(mlp.down_proj, 8, gemm_dtype=gemm_dtype)
