@@ -19,12 +19,14 @@ import soundfile
 import torch
 
 import tts_core.cosyvoice2.engine as cv2_engine
+from service.options import ServerOptions, parse_server_options
 from tts_core.cosyvoice2.engine import FLOW_STREAM_CACHE_BYTES, CosyVoice2Engine
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
 from tts_core.cosyvoice3.engine import CosyVoice3Engine
 from tts_core.cosyvoice3.token2wav import DIT_CACHE_MAX_FRAMES
 from tts_core.engine import Audio, Mode, SynthesisRequest
 from tts_core.memory import cgroup_available, host_available, meminfo_available, parse_size
+from tts_core.registry import create_engine
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
@@ -49,6 +51,27 @@ def test_bad_sizes_are_refused_with_a_usable_message(text: str) -> None:
     with pytest.raises(ValueError, match=r"is not a size: give bytes or a number with K, M, G "
                                          r"or T .* e\.g\. 8G, 512M"):
         parse_size(text)
+
+
+def test_server_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    options = parse_server_options(["--flow-cache-memory", "6G", "--max-batch", "4"])
+    assert options.flow_cache_memory == 6 << 30
+    # the gateway starts its replicas with argv(): the value survives the round trip
+    assert parse_server_options(options.argv()) == options
+    assert parse_server_options([]).flow_cache_memory is None
+    assert "--flow-cache-memory" not in ServerOptions().argv()
+    with pytest.raises(SystemExit) as exit_info:
+        parse_server_options(["--flow-cache-memory", "8X"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --flow-cache-memory: '8X' is not a size" in error and "8G, 512M" in error
+
+
+def test_registry_refuses_budgets_it_cannot_use(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--flow-cache-memory must be >= 0"):
+        create_engine("cosyvoice2", model_dir=tmp_path, flow_cache_memory=-1)
+    with pytest.raises(ValueError, match="--flow-cache-memory applies to the cosyvoice2"):
+        create_engine("embedded", flow_cache_memory=1 << 30)
 
 
 # ----------------------------------------------------------------------------- free memory
