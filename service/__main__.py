@@ -41,16 +41,19 @@ async def serve(args: ServerOptions) -> None:
                     if args.metrics_port else None)
     log.info("loading engine %s", args.engine_name)
     load_started = time.perf_counter()
+    # With a batch scheduler, admission follows its capacity: max_batch running, then the queue.
+    max_concurrent = args.max_batch if args.max_batch > 1 else args.max_concurrent
     engine = await asyncio.to_thread(create_engine, args.engine_name, model_dir=args.model_dir,
                                      threads=args.threads, device=args.device,
                                      state_dir=state_dir,
                                      first_chunk_tokens=args.first_chunk_tokens,
-                                     precision=args.precision, max_batch=args.max_batch)
+                                     precision=args.precision, max_batch=args.max_batch,
+                                     flow_cache_memory=args.flow_cache_memory,
+                                     # the syntheses that share the flow cache memory
+                                     concurrent_streams=max_concurrent)
     device, precision = engine_description(engine, args.device, args.precision)
     METRICS.engine_loaded(engine=engine.name, model_dir=args.model_dir, device=device,
                           precision=precision, seconds=time.perf_counter() - load_started)
-    # With a batch scheduler, admission follows its capacity: max_batch running, then the queue.
-    max_concurrent = args.max_batch if args.max_batch > 1 else args.max_concurrent
     running = await start_server(engine, host=_listen_host(args.grpc_host), port=args.grpc_port,
                                  api_keys=list(keys.keys), max_concurrent=max_concurrent,
                                  max_queue=args.max_queue)

@@ -9,12 +9,15 @@ a new option is one entry in ``_OPTIONS`` and one field in ``ServerOptions``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from service import limits
 from service.auth import ENV_KEYS
 from service.logs import LOG_FORMATS
+from tts_core.memory import parse_size
 from tts_core.registry import ENGINE_NAMES, PRECISIONS
 
 
@@ -33,6 +36,7 @@ class ServerOptions:
     max_concurrent: int = limits.DEFAULT_MAX_CONCURRENT
     max_queue: int = limits.DEFAULT_MAX_QUEUE
     max_batch: int = limits.DEFAULT_MAX_BATCH
+    flow_cache_memory: int | None = None  # bytes; None: the engine's default
     api_key_file: Path | None = None
     state_dir: Path | None = None
     port_file: Path | None = None
@@ -67,8 +71,15 @@ class _Option:
     field: str
     flags: tuple[str, ...]  # the first is the one ``argv`` writes
     help: str
-    type: type = str
+    type: Callable[[str], Any] = str
     choices: tuple[str, ...] | None = None
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:  # argparse then exits 2 with this message
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 _OPTIONS = (
@@ -92,6 +103,11 @@ _OPTIONS = (
     _Option("max_batch", ("--max-batch",), "cosyvoice2/3 engines: requests one batch scheduler "
             "steps together (1: none, each synthesis on its own thread); above 1 it replaces "
             "--max-concurrent as the number of syntheses running at once", int),
+    _Option("flow_cache_memory", ("--flow-cache-memory",), "cosyvoice2/3 engines: memory the "
+            "flow stream caches of all syntheses running at once may hold together, e.g. 8G, "
+            "512M or bytes; each of the --max-batch (else --max-concurrent) streams gets an equal "
+            "share, and a stream past its share recomputes instead (same audio, slower). "
+            "Default: half the memory free once the models are loaded", _size),
     _Option("api_key_file", ("--api-key-file",), f"API keys, one per line (else ${ENV_KEYS}, "
             "else a key generated into the state directory)", Path),
     _Option("state_dir", ("--state-dir",), "where a generated key, registered speakers and the "

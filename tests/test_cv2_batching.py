@@ -32,6 +32,7 @@ from tts_core.cosyvoice2.llm import SOS_ROW, TASK_ID_ROW, CosyVoice2LM, DecodeSt
 from tts_core.cosyvoice2.sampling import RasSampler
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
 from tts_core.engine import Audio, Mode, SynthesisRequest
+from tts_core.memory import format_gib
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BATCH_LOGP_ATOL = 5e-5
@@ -454,7 +455,8 @@ def test_engine_flow_chunks_solved_together_and_a_failing_one_fails_alone(
 
 def test_service_admission_follows_max_batch(model_dir: Path, tmp_path: Path) -> None:
     """--max-batch 3 through the real launcher: 3 run in one batch, 1 queues, the next gets 503
-    (RESOURCE_EXHAUSTED), and GetServerStatus shows the batch filling up."""
+    (RESOURCE_EXHAUSTED), and GetServerStatus shows the batch filling up; --flow-cache-memory
+    reaches the engine, which shares it among the 3."""
     import grpc
     from conftest import AUDIO_DIR, collect_replies, rpc_error, start_stack, stop_stack
 
@@ -462,10 +464,12 @@ def test_service_admission_follows_max_batch(model_dir: Path, tmp_path: Path) ->
 
     stack = start_stack(tmp_path / "stack", max_concurrent=1, max_queue=1,
                         extra_args=("--engine", "cosyvoice2", "--model-dir", str(model_dir),
-                                    "--max-batch", "3"))
+                                    "--max-batch", "3", "--flow-cache-memory", "600M"))
     try:
         status = stack.status()
         assert (status["max_batch"], status["max_concurrent"]) == (3, 3)
+        share = format_gib(int((600 << 20) // 3 / 1.5))
+        assert f"3 concurrent streams (--flow-cache-memory): {share} per stream" in stack.logs()
         prompt = tts_pb2.PromptAudio(data=(AUDIO_DIR / "zero_shot_prompt.wav").read_bytes(),
                                      format=tts_pb2.PROMPT_AUDIO_FORMAT_CONTAINER)
         request = tts_pb2.SynthesizeRequest(

@@ -39,7 +39,8 @@ def detect_engine(model_dir: Path) -> str:
 def create_engine(name: str, *, model_dir: Path | None = None, threads: int | None = None,
                   device: str = "auto", state_dir: Path | None = None,
                   first_chunk_tokens: int | None = None, precision: str = "auto",
-                  max_batch: int = 1) -> Engine:
+                  max_batch: int = 1, flow_cache_memory: int | None = None,
+                  concurrent_streams: int | None = None) -> Engine:
     """Return a ready engine.
 
     ``threads`` bounds the engine's compute threads (None: its default); ``state_dir`` is where an
@@ -47,12 +48,17 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
     the size of the first streamed chunk of the CosyVoice engines (None: their default);
     ``precision`` is one of ``PRECISIONS``. ``auto`` needs ``model_dir`` and picks cosyvoice2 or
     cosyvoice3 from it. ``max_batch`` > 1 gives the cosyvoice2 / cosyvoice3 engine a batch
-    scheduler stepping that many requests together (tts_core.batching).
+    scheduler stepping that many requests together (tts_core.batching). ``flow_cache_memory``:
+    bytes the cosyvoice2 / cosyvoice3 flow stream caches of all ``concurrent_streams`` requests
+    running at once (None: max_batch) may hold together (None: half the memory free after
+    loading).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+    if flow_cache_memory is not None and flow_cache_memory < 0:
+        raise ValueError(f"--flow-cache-memory must be >= 0 bytes, got {flow_cache_memory}")
     if name == "auto":
         if model_dir is None:
             raise ValueError("--engine auto needs --model-dir (a CosyVoice 2 or 3 model "
@@ -65,6 +71,9 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
         if max_batch != 1:
             raise ValueError("--max-batch applies to the cosyvoice2 and cosyvoice3 engines "
                              "only")
+        if flow_cache_memory is not None:
+            raise ValueError("--flow-cache-memory applies to the cosyvoice2 and cosyvoice3 "
+                             "engines only")
         from tts_core.embedded.engine import EmbeddedEngine
 
         return EmbeddedEngine(threads=threads)
@@ -81,5 +90,7 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
         return engine_class.from_model_dir(Path(model_dir), threads=threads, device=device,
                                            state_dir=state_dir,
                                            first_chunk_tokens=first_chunk_tokens,
-                                           precision=precision, max_batch=max_batch)
+                                           precision=precision, max_batch=max_batch,
+                                           flow_cache_memory=flow_cache_memory,
+                                           concurrent_streams=concurrent_streams)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -66,6 +66,7 @@ from ..engine import (
     UnknownSpeaker,
     UnsupportedMode,
 )
+from ..memory import available_memory, format_gib
 from .flow import CausalFlow
 from .llm import PrefixCache
 from .model_dir import CosyVoice2Models, load_model_dir
@@ -160,6 +161,13 @@ STREAM_ALIGN_FLOW_PROMPT = True
 # step at a time (bit-identical, recomputing the segment on every chunk) rather than growing it.
 FLOW_STREAM_CACHE_BYTES = 7 << 29
 
+# The flow caches of all streams that may run at once (max_batch, or the server's
+# max_concurrent) share one budget: N streams each at the limit above would take N x 3.5 GiB,
+# more than a 24 GiB machine has at --max-batch 8. Without an explicit budget it is this share
+# of the memory free where the caches live once the models are loaded (the rest is for the
+# LM's KV caches, activations and the machine); each stream gets an equal part.
+DEFAULT_FLOW_CACHE_SHARE = 0.5
+
 # Streamed text is normalised (and tokenised) up to its last word or clause boundary; text
 # without one (CJK without punctuation) is flushed once it is this long.
 _STREAM_BOUNDARY = re.compile(r".*[\s，。！？；：、,.!?;:…]", re.S)
@@ -214,7 +222,8 @@ class CosyVoice2Engine:
     def __init__(self, models: CosyVoice2Models, state_dir: Path | None = None,
                  seed: int | None = None, schedule: StreamSchedule | None = None,
                  max_batch: int = 1, pipeline: bool = False,
-                 prefix_cache_size: int = 32) -> None:
+                 prefix_cache_size: int = 32, flow_cache_memory: int | None = None,
+                 concurrent_streams: int | None = None) -> None:
         if models.tokenizer is None or models.onnx is None:
             raise ValueError("the engine needs the tokenizer and the ONNX front end "
                              "(load the model directory with require_frontend=True)")
@@ -224,7 +233,12 @@ class CosyVoice2Engine:
         self.text = TextFrontend(lambda s: len(self.tokenizer.encode(s)),
                                  markers=self.tokenizer.SPECIAL_TOKENS)
         self.prompts = PromptEncoder(models.onnx, models.mel_config, models.token_mel_ratio)
-        self.token2wav = self._make_token2wav(schedule or default_schedule(models.chunk_size))
+        # Requests streaming at once: the batch, or the caller's admission (the server's
+        # --max-concurrent without a scheduler); each holds one flow stream cache.
+        streams = max(1, max_batch, concurrent_streams or 1)
+        self.flow_cache_bytes = self._flow_cache_budget(flow_cache_memory, streams)
+        self.token2wav = self._make_token2wav(schedule or default_schedule(models.chunk_size),
+                                              self.flow_cache_bytes)
         presets = {}
         for name, entry in models.spk2info.items():
             try:
@@ -254,17 +268,61 @@ class CosyVoice2Engine:
         self._flow_caches: OrderedDict[str, tuple[SpeakerProfile, Any]] = OrderedDict()
         self._flow_caches_lock = threading.Lock()
 
-    def _make_token2wav(self, schedule: StreamSchedule) -> Token2Wav:
+    def _make_token2wav(self, schedule: StreamSchedule, flow_cache_bytes: int) -> Token2Wav:
         return Token2Wav(self.models.flow, self.models.hift,
                          token_mel_ratio=self.models.token_mel_ratio, schedule=schedule,
-                         flow_cache_bytes=FLOW_STREAM_CACHE_BYTES)
+                         flow_cache_bytes=flow_cache_bytes)
+
+    # Memory a stream's flow cache holds per byte of its budget: the budget counts the
+    # keys/values its frames need, and the buffers grow ahead by up to half of that
+    # (flow_decoder._grow_rows), so N budgets of total / (1.5 N) hold at most total.
+    _flow_cache_slack = 1.5
+
+    def _flow_cache_frame_bytes(self) -> int | None:
+        """Bytes of a stream's flow cache per mel frame (None: the flow keeps none)."""
+        flow = self.models.flow
+        if not getattr(flow, "supports_chunk_streaming", False):
+            return None
+        return int(flow.stream_cache_bytes_per_frame(self.models.dtype))
+
+    def _flow_cache_limit(self, frame_bytes: int) -> int:
+        """The most one stream's flow cache may count, bytes (whatever the total)."""
+        return FLOW_STREAM_CACHE_BYTES
+
+    def _flow_cache_budget(self, total: int | None, streams: int) -> int:
+        """One stream's flow cache budget (bytes its frames may count) such that ``streams``
+        streams at once hold at most ``total`` bytes (None: DEFAULT_FLOW_CACHE_SHARE of the
+        memory free now, or the per-stream limit when that cannot be read); logged once."""
+        if total is not None and total < 0:
+            raise ValueError(f"flow_cache_memory must be >= 0 bytes, got {total}")
+        frame_bytes = self._flow_cache_frame_bytes()
+        if frame_bytes is None:  # nothing to share
+            return FLOW_STREAM_CACHE_BYTES
+        limit = self._flow_cache_limit(frame_bytes)
+        ceiling = int(limit * self._flow_cache_slack) * streams  # every stream at its limit
+        source = "--flow-cache-memory"
+        if total is None:
+            free = available_memory(str(self.models.device))
+            total = ceiling if free is None else int(free * DEFAULT_FLOW_CACHE_SHARE)
+            source = ("free memory unknown: the per-stream limit" if free is None else
+                      f"default: {DEFAULT_FLOW_CACHE_SHARE:.0%} of the {format_gib(free)} free "
+                      f"on {self.models.device} at start")
+        budget = min(limit, int(total // streams / self._flow_cache_slack))
+        mel = self.models.mel_config
+        seconds = budget // frame_bytes * mel.hop_size / mel.sampling_rate
+        log.info("flow stream caches: %s for %d concurrent streams (%s): %s per stream, %.1f s "
+                 "of prompt + speech each; a longer segment goes on recomputing (same audio, "
+                 "slower)", format_gib(min(total, ceiling)), streams, source, format_gib(budget),
+                 seconds)
+        return budget
 
     @classmethod
     def from_model_dir(cls, path: Path, threads: int | None = None, device: str = "auto",
                        state_dir: Path | None = None, dtype: str | None = None,
                        seed: int | None = None, first_chunk_tokens: int | None = None,
                        precision: str = "auto", max_batch: int = 1, pipeline: bool = False,
-                       prefix_cache_size: int = 32) -> Self:
+                       prefix_cache_size: int = 32, flow_cache_memory: int | None = None,
+                       concurrent_streams: int | None = None) -> Self:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
@@ -275,7 +333,10 @@ class CosyVoice2Engine:
         speech tokens in the first streamed chunk (None: the default below); max_batch: requests
         decoded together by the batch scheduler (1: no scheduler); pipeline: decode in a thread
         of its own while streamed chunks are vocoded; prefix_cache_size: stored speakers whose
-        LM prefix KV is kept (0: none).
+        LM prefix KV is kept (0: none); flow_cache_memory: bytes the flow stream caches of all
+        concurrent streams may hold together (None: DEFAULT_FLOW_CACHE_SHARE of the memory free
+        after loading); concurrent_streams: requests the caller lets run at once (None:
+        max_batch), which share it.
         """
         device = _resolve_device(device)
         name = _precision_name(precision, dtype)
@@ -296,7 +357,8 @@ class CosyVoice2Engine:
         if first_chunk_tokens is not None:
             schedule = default_schedule(models.chunk_size, first_chunk_tokens)
         return cls(models, state_dir=state_dir, seed=seed, schedule=schedule,
-                   max_batch=max_batch, pipeline=pipeline, prefix_cache_size=prefix_cache_size)
+                   max_batch=max_batch, pipeline=pipeline, prefix_cache_size=prefix_cache_size,
+                   flow_cache_memory=flow_cache_memory, concurrent_streams=concurrent_streams)
 
     # ------------------------------------------------------------------ Engine protocol
 

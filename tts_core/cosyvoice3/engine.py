@@ -44,7 +44,7 @@ from ..cosyvoice2.token2wav import StreamSchedule
 from ..cosyvoice2.tokenizer import ENDOFPROMPT
 from .llm import SilenceThinner, drop_long_silences
 from .model_dir import load_model_dir
-from .token2wav import Token2Wav
+from .token2wav import DIT_CACHE_MAX_FRAMES, Token2Wav
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -82,9 +82,23 @@ class CosyVoice3Engine(CosyVoice2Engine):
     # batch scheduler: the silence thinning of _lm_tokens, token by token
     _vocoder_token_filter = SilenceThinner
 
-    def _make_token2wav(self, schedule: StreamSchedule) -> Token2Wav:
+    def _make_token2wav(self, schedule: StreamSchedule, flow_cache_bytes: int) -> Token2Wav:
+        # the DiT cache is bounded in frames (the budget is computed from bytes per frame)
+        frame_bytes = self._flow_cache_frame_bytes() or 1
         return Token2Wav(self.models.flow, self.models.hift,
-                         token_mel_ratio=self.models.token_mel_ratio, schedule=schedule)
+                         token_mel_ratio=self.models.token_mel_ratio, schedule=schedule,
+                         dit_cache_max_frames=flow_cache_bytes // frame_bytes)
+
+    # Streams keep the DiT's cache (cosyvoice3/token2wav.py) instead of CosyVoice 2's flow
+    # cache. Its tensors hold exactly their frames, but each chunk concatenates one Euler
+    # step's keys/values into new tensors before dropping the old: a tenth more at 10 steps.
+    _flow_cache_slack = 1.1
+
+    def _flow_cache_frame_bytes(self) -> int | None:
+        return int(self.models.flow.stream_cache_bytes_per_frame(self.models.dtype))
+
+    def _flow_cache_limit(self, frame_bytes: int) -> int:
+        return DIT_CACHE_MAX_FRAMES * frame_bytes
 
     def _system_ids(self) -> list[int]:
         return self.tokenizer.encode(SYSTEM_PROMPT + ENDOFPROMPT)

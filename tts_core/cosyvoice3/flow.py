@@ -257,6 +257,14 @@ class CausalFlowDiT(nn.Module):
                                         cache or self.new_stream_cache())
         return mel[:, :, prompt_feat.shape[1]:].float()
 
+    def stream_cache_bytes_per_frame(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes a stream cache's DiT keys/values take per mel frame (every Euler step, CFG
+        row and block)."""
+        dit = self.config.estimator
+        rows = 2 if self.config.cfm.inference_cfg_rate > 0 else 1
+        return self.config.cfm.n_timesteps * rows * dit.depth * 2 * dit.heads * dit.dim_head \
+            * torch.finfo(dtype).bits // 8
+
     def new_stream_cache(self, max_frames: int | None = None) -> FlowStreamCache:
         """An empty cache for one request. ``max_frames``: keep at most this many frames
         (prompt included; memory bound), recompute the later ones at every call."""
