@@ -12,7 +12,7 @@ int8        float32 activations, int8 Linear weights,       bfloat16 where the C
             dynamic int8 activations (CPU only)             bf16 matmul (AMX), else float32
 int8w       int8 Linear weights only (per output channel),  as int8
             floating-point activations (CPU only)
-auto        CPU: bfloat16 with AMX, else int8w; CUDA: bfloat16 (float16 without bf16)
+auto        CPU: int8w (its flow bfloat16 with AMX); CUDA: bfloat16 (float16 without bf16)
 ==========  ==============================================  ==================================
 
 The LM's speech tables and output layer, the flow's Euler solver and the vocoder stay float32
@@ -26,7 +26,10 @@ full-size generated directory its next-token distributions moved by a total vari
 of 0.16 (tolerance 0.1), so it is an explicit choice, not the CPU default. int8w keeps the int8
 weights but not the rounding of the activations (whose outliers are int8's error): TV 0.065 on
 that directory, at nearly int8's decoding speed (``scripts/bench_cv2_lm_quant.py``), so it is
-the CPU default where bfloat16 has no matrix unit. int4 weights (group-wise) were faster still
+the CPU default. Even with AMX it beats a bfloat16 LM, which reads twice its bytes per token:
+on a 2-core AMX machine (full-size directory, ``scripts/bench_cv2_speed.py``) int8w decoded
+32.3 tokens/s against 17.1 and gave first audio 1.12 s against 1.39 s, both with the flow in
+bfloat16. int4 weights (group-wise) were faster still
 but moved the distributions by TV 0.45, far outside.
 """
 
@@ -114,7 +117,7 @@ def resolve_precision(name: str, device: torch.device | str) -> Precision:
         if cuda:
             name = "bfloat16" if bf16() != "none" else "float16"
         else:
-            name = "bfloat16" if bf16() == "amx" else "int8w"
+            name = "int8w"  # the flow in bfloat16 where the CPU has AMX, see below
     if name == "float32":
         return Precision("float32", torch.float32, False, torch.float32)
     if name == "float16":
