@@ -25,6 +25,7 @@ import soundfile
 import torch
 
 from tests.cv2_parity import parity_models, vectors
+from tests.scheduler_gate import held_until
 from tts_core.batching.lm_batch import BackboneLM, batched_decode
 from tts_core.batching.scheduler import BatchScheduler
 from tts_core.cosyvoice2.engine import CosyVoice2Engine
@@ -421,15 +422,6 @@ def test_engine_flow_chunks_solved_together_and_a_failing_one_fails_alone(
         return begin(job)
 
     monkeypatch.setattr(cosyvoice2_job.CosyVoice2Job, "begin_output", begin_output)
-    step = scheduler._step
-    deadline = time.monotonic() + 30
-
-    def gated_step() -> None:  # the three start together, so their chunks fall due together
-        while scheduler.occupancy() < 3 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        step()
-
-    monkeypatch.setattr(scheduler, "_step", gated_step)
     got: list[np.ndarray | BaseException | None] = [None] * 3
 
     def run(i: int, request: SynthesisRequest) -> None:
@@ -439,10 +431,12 @@ def test_engine_flow_chunks_solved_together_and_a_failing_one_fails_alone(
             got[i] = error
 
     threads = [threading.Thread(target=run, args=(i, r)) for i, r in enumerate(good + [bad])]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
+    # the three start together, so their chunks fall due together
+    with held_until(scheduler, 3):
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
     assert scheduler.stats.peak_output_batch >= 2
     for w, g in zip(want, got[:2], strict=True):
         assert isinstance(g, np.ndarray) and len(g) == len(w) > 0

@@ -22,6 +22,7 @@ import requests
 import soundfile
 import torch
 
+from tests.scheduler_gate import held_until
 from tts_core.batching.cosyvoice2_job import CosyVoice2Job
 from tts_core.cosyvoice3.engine import TRAINED_INSTRUCTIONS, CosyVoice3Engine
 from tts_core.cosyvoice3.llm import MAX_SILENT_RUN, SILENT_TOKENS, SilenceThinner
@@ -104,12 +105,6 @@ def run_together(engine: CosyVoice3Engine, requests_: list[SynthesisRequest],
     got: list[np.ndarray | BaseException | None] = [None] * len(requests_)
     scheduler = engine.scheduler
     assert scheduler is not None
-    step, deadline = scheduler._step, time.monotonic() + 30
-
-    def gated_step() -> None:
-        while scheduler.occupancy() < 2 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        step()
 
     def run(i: int) -> None:
         time.sleep(stagger * i)  # interleaved starts: each joins a batch already running
@@ -118,15 +113,12 @@ def run_together(engine: CosyVoice3Engine, requests_: list[SynthesisRequest],
         except BaseException as error:  # noqa: BLE001 - handed to the test
             got[i] = error
 
-    scheduler._step = gated_step  # type: ignore[method-assign]
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests_))]
-    try:
+    with held_until(scheduler, 2):
         for th in threads:
             th.start()
         for th in threads:
             th.join(180)
-    finally:
-        scheduler._step = step  # type: ignore[method-assign]
     return got
 
 
