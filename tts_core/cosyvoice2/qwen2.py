@@ -85,12 +85,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # eps as a float32 tensor (per device, made on first use; not a buffer, so that
+        # module.to(bfloat16) leaves it exact): adding the Python float instead wraps it into a
+        # new tensor on every call, which costs about as much as the addition itself.
+        self._eps_tensor: torch.Tensor | None = None
+
+    def _eps(self, device: torch.device) -> torch.Tensor:
+        eps = self._eps_tensor
+        if eps is None or eps.device != device:
+            eps = self._eps_tensor = torch.tensor(self.eps, dtype=torch.float32, device=device)
+        return eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The same float32 arithmetic as x * rsqrt(x.pow(2).mean() + eps), in fewer calls: a
         # decode step runs 49 norms on one row each, where the per-call cost is all there is.
         h = x if x.dtype == torch.float32 else x.float()
-        h = h * (h * h).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        h = h * (h * h).mean(-1, keepdim=True).add_(self._eps(h.device)).rsqrt_()
         if x.dtype != torch.float32:
             h = h.to(x.dtype)  # reduced precision: round, then scale by the weight (as HF does)
         return self.weight * h
