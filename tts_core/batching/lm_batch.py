@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tts_core.cosyvoice2.qwen2 import KVCache, Qwen2Model, rotary_cos_sin, rotate_half
+from tts_core.cosyvoice2.qwen2 import KVCache, Qwen2Model, rotary_cos_sin
 
 
 @torch.inference_mode()
@@ -42,26 +42,22 @@ def batched_decode(backbone: Qwen2Model, rows: torch.Tensor,
                          f"({cfg.max_position_embeddings})")
     dtype = backbone.embed_tokens.weight.dtype
     x = rows.to(dtype)
-    cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [B, 1, hd]: one position per request
+    cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)  # [B, 1, hd]
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(hd)
     for layer in backbone.layers:
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q, k, v = attn.project_qkv(h)
-        q, k, v = q.view(batch, heads, hd), k.view(batch, kv_heads, hd), v.view(batch, kv_heads, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qkv = attn.project_qkv(layer.input_layernorm(x)).view(batch, -1, hd)
+        q, k, v = attn.rotate_qkv(qkv, cos, sin)  # [B, heads, hd]
+        # the `group` query heads sharing a key/value head are `group` query rows against it
+        q = q.reshape(batch, kv_heads, group, hd)
+        k, v = k.unsqueeze(2), v.unsqueeze(2)  # [B, kv_heads, 1, hd]: one new position
         outs = []
-        for i, cache in enumerate(caches):
-            keys, values = cache.update(attn.layer_index, k[i][None, :, None], v[i][None, :, None])
-            # the `group` query heads sharing a key/value head are `group` query rows against it
-            qi = q[i].reshape(1, kv_heads, group, hd)
-            outs.append(F.scaled_dot_product_attention(qi, keys, values, scale=scale)
-                        .reshape(heads * hd))
-        x = x + attn.o_proj(torch.stack(outs))
+        for qi, ki, vi, cache in zip(q.split(1), k.split(1), v.split(1), caches, strict=True):
+            keys, values = cache.update(attn.layer_index, ki, vi)
+            outs.append(F.scaled_dot_product_attention(qi, keys, values, scale=scale))
+        x = x + attn.o_proj(torch.cat(outs).view(batch, heads * hd))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return backbone.norm(x)
 

@@ -85,36 +85,51 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # eps as a float32 tensor (per device, made on first use; not a buffer, so that
+        # module.to(bfloat16) leaves it exact): adding the Python float instead wraps it into a
+        # new tensor on every call, which costs about as much as the addition itself.
+        self._eps_tensor: torch.Tensor | None = None
+
+    def _eps(self, device: torch.device) -> torch.Tensor:
+        eps = self._eps_tensor
+        if eps is None or eps.device != device:
+            eps = self._eps_tensor = torch.tensor(self.eps, dtype=torch.float32, device=device)
+        return eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # The same float32 arithmetic as x * rsqrt(x.pow(2).mean() + eps), in fewer calls: a
+        # decode step runs 49 norms on one row each, where the per-call cost is all there is.
+        h = x if x.dtype == torch.float32 else x.float()
+        h = h * (h * h).mean(-1, keepdim=True).add_(self._eps(h.device)).rsqrt_()
+        if x.dtype != torch.float32:
+            h = h.to(x.dtype)  # reduced precision: round, then scale by the weight (as HF does)
+        return self.weight * h
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [L, head_dim] for integer positions.
+    """cos and signed sin tables [N, 1, head_dim] for N integer positions (see
+    :func:`apply_rotary`); the middle axis broadcasts over heads.
 
     Computed in float32 on every call rather than kept as a buffer: ``module.to(bfloat16)`` would
     otherwise round the frequencies, and positions of a few thousand need them exact.
     """
     exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64)
     inv_freq = 1.0 / (theta ** (exponents.float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)  # both halves share the frequencies
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
+    angles = positions.float()[:, None, None] * inv_freq  # both halves share the frequencies
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, L, head_dim]; cos/sin: [L, head_dim]."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate x [..., head_dim] in the "rotate half" layout by tables from
+    :func:`rotary_cos_sin`.
+
+    HF computes ``x * cos + cat(-x2, x1) * sin``; with the first half of ``sin`` negated that is
+    ``x * cos + cat(x2, x1) * sin``, bit for bit, and the swap is one ``roll`` instead of a
+    chunk, a negation and a concatenation.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -182,23 +197,30 @@ class Qwen2Attention(nn.Module):
         # reads them in one kernel call (q_proj, k_proj and v_proj are then removed).
         self.qkv_proj: nn.Module | None = None
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k and v of rows x [..., D], each still flat ([..., heads * head_dim])."""
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v heads of rows x [..., D], side by side: [..., (heads + 2 kv_heads) *
+        head_dim] (the fused layer's output as it is)."""
         if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        kv_width = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split((self.num_heads * self.head_dim, kv_width, kv_width),
-                                         dim=-1)
-        return q, k, v
+            return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        return self.qkv_proj(x)
+
+    def rotate_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split projected heads [..., heads + 2 kv_heads, head_dim] into q, k, v (same layout,
+        views) with q and k rotated.
+
+        q and k are adjacent heads, so one rotation covers both.
+        """
+        rotated = apply_rotary(qkv[..., :self.num_heads + self.num_kv_heads, :], cos, sin)
+        return (rotated[..., :self.num_heads, :], rotated[..., self.num_heads:, :],
+                qkv[..., self.num_heads + self.num_kv_heads:, :])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.project_qkv(x).view(batch, length, -1, self.head_dim)
+        q, k, v = self.rotate_qkv(qkv, cos, sin)  # [B, L, heads, hd]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         group = self.num_heads // self.num_kv_heads
@@ -210,6 +232,7 @@ class Qwen2Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
             out = out.reshape(batch, 1, self.num_heads * self.head_dim)
             return self.o_proj(out)
+        q = q.transpose(1, 2)
         if group > 1:  # every query head of a group reads the same key/value head
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)

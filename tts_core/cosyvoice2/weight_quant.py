@@ -94,10 +94,14 @@ class WeightOnlyLinear(nn.Module):
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size,
                                                   self.scales)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        if self.bias is not None and self.bias.dtype == x.dtype:
+            # One call: adding the float32 bias widens y exactly, as y.to(float32) would.
+            y = torch.add(y, self.bias)
+        elif self.bias is not None:
+            y = y.to(x.dtype) + self.bias.to(x.dtype)
+        else:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
