@@ -49,6 +49,7 @@ from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E4
 from tts_core.cosyvoice2.model_dir import load_model_dir  # noqa: E402
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir  # noqa: E402
 from tts_core.engine import Audio  # noqa: E402
+from tts_core.short_thread import on_short_thread  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
@@ -238,8 +239,9 @@ def main() -> int:
         model_dir = make_model_dir(Path(tmp.name), args.preset, seed=0)
     print(f"uptime: {load()}; {os.cpu_count()} cores, torch threads {args.threads}")
     started = time.perf_counter()
-    models = load_model_dir(model_dir, device=args.device, onnx_threads=1,
-                            precision=args.precision)
+    # as the engine's from_model_dir does: no OpenMP pool left on this thread (short_thread.py)
+    models = on_short_thread(load_model_dir, model_dir, device=args.device, onnx_threads=1,
+                             precision=args.precision)
     plan = models.precision
     described = f"LM {plan.lm_description}, flow {plan.flow_dtype}" if plan else models.dtype
     print(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s ({described})")

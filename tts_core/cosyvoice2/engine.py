@@ -67,6 +67,7 @@ from ..engine import (
     UnsupportedMode,
 )
 from ..memory import available_memory, format_gib
+from ..short_thread import on_short_thread
 from .flow import CausalFlow
 from .llm import PrefixCache
 from .model_dir import CosyVoice2Models, load_model_dir
@@ -348,7 +349,7 @@ class CosyVoice2Engine:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        models = cls.load_models(Path(path), device=device, precision=plan,
+        models = on_short_thread(cls.load_models, Path(path), device=device, precision=plan,
                                  onnx_threads=min(threads or 1, 4))
         log.info("loaded %s model directory %s on %s (precision %s: LM %s, flow %s) in %.1f s",
                  cls.display_name, path, device, plan.name, plan.lm_description, plan.flow_dtype,
@@ -559,7 +560,7 @@ class CosyVoice2Engine:
 
     def _encode_prompt(self, audio: Audio) -> PromptFeatures:
         try:
-            return self.prompts.encode(audio.samples, audio.sample_rate)
+            return on_short_thread(self.prompts.encode, audio.samples, audio.sample_rate)
         except PromptAudioError as error:
             raise InvalidRequest(str(error)) from error
 
@@ -727,8 +728,8 @@ class CosyVoice2Engine:
             if entry is not None and entry[0] is profile:
                 self._flow_caches.move_to_end(profile.id)
                 return entry[1]
-        cache = self.token2wav.prompt_cache(voice.flow_prompt_tokens, voice.flow_prompt_feat,
-                                            voice.embedding)
+        cache = on_short_thread(self.token2wav.prompt_cache, voice.flow_prompt_tokens,
+                                voice.flow_prompt_feat, voice.embedding)
         with self._flow_caches_lock:
             self._flow_caches[profile.id] = (profile, cache)
             self._flow_caches.move_to_end(profile.id)
