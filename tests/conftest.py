@@ -244,6 +244,17 @@ def prompt_wav() -> Path:
 
 
 @pytest.fixture(scope="session")
+def prompt(prompt_wav: Path):  # noqa: ANN201 - an Audio (tts_core imported lazily, as below)
+    """The zero-shot prompt recording as engine input."""
+    import soundfile
+
+    from tts_core.engine import Audio
+
+    samples, rate = soundfile.read(prompt_wav, dtype="float32")
+    return Audio(samples, rate)
+
+
+@pytest.fixture(scope="session")
 def cross_lingual_wav() -> Path:
     """Real English speech, 16-bit WAV at 22.05 kHz, 13.75 s."""
     return AUDIO_DIR / "cross_lingual_prompt.wav"

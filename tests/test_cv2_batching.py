@@ -315,12 +315,6 @@ def engines(model_dir: Path) -> tuple[CosyVoice2Engine, CosyVoice2Engine]:
     return alone, batched
 
 
-@pytest.fixture(scope="module")
-def prompt() -> Audio:
-    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
-    return Audio(samples, rate)
-
-
 def engine_requests(prompt: Audio) -> list[SynthesisRequest]:
     source = Audio(prompt.samples[: prompt.sample_rate * 2], prompt.sample_rate)
     return [

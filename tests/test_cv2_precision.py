@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 
 from tests.cv2_parity import parity_dir, vectors
@@ -36,7 +35,6 @@ from tts_core.cosyvoice2.weight_quant import (
 )
 from tts_core.engine import Audio, Mode, SynthesisRequest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
 
 # Tolerances against float32 (README, "Precision"), LM under teacher forcing: the total
@@ -57,12 +55,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("cv2-precision") / "tiny", "tiny", seed=21)
-
-
-@pytest.fixture(scope="module")
-def prompt() -> Audio:
-    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
-    return Audio(samples, rate)
 
 
 def collect(engine: CosyVoice2Engine, request: SynthesisRequest) -> list[np.ndarray]:

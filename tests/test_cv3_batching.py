@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import soundfile
 import torch
 
 from tests.scheduler_gate import held_until
@@ -28,7 +27,6 @@ from tts_core.cosyvoice3.engine import TRAINED_INSTRUCTIONS, CosyVoice3Engine
 from tts_core.cosyvoice3.llm import MAX_SILENT_RUN, SILENT_TOKENS, SilenceThinner
 from tts_core.engine import Audio, Mode, SynthesisRequest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
 SAMPLES_PER_TOKEN = 960
 WAV_ATOL = 1e-5
@@ -71,12 +69,6 @@ def engines(cv3_model_dir: Path) -> tuple[CosyVoice3Engine, CosyVoice3Engine]:
     yield alone, batched
     assert batched.scheduler is not None
     batched.scheduler.close()
-
-
-@pytest.fixture(scope="module")
-def prompt() -> Audio:
-    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
-    return Audio(samples, rate)
 
 
 def mixed_requests(prompt: Audio) -> list[SynthesisRequest]:

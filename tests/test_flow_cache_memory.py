@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 
 import tts_core.cosyvoice2.engine as cv2_engine
@@ -28,7 +27,6 @@ from tts_core.engine import Audio, Mode, SynthesisRequest
 from tts_core.memory import cgroup_available, host_available, meminfo_available, parse_size
 from tts_core.registry import create_engine
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PROMPT_TEXT = "希望你以后能够做的比我还好呦。"
 TEXT = "收到好友从远方寄来的生日礼物，那份意外的惊喜让我心中充满了甜蜜。"
 
@@ -139,12 +137,6 @@ def test_host_available_takes_the_tightest_limit(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def cv2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("cv2-memory") / "tiny", "tiny", seed=11)
-
-
-@pytest.fixture(scope="module")
-def prompt() -> Audio:
-    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
-    return Audio(samples, rate)
 
 
 def cv2(path: Path, **options: Any) -> CosyVoice2Engine:
