@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc  # noqa: E402
 from service.server import start_server  # noqa: E402
 from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E402
+from tts_core.allocator import tune_allocator  # noqa: E402
 from tts_core.cosyvoice2.model_dir import load_model_dir  # noqa: E402
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir  # noqa: E402
 from tts_core.engine import Audio  # noqa: E402
@@ -230,6 +231,7 @@ def main() -> int:
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     torch.set_num_threads(args.threads)
+    tune_allocator()  # as the service and the engine do (allocator.py)
     tmp = None
     model_dir = args.model_dir
     if model_dir is None:

@@ -15,6 +15,7 @@ from service.auth import default_state_dir, load_api_keys
 from service.metrics import METRICS, engine_description
 from service.options import ServerOptions, parse_server_options
 from service.state_dir import prepare_state_dir
+from tts_core.allocator import tune_allocator
 from tts_core.registry import create_engine
 
 log = logging.getLogger("service")
@@ -110,6 +111,7 @@ def _leave(code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_server_options(argv)
     logs.configure(args.log_level, args.log_format)
+    tune_allocator()  # before any thread starts, so that all of them share one arena
     try:
         asyncio.run(serve(args))
     except (ValueError, OSError) as error:  # StateDirError included: one line, no traceback

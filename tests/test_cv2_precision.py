@@ -23,6 +23,7 @@ from tts_core.cosyvoice2 import precision as precision_module
 from tts_core.cosyvoice2.engine import CosyVoice2Engine
 from tts_core.cosyvoice2.llm import CosyVoice2LM, DecodeStep, PrefixCache
 from tts_core.cosyvoice2.model_dir import load_model_dir
+from tts_core.cosyvoice2.packed_linear import PackedLinear, packs
 from tts_core.cosyvoice2.precision import PRECISIONS, cpu_bf16_support, resolve_precision
 from tts_core.cosyvoice2.qwen2 import Qwen2Config, Qwen2Model
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
@@ -30,6 +31,7 @@ from tts_core.cosyvoice2.weight_quant import (
     ATTENTION_LINEARS,
     GEMM_ROWS,
     MLP_LINEARS,
+    PACKED_ROWS,
     WeightOnlyLinear,
     fuse_and_quantize,
 )
@@ -157,6 +159,9 @@ def test_fused_projections_compute_what_separate_layers_do() -> None:
     attn = fused.layers[0].self_attn
     assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
     assert fused.layers[0].mlp.gate_up_proj is not None
+    for module in fused.modules():  # the int8 arithmetic alone (packed copies: test below)
+        if isinstance(module, WeightOnlyLinear):
+            module.prefill = None
     caches = separate.new_cache(), fused.new_cache()
     with torch.inference_mode():
         for rows in (GEMM_ROWS + 8, 1, 1):  # a prefill, then two decode steps
@@ -164,6 +169,30 @@ def test_fused_projections_compute_what_separate_layers_do() -> None:
             want, got = separate(x, caches[0]), fused(x, caches[1])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             assert not torch.equal(want, torch.zeros_like(want))
+
+
+def test_many_rows_take_the_packed_bfloat16_copy() -> None:
+    """Where oneDNN has bfloat16, an int8 layer also keeps a packed bfloat16 copy for calls of
+    more than PACKED_ROWS rows (prefills, large decode batches); fewer rows take the int8
+    kernel. Both approximate the float32 layer about equally (8 significant bits each)."""
+    torch.manual_seed(6)
+    layer = torch.nn.Linear(128, 96)
+    if not packs(layer.weight.detach().to(torch.bfloat16)):
+        pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
+    quantized = WeightOnlyLinear.from_linear(layer, 8)
+    hybrid = copy.deepcopy(quantized)
+    packed = PackedLinear(layer, torch.bfloat16)
+    hybrid.prefill, hybrid.prefill_rows = packed, PACKED_ROWS
+    with torch.inference_mode():
+        for rows in (1, PACKED_ROWS, PACKED_ROWS + 1, 40):
+            x = torch.randn(rows, 128)
+            got = hybrid(x)
+            assert got.dtype == x.dtype
+            path = packed if rows > PACKED_ROWS else quantized
+            assert torch.equal(got, path(x)), rows
+            exact = layer(x)
+            relative = (got - exact).norm() / exact.norm()
+            assert relative < 0.01, (rows, relative)
 
 
 # --- every CPU option loads and runs ----------------------------------------------------------
@@ -192,7 +221,13 @@ def test_precision_options_load_and_run(tiny_dir: Path, prompt: Audio, name: str
     if plan.lm_int8:
         assert all(type(m).__module__.startswith("torch.ao.nn.quantized") for m in linears)
     elif plan.lm_weight_int8:
-        assert all(type(m) is WeightOnlyLinear and m.bits == 8 for m in linears)
+        quantized = [m for m in linears if type(m) is not PackedLinear]
+        assert all(type(m) is WeightOnlyLinear and m.bits == 8 for m in quantized)
+        # with a packed bfloat16 copy each for many rows where oneDNN has bfloat16
+        bf16 = packs(torch.zeros(1, 1, dtype=torch.bfloat16))
+        assert all((type(m.prefill) is PackedLinear) == bf16 for m in quantized)
+    elif plan.lm_dtype == torch.bfloat16 and packs(torch.zeros(1, 1, dtype=torch.bfloat16)):
+        assert all(type(m) is PackedLinear for m in linears)
     else:
         assert all(type(m) is torch.nn.Linear for m in linears)
     assert next(engine.models.flow.parameters()).dtype == plan.flow_dtype

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from .. import cancellation, limits
+from ..allocator import tune_allocator
 from ..engine import (
     Audio,
     Capabilities,
@@ -348,6 +349,7 @@ class CosyVoice2Engine:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
+        tune_allocator()  # freed memory is reused, not faulted in again (see allocator.py)
         started = time.perf_counter()
         models = on_short_thread(cls.load_models, Path(path), device=device, precision=plan,
                                  onnx_threads=min(threads or 1, 4))

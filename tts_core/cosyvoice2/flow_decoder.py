@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tts_core.cosyvoice2.flow_encoder import chunk_attention_mask
+from tts_core.cosyvoice2.packed_linear import derived, linear, module_linear
 
 _ACTIVATIONS = {"gelu": "none", "gelu-approximate": "tanh"}  # feed-forward GELU flavours
 # Defaults of the reference constructor for keys a yaml may leave out.
@@ -337,7 +338,7 @@ class _ChunkRun:
             length = rows.shape[1]
             windows.append(torch.cat([joined[:, j:j + length] for j in range(pad + 1)], dim=2))
         unfolded = windows[0] if len(windows) == 1 else torch.cat(windows, dim=1)
-        return F.linear(unfolded, _conv_matrix(module), module.bias)
+        return linear(unfolded, _conv_matrix(module), module.bias)
 
     def causal_block(self, block: CausalBlock, x: torch.Tensor) -> torch.Tensor:
         conv, _, norm, _, mish = block.block
@@ -346,15 +347,16 @@ class _ChunkRun:
 
     def resnet(self, block: CausalResnetBlock, x: torch.Tensor, time: torch.Tensor
                ) -> torch.Tensor:
-        h = self.causal_block(block.block1, x) + block.mlp(time).unsqueeze(1)
+        mish, time_linear = block.mlp
+        h = self.causal_block(block.block1, x) + module_linear(time_linear, mish(time)).unsqueeze(1)
         h = self.causal_block(block.block2, h)
-        return h + F.linear(x, _conv_matrix(block.res_conv), block.res_conv.bias)
+        return h + linear(x, _conv_matrix(block.res_conv), block.res_conv.bias)
 
     def attention(self, attn: SelfAttention, x: torch.Tensor) -> torch.Tensor:
         i, self.attn_index = self.attn_index, self.attn_index + 1
         b = x.shape[0]
         inner = attn.heads * attn.head_dim
-        queries, new_keys, new_values = F.linear(x, _qkv_matrix(attn)).split(inner, dim=-1)
+        queries, new_keys, new_values = linear(x, _qkv_matrix(attn), None).split(inner, dim=-1)
 
         def split(h: torch.Tensor) -> torch.Tensor:
             return h.view(b, h.shape[1], attn.heads, attn.head_dim).transpose(1, 2)
@@ -377,38 +379,33 @@ class _ChunkRun:
                 split(values[:, first:end]), attn_mask=self._group_mask(index, first, x.device))
             outs.append(out.transpose(1, 2).reshape(b, r, inner))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return attn.to_out[0](out)
+        return module_linear(attn.to_out[0], out)
 
     def transformers(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             x = x + self.attention(block.attn1, block.norm1(x))
-            x = x + block.ff(block.norm3(x))
+            x = x + self.feed_forward(block.ff, block.norm3(x))
         return x
 
-
-def _derived(module: nn.Module, build: Any, *weights: torch.Tensor) -> torch.Tensor:
-    """``build()`` computed once per version of ``weights`` and kept on ``module`` (a cast or a
-    reload of the weights makes a new one)."""
-    key = tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
-    memo = module.__dict__.get("_derived_weight")
-    if memo is None or memo[0] != key:
-        memo = (key, build())
-        module.__dict__["_derived_weight"] = memo
-    return memo[1]
+    @staticmethod
+    def feed_forward(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
+        gelu, _, out = ff.net
+        h = F.gelu(module_linear(gelu.proj, x), approximate=gelu.approximate)
+        return module_linear(out, h)
 
 
 def _conv_matrix(conv: nn.Conv1d) -> torch.Tensor:
     """A conv's weight [Cout, Cin, k] as [Cout, k * Cin]: column j * Cin + c multiplies input
     channel c at offset j of the window, for k shifted inputs side by side."""
     w = conv.weight
-    return _derived(conv, lambda: w.detach().permute(0, 2, 1).reshape(w.shape[0], -1)
+    return derived(conv, lambda: w.detach().permute(0, 2, 1).reshape(w.shape[0], -1)
                     .contiguous(), w)
 
 
 def _qkv_matrix(attn: SelfAttention) -> torch.Tensor:
     """to_q, to_k and to_v stacked: one matrix product per attention layer."""
     weights = (attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)
-    return _derived(attn, lambda: torch.cat([w.detach() for w in weights]), *weights)
+    return derived(attn, lambda: torch.cat([w.detach() for w in weights]), *weights)
 
 
 def _grow_rows(buffer: torch.Tensor | None, rows: int, like: torch.Tensor, width: int
@@ -554,7 +551,7 @@ class CausalConditionalDecoder(nn.Module):
         h = run.resnet(resnet, torch.cat([h, skip], dim=2), time)
         h = run.conv(resample, run.transformers(blocks, h))
         h = run.causal_block(self.final_block, h)
-        velocity = F.linear(h, _conv_matrix(self.final_proj), self.final_proj.bias)
+        velocity = linear(h, _conv_matrix(self.final_proj), self.final_proj.bias)
         return list(zip(run.split(velocity.transpose(1, 2), 2), run.new_convs, strict=True))
 
     def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from tts_core import cancellation
 
 from .hyperyaml import Tagged
+from .packed_linear import fuse_and_pack
 from .precision import cpu_bf16_support
 from .qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from .sampling import Sampler, SamplingConfig
@@ -204,9 +205,13 @@ class CosyVoice2LM(nn.Module):
         """Run the Qwen2 stack in ``dtype`` (e.g. bfloat16 on CUDA), the speech tables in float32.
 
         The speech input table and output layer stay float32 so log-probabilities keep full
-        precision; norms and softmax inside the stack are float32 anyway.
+        precision; norms and softmax inside the stack are float32 anyway. In bfloat16 on a CPU
+        whose oneDNN has bfloat16 kernels the stack's Linear layers are fused and packed
+        (:func:`packed_linear.fuse_and_pack`; irreversible).
         """
         self.llm.to(dtype)
+        if dtype == torch.bfloat16:
+            self._packed = fuse_and_pack(self.llm.model.model.layers)
         return self
 
     def quantize_backbone_int8(self) -> CosyVoice2LM:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_linear import PackedLinear, packs
+
 WEIGHT_BITS = (8, 4)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Above this many rows (a prefill) an int8 layer widens its weights and runs a floating-point
@@ -26,6 +28,14 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # runs in ``gemm_dtype``: bfloat16 on CPUs with AMX (the 91-row prefill of a 4864x896 layer took
 # 1.0 ms against 3.3 ms in float32 on 2 threads), float32 elsewhere.
 GEMM_ROWS = 32
+# Where oneDNN has bfloat16 kernels, each int8 layer also keeps its weight in bfloat16, packed
+# (packed_linear), for calls of more than this many rows: a prefill, or a decode step of many
+# requests. The int8 kernel converts the weight for every row, so its time grows with the rows
+# (24 gate/up matrices of the full-size model, 2 AMX cores: 17 ms at 1 row, 23 at 4, 45 at 8,
+# 425 at 100) while the packed bfloat16 product only reads twice the bytes (17 ms from 1 to 16
+# rows, 27 at 100). One decoding request keeps the int8 kernel, which is faster there per
+# decode step (34 against 42 ms for the whole stack). Costs the bfloat16 copy's memory.
+PACKED_ROWS = 3
 
 
 class WeightOnlyLinear(nn.Module):
@@ -44,8 +54,10 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
-        # Optional module for prefills (many rows), e.g. a dynamic-int8 Linear of the same layer.
+        # Optional module for calls of more than ``prefill_rows`` rows (prefills, large decode
+        # batches): a packed bfloat16 copy of the layer, or a dynamic-int8 Linear (benchmarks).
         self.prefill: nn.Module | None = None
+        self.prefill_rows = GEMM_ROWS
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 32,
@@ -79,7 +91,7 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.prefill is not None and x.numel() > GEMM_ROWS * self.in_features:
+        if self.prefill is not None and x.numel() > self.prefill_rows * self.in_features:
             return self.prefill(x)
         if self.bits == 8 and x.numel() > GEMM_ROWS * self.in_features:
             # scales per output channel: applied to the product, not to every weight
@@ -137,13 +149,18 @@ def fuse_and_quantize(layers: nn.ModuleList, gemm_dtype: torch.dtype = torch.flo
     Per-output-channel scales make the fused layer's rows exactly the separate layers' rows;
     the gain is fewer kernel calls and activation casts per decode step (7 -> 4 per layer).
     """
+    def quantized(layer: nn.Linear) -> WeightOnlyLinear:
+        module = WeightOnlyLinear.from_linear(layer, 8, gemm_dtype=gemm_dtype)
+        if packs(layer.weight.detach()[:1, :1].to(torch.bfloat16)):  # see PACKED_ROWS
+            module.prefill = PackedLinear(layer, torch.bfloat16)
+            module.prefill_rows = PACKED_ROWS
+        return module
+
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-        attn.qkv_proj = WeightOnlyLinear.from_linear(qkv, 8, gemm_dtype=gemm_dtype)
+        attn.qkv_proj = quantized(concat_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
         del attn.q_proj, attn.k_proj, attn.v_proj
-        attn.o_proj = WeightOnlyLinear.from_linear(attn.o_proj, 8, gemm_dtype=gemm_dtype)
-        gate_up = concat_linears([mlp.gate_proj, mlp.up_proj])
-        mlp.gate_up_proj = WeightOnlyLinear.from_linear(gate_up, 8, gemm_dtype=gemm_dtype)
+        attn.o_proj = quantized(attn.o_proj)
+        mlp.gate_up_proj = quantized(concat_linears([mlp.gate_proj, mlp.up_proj]))
         del mlp.gate_proj, mlp.up_proj
-        mlp.down_proj = WeightOnlyLinear.from_linear(mlp.down_proj, 8, gemm_dtype=gemm_dtype)
+        mlp.down_proj = quantized(mlp.down_proj)
