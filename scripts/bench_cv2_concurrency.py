@@ -45,8 +45,8 @@ import torch  # noqa: E402
 
 from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc  # noqa: E402
 from service.server import start_server  # noqa: E402
-from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E402
 from tts_core.allocator import tune_allocator  # noqa: E402
+from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E402
 from tts_core.cosyvoice2.model_dir import load_model_dir  # noqa: E402
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir  # noqa: E402
 from tts_core.engine import Audio  # noqa: E402

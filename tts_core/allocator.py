@@ -1,19 +1,23 @@
 """Let the process reuse the memory it frees instead of faulting in fresh pages.
 
 glibc hands every allocation above its mmap threshold (128 KiB at start, raised only as
-blocks are freed) fresh pages from the kernel, returns them on free, and gives each thread
-arena its own 64 MiB heaps that it unmaps once empty. Each fresh 4 KiB page costs a fault and
-zeroing, and on this project's VM that made a faulting copy ~100x slower than a copy into
-reused memory. The CosyVoice flow allocates and frees such blocks constantly: activations of
-a few hundred rows, and attention key/value buffers that grow with every stream; with four
-streams the faults took most of the flow's time (``scripts/bench_cv2_flow_batch.py``).
+blocks are freed) fresh pages from the kernel and returns them on free, trims the free top of
+its heap above a threshold, and gives each thread arena its own 64 MiB heaps that it unmaps
+once empty. Each fresh 4 KiB page then costs a fault and zeroing, and on this project's VM a
+copy into fresh pages was tens of times slower than into reused memory. The CosyVoice flow
+allocates and frees such blocks constantly: activations of a few hundred rows, and attention
+key/value buffers that grow with every stream (about a gigabyte per stream of a few seconds).
+With four streams the faults took most of the flow's time: ``scripts/bench_cv2_flow_batch.py
+--streams 4 --first 38 --upto 138`` (bfloat16 flow, 2 threads) gave 1.18 s per audio second
+with glibc's defaults, 1.29 with freed memory kept only up to 1 GiB, and 0.50 with nothing
+trimmed (1 stream: 0.67), at 5.6M, 5.6M and 1.0M minor page faults.
 
 :func:`tune_allocator` therefore sets, once per process: blocks up to 32 MiB from the heap,
-freed heap kept (up to ``TRIM_THRESHOLD``), and one arena for all threads (the compute work
-runs on one scheduler thread anyway, so the lock costs nothing measurable). The process keeps
-its high-water mark of freed memory instead of returning it; the flow cache budget
-(``--flow-cache-memory``) is what bounds that mark. Call it before starting threads.
-``TTS_MALLOC_TUNING=0`` in the environment leaves glibc's defaults.
+the heap never trimmed, and one arena for all threads (the compute work runs on one
+scheduler thread anyway). The process keeps its high-water mark of memory instead of handing
+freed memory back; the flow cache budget (``--flow-cache-memory``) is what bounds that mark.
+Call it before starting threads. ``TTS_MALLOC_TUNING=0`` in the environment leaves glibc's
+defaults.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
-TRIM_THRESHOLD = 1 << 30  # ctypes int: at most 2 GiB - 1
+TRIM_THRESHOLD = -1  # as size_t: never trim
 ARENA_MAX = 1
 
 _lock = threading.Lock()

@@ -26,10 +26,12 @@ full-size generated directory its next-token distributions moved by a total vari
 of 0.16 (tolerance 0.1), so it is an explicit choice, not the CPU default. int8w keeps the int8
 weights but not the rounding of the activations (whose outliers are int8's error): TV 0.065 on
 that directory, at nearly int8's decoding speed (``scripts/bench_cv2_lm_quant.py``), so it is
-the CPU default. Even with AMX it beats a bfloat16 LM, which reads twice its bytes per token:
-on a 2-core AMX machine (full-size directory, ``scripts/bench_cv2_speed.py``) int8w decoded
-32.3 tokens/s against 17.1 and gave first audio 1.12 s against 1.39 s, both with the flow in
-bfloat16. int4 weights (group-wise) were faster still
+the CPU default. Even with AMX it beats a bfloat16 LM (packed for oneDNN), which reads twice
+its bytes per token: on a 2-core AMX machine (full-size directory,
+``scripts/bench_cv2_speed.py``) int8w decoded 29.7 tokens/s against 22.3 and gave first audio
+1.12 s against 1.29 s, both with the flow in bfloat16; there int8w's calls of more than a few
+rows (prompts, decode steps of many requests) take a packed bfloat16 copy of each weight
+(``weight_quant.PACKED_ROWS``). int4 weights (group-wise) were faster still
 but moved the distributions by TV 0.45, far outside.
 """
 
