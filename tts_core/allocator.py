@@ -8,9 +8,10 @@ copy into fresh pages was tens of times slower than into reused memory. The Cosy
 allocates and frees such blocks constantly: activations of a few hundred rows, and attention
 key/value buffers that grow with every stream (about a gigabyte per stream of a few seconds).
 With four streams the faults took most of the flow's time: ``scripts/bench_cv2_flow_batch.py
---streams 4 --first 38 --upto 138`` (bfloat16 flow, 2 threads) gave 1.18 s per audio second
-with glibc's defaults, 1.29 with freed memory kept only up to 1 GiB, and 0.50 with nothing
-trimmed (1 stream: 0.67), at 5.6M, 5.6M and 1.0M minor page faults.
+--streams 4 --first 38 --upto 138`` (bfloat16 flow, 2 threads, streams packed) gave 1.74 s
+per audio second with glibc's defaults and 0.69 with nothing trimmed (1 stream: 0.93), at 5.6M
+and 1.0M minor page faults; keeping freed memory only up to 1 GiB was no better than the
+defaults.
 
 :func:`tune_allocator` therefore sets, once per process: blocks up to 32 MiB from the heap,
 the heap never trimmed, and one arena for all threads (the compute work runs on one
