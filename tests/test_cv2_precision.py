@@ -23,7 +23,7 @@ from tts_core.cosyvoice2 import precision as precision_module
 from tts_core.cosyvoice2.engine import CosyVoice2Engine
 from tts_core.cosyvoice2.llm import CosyVoice2LM, DecodeStep, PrefixCache
 from tts_core.cosyvoice2.model_dir import load_model_dir
-from tts_core.cosyvoice2.packed_linear import PackedLinear, packs
+from tts_core.cosyvoice2.packed_linear import PackedLinear, packs_bfloat16
 from tts_core.cosyvoice2.precision import PRECISIONS, cpu_bf16_support, resolve_precision
 from tts_core.cosyvoice2.qwen2 import Qwen2Config, Qwen2Model
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
@@ -177,7 +177,7 @@ def test_many_rows_take_the_packed_bfloat16_copy() -> None:
     kernel. Both approximate the float32 layer about equally (8 significant bits each)."""
     torch.manual_seed(6)
     layer = torch.nn.Linear(128, 96)
-    if not packs(layer.weight.detach().to(torch.bfloat16)):
+    if not packs_bfloat16(layer.weight.device):
         pytest.skip("oneDNN has no bfloat16 kernels on this CPU")
     quantized = WeightOnlyLinear.from_linear(layer, 8)
     hybrid = copy.deepcopy(quantized)
@@ -224,9 +224,9 @@ def test_precision_options_load_and_run(tiny_dir: Path, prompt: Audio, name: str
         quantized = [m for m in linears if type(m) is not PackedLinear]
         assert all(type(m) is WeightOnlyLinear and m.bits == 8 for m in quantized)
         # with a packed bfloat16 copy each for many rows where oneDNN has bfloat16
-        bf16 = packs(torch.zeros(1, 1, dtype=torch.bfloat16))
+        bf16 = packs_bfloat16(torch.device("cpu"))
         assert all((type(m.prefill) is PackedLinear) == bf16 for m in quantized)
-    elif plan.lm_dtype == torch.bfloat16 and packs(torch.zeros(1, 1, dtype=torch.bfloat16)):
+    elif plan.lm_dtype == torch.bfloat16 and packs_bfloat16(torch.device("cpu")):
         assert all(type(m) is PackedLinear for m in linears)
     else:
         assert all(type(m) is torch.nn.Linear for m in linears)

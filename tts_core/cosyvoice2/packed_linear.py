@@ -17,13 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .qwen2 import fuse_projections
+
 _MKLDNN_BF16 = bool(torch.backends.mkldnn.is_available()
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def packs_bfloat16(device: torch.device) -> bool:
+    """Whether :func:`prepare` packs bfloat16 weights on ``device`` (a CPU whose oneDNN has
+    bfloat16 kernels)."""
+    return _MKLDNN_BF16 and device.type == "cpu"
+
+
 def packs(weight: torch.Tensor) -> bool:
-    """Whether :func:`prepare` packs this weight (a bfloat16 CPU weight, oneDNN with bf16)."""
-    return _MKLDNN_BF16 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+    """Whether :func:`prepare` packs this weight (a bfloat16 weight where
+    :func:`packs_bfloat16`)."""
+    return weight.dtype == torch.bfloat16 and packs_bfloat16(weight.device)
 
 
 def prepare(weight: torch.Tensor) -> torch.Tensor:
@@ -92,16 +101,7 @@ def fuse_and_pack(layers: nn.ModuleList) -> bool:
     that read the 24 gate/up matrices of the full-size model in 17 ms at 1 to 16 rows alike,
     where the int8 kernel took 17 ms at 1 row and 45 ms at 8 (it converts per row).
     """
-    from .weight_quant import concat_linears  # the fusion rule is shared with int8 weights
-
     if not layers or not packs(layers[0].self_attn.o_proj.weight):
         return False
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = PackedLinear(concat_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        attn.o_proj = PackedLinear(attn.o_proj)
-        mlp.gate_up_proj = PackedLinear(concat_linears([mlp.gate_proj, mlp.up_proj]))
-        del mlp.gate_proj, mlp.up_proj
-        mlp.down_proj = PackedLinear(mlp.down_proj)
+    fuse_projections(layers, PackedLinear)
     return True

@@ -12,6 +12,7 @@ no per-request state, so one model can serve several requests from several threa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +194,7 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
-        # Set by weight_quant.fuse_and_quantize: q, k and v as one matrix, so that a decode step
+        # Set by fuse_projections (below): q, k and v as one matrix, so that a decode step
         # reads them in one kernel call (q_proj, k_proj and v_proj are then removed).
         self.qkv_proj: nn.Module | None = None
 
@@ -250,7 +251,7 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        # Set by weight_quant.fuse_and_quantize: gate and up as one matrix (see Qwen2Attention).
+        # Set by fuse_projections: gate and up as one matrix (see Qwen2Attention).
         self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,3 +334,32 @@ class Qwen2ForCausalLM(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Text logits [B, L, vocab] (not used by CosyVoice 2)."""
         return self.lm_head(self.model(inputs_embeds, cache))
+
+
+def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the outputs of ``linears`` (same input) side by side."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    with_bias = [m.bias is not None for m in linears]
+    if any(with_bias) and not all(with_bias):
+        raise ValueError("cannot concatenate Linear layers with and without bias")
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=all(with_bias),
+                      dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias.detach() for m in linears]))
+    return fused
+
+
+def fuse_projections(layers: nn.ModuleList, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace every Linear of the decoder layers by ``make(linear)``, q/k/v and gate/up first
+    fused into one Linear each (``qkv_proj``, ``gate_up_proj``): one kernel call where there
+    were three and two (weight-only int8 and packed bfloat16 layers both use it)."""
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = make(concat_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        attn.o_proj = make(attn.o_proj)
+        mlp.gate_up_proj = make(concat_linears([mlp.gate_proj, mlp.up_proj]))
+        del mlp.gate_proj, mlp.up_proj
+        mlp.down_proj = make(mlp.down_proj)

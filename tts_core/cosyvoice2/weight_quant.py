@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packed_linear import PackedLinear, packs
+from .packed_linear import PackedLinear, packs_bfloat16
+from .qwen2 import fuse_projections
 
 WEIGHT_BITS = (8, 4)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -127,21 +128,6 @@ ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the outputs of ``linears`` (same input) side by side."""
-    weight = torch.cat([m.weight.detach() for m in linears])
-    with_bias = [m.bias is not None for m in linears]
-    if any(with_bias) and not all(with_bias):
-        raise ValueError("cannot concatenate Linear layers with and without bias")
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=all(with_bias),
-                      dtype=weight.dtype, device=weight.device)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([m.bias.detach() for m in linears]))
-    return fused
-
-
 def fuse_and_quantize(layers: nn.ModuleList, gemm_dtype: torch.dtype = torch.float32) -> None:
     """Every Linear of the Qwen2 decoder layers as weight-only int8, with q/k/v and gate/up
     each fused into one layer (``qkv_proj``, ``gate_up_proj``).
@@ -149,18 +135,13 @@ def fuse_and_quantize(layers: nn.ModuleList, gemm_dtype: torch.dtype = torch.flo
     Per-output-channel scales make the fused layer's rows exactly the separate layers' rows;
     the gain is fewer kernel calls and activation casts per decode step (7 -> 4 per layer).
     """
+    bf16_copy = packs_bfloat16(layers[0].self_attn.o_proj.weight.device) if layers else False
+
     def quantized(layer: nn.Linear) -> WeightOnlyLinear:
         module = WeightOnlyLinear.from_linear(layer, 8, gemm_dtype=gemm_dtype)
-        if packs(layer.weight.detach()[:1, :1].to(torch.bfloat16)):  # see PACKED_ROWS
+        if bf16_copy:  # see PACKED_ROWS
             module.prefill = PackedLinear(layer, torch.bfloat16)
             module.prefill_rows = PACKED_ROWS
         return module
 
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = quantized(concat_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
-        del attn.q_proj, attn.k_proj, attn.v_proj
-        attn.o_proj = quantized(attn.o_proj)
-        mlp.gate_up_proj = quantized(concat_linears([mlp.gate_proj, mlp.up_proj]))
-        del mlp.gate_proj, mlp.up_proj
-        mlp.down_proj = quantized(mlp.down_proj)
+    fuse_projections(layers, quantized)
