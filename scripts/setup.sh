@@ -28,6 +28,10 @@ extras=""
 [ "${1:-}" = "test" ] && extras="[test]"
 # torch is pinned (2.13.0, CPU build) in pyproject.toml.
 pip_install -e ".${extras}"
+# Kokoro's English, Mandarin and other native voices: only the kokoro sdist on PyPI ships them.
+# Fetched through pip, hash-pinned, each file sha256-checked (tts_core/embedded/voice_pack.py).
+.venv/bin/python -m tts_core.embedded.voice_pack \
+  2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 
 if [ "${1:-}" = "test" ] && [ ! -x /usr/bin/chromium ]; then
   echo "setup: installing Debian's chromium for the browser test"

