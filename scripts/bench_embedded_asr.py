@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests import asr, embedded_sentences  # noqa: E402
-from tts_core.embedded import frontend  # noqa: E402
+from tts_core.embedded import frontend, runners  # noqa: E402
 from tts_core.embedded.engine import SAMPLE_RATE, EmbeddedEngine  # noqa: E402
 from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker  # noqa: E402
 from tts_core.engine import Mode, SynthesisRequest  # noqa: E402
@@ -79,12 +79,15 @@ def main() -> None:
                         help="sentence mode: one piece per sentence, no short first piece")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
     parser.add_argument("--phonemes", action="store_true", help="print the phonemes too")
+    parser.add_argument("--runtime", default=None, choices=runners.RUNTIMES,
+                        help="where the model runs (default: onnxruntime, see runners.py)")
     args = parser.parse_args()
     sentences = SETS[args.set]
     sets = [s.strip() for s in args.languages.split(",") if s.strip() in sentences]
 
     start = time.perf_counter()
-    engine = EmbeddedEngine(threads=args.threads)
+    engine = EmbeddedEngine(threads=args.threads, runtime=args.runtime)
+    print(f"runtime: {engine.runtime}")
     voices = sorted(engine._voices) if args.voices == "all" else [
         v.strip() for v in args.voices.split(",") if v.strip()]
     for voice in voices:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import sys
 import tempfile
@@ -29,6 +30,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS.parent))
 sys.path.insert(0, str(SCRIPTS))
 
+from tts_core.embedded import runners  # noqa: E402
 from tts_core.embedded.engine import SAMPLE_RATE, EmbeddedEngine  # noqa: E402
 from tts_core.engine import Mode, SynthesisRequest  # noqa: E402
 
@@ -86,40 +88,65 @@ def ms(values: list[float]) -> str:
 HEADER = f"{'speaker / path':<24} {'p50 ms':>8} {'p95 ms':>8} {'min ms':>8}"
 
 
+def novel_texts(speaker: str) -> list[str]:
+    """Two-sentence texts the engine has not read before in this process: consecutive pairs of
+    the speaker's held-out sentences (tests/embedded_sentences.py). A runtime that prepares its
+    kernels per input shape pays for that on such texts, not on a text it has just read."""
+    from tests.embedded_sentences import HELD_OUT
+    from tts_core.embedded.speakers import PRESET_SPEAKERS
+
+    language = next(s.language for s in PRESET_SPEAKERS if s.id == speaker)
+    sentences = HELD_OUT[language]
+    return [f"{a} {b}" if language == "en" else a + b
+            for a, b in zip(sentences[:-1], sentences[1:], strict=True)]
+
+
 def bench_in_process(args: argparse.Namespace, speakers: list[str]) -> None:
-    start = time.perf_counter()
-    engine = EmbeddedEngine(threads=args.threads)
-    print(f"engine start-up {time.perf_counter() - start:.2f} s, threads={engine.threads}")
+    engines = {}
+    for runtime in args.runtimes:
+        start = time.perf_counter()
+        engine = EmbeddedEngine(threads=args.threads, runtime=runtime)
+        engines[engine.runtime] = engine
+        print(f"{engine.runtime}: engine start-up {time.perf_counter() - start:.2f} s, "
+              f"threads={engine.threads}")
     print(f"\nin-process first audio, {args.runs} runs per text; streaming (short first piece) "
-          f"and, interleaved with it, sentence mode (whole first sentence)\n"
-          f"{HEADER} {'1st chunk s':>11}")
-    all_first, all_sentence = [], []
+          f"and, interleaved with it, sentence mode (whole first sentence); then once each, "
+          f"texts not read before (held-out sentence pairs)\n{HEADER} {'1st chunk s':>11}")
+    totals: dict[str, list[float]] = {}
     for speaker in speakers:
         text = TWO_SENTENCES[speaker]
-        first_chunk(engine, speaker, text)
-        first_chunk(engine, speaker, text, stream=False)
-        runs, sentence = [], []
-        for _ in range(args.runs):  # interleaved, so both see the same load
-            runs.append(first_chunk(engine, speaker, text))
-            sentence.append(first_chunk(engine, speaker, text, stream=False))
-        all_first += [r[0] for r in runs]
-        all_sentence += [r[0] for r in sentence]
-        print(f"{speaker:<24} {ms([r[0] for r in runs])} {runs[0][1]:11.2f}")
-        print(f"{'  sentence mode':<24} {ms([r[0] for r in sentence])} {sentence[0][1]:11.2f}")
-    print(f"{'all speakers':<24} {ms(all_first)}")
-    print(f"{'  sentence mode':<24} {ms(all_sentence)}")
+        for runtime, engine in engines.items():
+            first_chunk(engine, speaker, text)
+            first_chunk(engine, speaker, text, stream=False)
+            runs, sentence = [], []
+            for _ in range(args.runs):  # interleaved, so both see the same load
+                runs.append(first_chunk(engine, speaker, text))
+                sentence.append(first_chunk(engine, speaker, text, stream=False))
+            novel = [first_chunk(engine, speaker, t)[0] for t in novel_texts(speaker)]
+            for label, values in (("", [r[0] for r in runs]),
+                                  (" sentence", [r[0] for r in sentence]), (" novel", novel)):
+                totals.setdefault(runtime + label, []).extend(values)
+            print(f"{speaker + ' ' + runtime:<24} {ms([r[0] for r in runs])} {runs[0][1]:11.2f}")
+            print(f"{'  sentence mode':<24} {ms([r[0] for r in sentence])} {sentence[0][1]:11.2f}")
+            print(f"{'  novel texts':<24} {ms(novel)}")
+    for label, values in totals.items():
+        print(f"{'all: ' + label:<24} {ms(values)}")
     print(f"\nwhole text streamed, {args.rtf_runs} runs per text (medians)\n{'speaker':<24} "
           f"{'wall s':>8} {'audio s':>8} {'RTF':>6} {'stall s':>8}")
-    walls = audios = stalls = 0.0
-    for speaker in speakers:
-        runs = [whole(engine, speaker, TWO_SENTENCES[speaker]) for _ in range(args.rtf_runs)]
-        wall, audio = percentile([r[0] for r in runs], 0.5), runs[0][1]
-        stall = percentile([r[2] for r in runs], 0.5)
-        walls, audios, stalls = walls + wall, audios + audio, stalls + stall
-        print(f"{speaker:<24} {wall:8.2f} {audio:8.2f} {wall / audio:6.3f} {stall:8.2f}")
-    print(f"{'all speakers':<24} {walls:8.2f} {audios:8.2f} {walls / audios:6.3f} {stalls:8.2f}")
+    for runtime, engine in engines.items():
+        walls = audios = stalls = 0.0
+        for speaker in speakers:
+            runs = [whole(engine, speaker, TWO_SENTENCES[speaker]) for _ in range(args.rtf_runs)]
+            wall, audio = percentile([r[0] for r in runs], 0.5), runs[0][1]
+            stall = percentile([r[2] for r in runs], 0.5)
+            walls, audios, stalls = walls + wall, audios + audio, stalls + stall
+            print(f"{speaker + ' ' + runtime:<24} {wall:8.2f} {audio:8.2f} {wall / audio:6.3f} "
+                  f"{stall:8.2f}")
+        print(f"{'all ' + runtime:<24} {walls:8.2f} {audios:8.2f} {walls / audios:6.3f} "
+              f"{stalls:8.2f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS of this process {peak:.0f} MiB (model, voices, G2P dictionaries, taggers)")
+    print(f"peak RSS of this process {peak:.0f} MiB (every runtime's model, voices, G2P "
+          f"dictionaries, taggers)")
 
 
 def rest_first_byte(rest_url: str, key: str, speaker: str, text: str) -> float:
@@ -148,8 +175,9 @@ def grpc_first_byte(stub, key: str, speaker: str, text: str) -> float:
 
 
 def bench_gateway(args: argparse.Namespace, speakers: list[str]) -> None:
-    """First audio byte through the stack; each call is closed after it (the server cancels the
-    rest), then a short pause lets the engine go idle before the next call."""
+    """First audio byte through the stack, for each runtime (the server reads it from the
+    environment); each call is closed after it (the server cancels the rest), then a short
+    pause lets the engine go idle before the next call."""
     import signal
 
     import grpc
@@ -157,27 +185,34 @@ def bench_gateway(args: argparse.Namespace, speakers: list[str]) -> None:
 
     from service.gen.cosyvoice.v1 import tts_pb2_grpc
 
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, rest_url, target, key = start_stack(Path(tmp))
-        try:
-            with grpc.insecure_channel(target) as channel:
-                stub = tts_pb2_grpc.TextToSpeechServiceStub(channel)
-                print(f"\nthrough the stack, first audio byte, {args.runs} runs per text and "
-                      f"path\n{HEADER}")
-                for speaker in speakers:
-                    text = TWO_SENTENCES[speaker]
-                    paths = (("REST/Envoy", rest_first_byte, rest_url), ("gRPC", grpc_first_byte,
-                                                                          stub))
-                    for label, call, via in paths:
-                        call(via, key, speaker, text)
-                        times = []
-                        for _ in range(args.runs):
-                            time.sleep(args.pause)
-                            times.append(call(via, key, speaker, text))
-                        print(f"{speaker + ' ' + label:<24} {ms(times)}")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+    for runtime in args.runtimes:
+        os.environ[runners.RUNTIME_ENV] = runtime
+        with tempfile.TemporaryDirectory() as tmp:
+            proc, rest_url, target, key = start_stack(Path(tmp))
+            try:
+                with grpc.insecure_channel(target) as channel:
+                    stub = tts_pb2_grpc.TextToSpeechServiceStub(channel)
+                    print(f"\nthrough the stack ({runtime}), first audio byte, {args.runs} runs "
+                          f"per text and path\n{HEADER}")
+                    paths = (("REST/Envoy", rest_first_byte, rest_url),
+                             ("gRPC", grpc_first_byte, stub))
+                    for speaker in speakers:
+                        for label, call, via in paths:
+                            times = timed_calls(args, call, via, key, speaker)
+                            print(f"{speaker + ' ' + label:<24} {ms(times)}")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+
+
+def timed_calls(args: argparse.Namespace, call, via, key: str, speaker: str) -> list[float]:
+    text = TWO_SENTENCES[speaker]
+    call(via, key, speaker, text)  # untimed warm-up
+    times = []
+    for _ in range(args.runs):
+        time.sleep(args.pause)
+        times.append(call(via, key, speaker, text))
+    return times
 
 
 def main() -> None:
@@ -193,7 +228,12 @@ def main() -> None:
                         help="comma-separated preset speakers timed through the stack")
     parser.add_argument("--no-gateway", action="store_true", help="in-process figures only")
     parser.add_argument("--no-in-process", action="store_true", help="gateway figures only")
+    parser.add_argument("--runtimes", default="onnxruntime",
+                        help="comma-separated: onnxruntime, openvino (side by side)")
     args = parser.parse_args()
+    args.runtimes = [r for r in args.runtimes.split(",") if r]
+    if not set(args.runtimes) <= set(runners.RUNTIMES):
+        parser.error(f"--runtimes: choose from {', '.join(runners.RUNTIMES)}")
     speakers = [s for s in args.speakers.split(",") if s]
     unknown = [s for s in speakers if s not in TWO_SENTENCES]
     if unknown:

