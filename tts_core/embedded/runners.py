@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 RUNTIME_ENV = "COSYVOICE_EMBEDDED_RUNTIME"
 RUNTIMES = ("onnxruntime", "openvino")
-CANCEL_POLL_SECONDS = 0.02  # how often a running call looks at its request's cancel flag
+CANCEL_POLL_SECONDS = 0.02  # how often a running onnxruntime call looks at its cancel flag
 # Decoder lengths are rounded up to this many duration units (600 samples each, 0.4 s): at most
 # 0.4 s of extra silence per call (trimmed; ~0.03 s of compute on average), and few enough
 # lengths to warm up at start.
@@ -180,24 +180,20 @@ class OpenVinoRunner:
         return self._fallback.run(feeds, cancel)
 
     def _run(self, feeds: dict[str, np.ndarray], cancel: threading.Event) -> np.ndarray | None:
+        # No cancel() of a running request: in OpenVINO 2026.4 a cancelled request left the
+        # compiled model's shape state broken, and every later call failed (shape inference of
+        # the next input). A cancelled call runs to its end (a fraction of a second: at most
+        # CALL_TOKENS tokens at RTF ~0.2) and its result is dropped.
         try:
             request = self._idle.get_nowait()
         except queue.Empty:
             request = self.compiled.create_infer_request()
         try:
-            request.start_async(feeds)
-            while not request.wait_for(int(CANCEL_POLL_SECONDS * 1000)):
-                if cancel.is_set():
-                    request.cancel()
-                    request.wait()  # a cancelled request is reusable once it has stopped
-                    return None
-            return request.get_output_tensor(0).data.copy()
-        except Exception:
-            if cancel.is_set():
-                return None
-            raise
+            request.infer(feeds)
+            audio = request.get_output_tensor(0).data.copy()
         finally:
             self._idle.put(request)
+        return None if cancel.is_set() else audio
 
 
 def has_bfloat16_cpu() -> bool:
