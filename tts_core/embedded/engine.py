@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from tts_core import limits, text_guard
-from tts_core.embedded import assets, frontend, graph_edits, runners, text_split
+from tts_core.embedded import assets, frontend, runners, text_split
 from tts_core.embedded.speakers import PRESET_SPEAKERS, PresetSpeaker
 from tts_core.engine import (
     Capabilities,
@@ -209,6 +209,8 @@ class EmbeddedEngine:
         """OpenVINO prepares its kernels per decoder length (a run at a new length took 1.3-2.5x
         as long); make it meet every length a first chunk usually has, up to WARM_SECONDS, by
         reading one sentence at speeds that give those lengths."""
+        from tts_core.embedded import graph_edits  # onnx: only the OpenVINO path needs it
+
         ids = frontend.to_token_ids(frontend.phonemize(
             "The river runs past the old mill and on to the sea.", "en"), self._vocab)
         voice = self.voice(PRESET_SPEAKERS[0].voice)

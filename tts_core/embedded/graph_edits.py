@@ -109,6 +109,17 @@ def _rewrite_one(g: _Graph, conv: onnx.NodeProto) -> tuple[list[onnx.NodeProto],
     return removed, replacement, new_inits
 
 
+def _splice(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], at: onnx.NodeProto,
+            *, replace: bool = False, after: bool = False) -> None:
+    """Put ``nodes`` where ``at`` is (``replace``: instead of it; ``after``: just after it),
+    keeping the graph's node list in topological order."""
+    position = list(graph.node).index(at) + (1 if after else 0)
+    if replace:
+        graph.node.remove(at)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+
+
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes nothing reads any more and initializers no node reads."""
     while True:
@@ -134,10 +145,9 @@ def dequantize_convs(model: onnx.ModelProto, op_types: tuple[str, ...] = ("ConvI
     rewrites = [r for r in (_rewrite_one(g, n) for n in graph.node if n.op_type in op_types)
                 if r is not None]
     for removed, replacement, new_inits in rewrites:
-        position = list(graph.node).index(removed[0])
-        for node in removed:
+        for node in removed[1:]:
             graph.node.remove(node)
-        graph.node.insert(position, replacement)
+        _splice(graph, [replacement], removed[0], replace=True)
         graph.initializer.extend(new_inits)
     _prune(graph)
     return len(rewrites)
@@ -186,9 +196,7 @@ def round_up_frames(model: onnx.ModelProto, multiple: int) -> None:
         for i, name in enumerate(node.input):
             if name == durations:
                 node.input[i] = p + "durations"
-    position = list(graph.node).index(clip) + 1
-    for offset, node in enumerate(nodes):
-        graph.node.insert(position + offset, node)
+    _splice(graph, nodes, clip, after=True)
 
 # sin(r) on [-pi/2, pi/2], Taylor to r^9: largest error 4e-6, below bfloat16's resolution.
 _SINE_TERMS = (1 / 362880, -1 / 5040, 1 / 120, -1 / 6, 1.0)
@@ -231,10 +239,7 @@ def polynomial_snake_sines(model: onnx.ModelProto) -> int:
                       helper.make_node("Add", [q + f"m{i}", p + f"c{i}"], [q + f"h{i}"])]
             acc = q + f"h{i}"
         nodes.append(helper.make_node("Mul", [acc, q + "r"], [out]))
-        position = list(graph.node).index(sin)
-        graph.node.remove(sin)
-        for offset, node in enumerate(nodes):
-            graph.node.insert(position + offset, node)
+        _splice(graph, nodes, sin, replace=True)
         count += 1
     return count
 
@@ -272,10 +277,7 @@ def stft_as_convolution(model: onnx.ModelProto) -> int:
             # (batch, bins, re/im, frames) -> (batch, frames, bins, re/im), as STFT gives
             helper.make_node("Transpose", [q + "bins"], [stft.output[0]], perm=[0, 3, 1, 2]),
         ]
-        position = list(graph.node).index(stft)
-        graph.node.remove(stft)
-        for offset, node in enumerate(nodes):
-            graph.node.insert(position + offset, node)
+        _splice(graph, nodes, stft, replace=True)
         count += 1
     return count
 
@@ -346,9 +348,7 @@ def integer_source_phase(model: onnx.ModelProto) -> bool:
         helper.make_node("Mul", [p + "in_turn_f", p + "to_radians"], [p + "phase"]),
     ]
     sin.input[0] = p + "phase"
-    position = list(graph.node).index(sin)
-    for offset, n in enumerate(nodes):
-        graph.node.insert(position + offset, n)
+    _splice(graph, nodes, sin)
     _prune(graph)
     _downsample_by_slicing(graph, factor)
     return True
@@ -385,7 +385,4 @@ def _downsample_by_slicing(graph: onnx.GraphProto, factor: int) -> None:
             helper.make_node("Add", [q + "a", q + "b"], [q + "sum"]),
             helper.make_node("Mul", [q + "sum", q + "half"], [resize.output[0]]),
         ]
-        position = list(graph.node).index(resize)
-        graph.node.remove(resize)
-        for offset, n in enumerate(nodes):
-            graph.node.insert(position + offset, n)
+        _splice(graph, nodes, resize, replace=True)
