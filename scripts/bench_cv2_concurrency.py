@@ -151,7 +151,7 @@ def run_level(target: str, key: str, request: tts_pb2.SynthesizeRequest, streams
 
 def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
                  levels: list[int], rounds: int, request: tts_pb2.SynthesizeRequest,
-                 expected_audio: float) -> None:
+                 expected_audio: float, warmup: int = 1) -> None:
     key = secrets.token_urlsafe(24)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
@@ -160,7 +160,11 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
         max_queue=64), loop).result()
     target = f"127.0.0.1:{running.port}"
     try:
-        run_level(target, key, request, 1)  # warm-up
+        # Warm-up: one round at the most streams, so that each level measures a server that
+        # has served that many at once. The memory a server keeps for its streams (key/value
+        # blocks, see kv_arena) is then in place; the first time a server reaches N streams
+        # its Nth stream pays for faulting its block in (seconds on this project's VM).
+        run_level(target, key, request, warmup)
         print(f"\n{label}  ({load()})")
         print("streams  audio s/s  x1-stream  first audio p50 / p95 (s)  stalls/stream  "
               "stalled s/stream  max gap s  mean batch  flow batch  LM share")
@@ -218,6 +222,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=100,
                         help="speech tokens per request (25 per second of audio)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup-streams", type=int, default=0,
+                        help="streams of the unmeasured warm-up round (default: the most "
+                             "streams; 1 measures the first time the server reaches a level)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="float32",
@@ -253,7 +260,8 @@ def main() -> int:
     expected = args.tokens * models.token_mel_ratio * models.hift.config.upsample_factor
     expected_audio = expected / models.sample_rate
     print(f"{args.tokens} speech tokens per request = {expected_audio:.2f} s of audio; "
-          f"{args.rounds} rounds per level (medians of throughput)")
+          f"{args.rounds} rounds per level (medians of throughput), after a warm-up round of "
+          f"{args.warmup_streams or max(levels)} streams")
 
     most = args.max_batch or max(levels)
     settings = [(f"batch scheduler, max_batch {most}, flow batched across streams", most, True)]
@@ -269,7 +277,7 @@ def main() -> int:
         engine.forced_tokens = args.tokens
         engine.register_speaker("bench", Audio(samples, rate), prompt_text=PROMPT_TEXT)
         bench_server(engine, label, max_batch if max_batch > 1 else 2, levels, args.rounds,
-                     request, expected_audio)
+                     request, expected_audio, args.warmup_streams or max(levels))
         if engine.scheduler is not None:
             engine.scheduler.close()
     if tmp is not None:

@@ -456,7 +456,7 @@ def test_service_admission_follows_max_batch(model_dir: Path, tmp_path: Path) ->
     try:
         status = stack.status()
         assert (status["max_batch"], status["max_concurrent"]) == (3, 3)
-        share = format_gib(int((600 << 20) // 3 / 1.5))
+        share = format_gib((600 << 20) // 3)
         assert f"3 concurrent streams (--flow-cache-memory): {share} per stream" in stack.logs()
         prompt = tts_pb2.PromptAudio(data=(AUDIO_DIR / "zero_shot_prompt.wav").read_bytes(),
                                      format=tts_pb2.PROMPT_AUDIO_FORMAT_CONTAINER)

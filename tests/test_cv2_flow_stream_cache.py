@@ -320,3 +320,58 @@ def test_a_stream_cancelled_inside_a_shared_solve_leaves_the_others_intact() -> 
     rest = flow.inference_cached(streams[1][1], *streams[1][0], caches[1], finalize=True,
                                  skip=out.shape[-1])
     assert (rest - alone[1][1][0]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("cfg_rate", [0.7, 0.0])
+def test_streams_in_pooled_blocks_equal_recomputation(cfg_rate: float) -> None:
+    """Streams whose keys/values live in a block of the arena pool (what the engine's streams
+    do, see kv_arena) give the uncached output bit for bit, whoever used the block before: the
+    same speaker (its prompt rows are then not copied again), another speaker, a zero-shot
+    stream (of another voice) that wrote over the prompt rows, and the speaker again after it."""
+    flow = _small_flow(cfg_rate, seed=5)
+    prompt_a, tokens = _stream_inputs(6, 18)
+    prompt_b, _ = _stream_inputs(7, 23)
+    budget = flow.stream_cache_bytes_per_frame() * 200
+    lengths = [3, 4, 9, 16, 17, 29, 40]
+    speakers = {"a": (prompt_a, flow.prompt_cache(*prompt_a)),
+                "b": (prompt_b, flow.prompt_cache(*prompt_b))}
+    kept = copy.deepcopy(speakers["a"][1])
+    blocks = set()
+    for who in ["a", "a", "b", "a", "zero-shot", "a", "a"]:
+        prompt, speaker = speakers["b" if who == "zero-shot" else who]
+        cache = flow.new_stream_cache(budget, None if who == "zero-shot" else speaker)
+        step = cache.estimator[0]
+        assert step.room is not None, "the stream got no block"
+        blocks.add(step.room.data_ptr())
+        assert_all_equal(run_cached(flow, tokens, prompt, lengths, cache))
+        assert not cache.lean
+        del cache, step  # the stream ends: its block goes back to the pool
+    assert flow.arenas.allocated == 1 and len(blocks) == 1, "the block was not reused"
+    # the speaker's shared cache was never written through the streams
+    for step_a, step_b in zip(kept.estimator, speakers["a"][1].estimator, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(step_a.keys + step_a.values,
+                                                     step_b.keys + step_b.values, strict=True))
+
+
+def test_pooled_blocks_are_shared_out_one_per_live_stream() -> None:
+    """Streams alive at once each have their own block; a clone of a stream's cache keeps the
+    block out of the pool while it shares rows in it; a stream that leaves its budget gives
+    its block back and goes on recomputing, still bit-identical."""
+    flow = _small_flow(0.7, seed=5)
+    prompt, tokens = _stream_inputs(6, 18)
+    lengths = [3, 4, 9, 16, 17, 29, 40]
+    budget = flow.stream_cache_bytes_per_frame() * 200
+    first, second = flow.new_stream_cache(budget), flow.new_stream_cache(budget)
+    assert first.estimator[0].room.data_ptr() != second.estimator[0].room.data_ptr()
+    run_cached(flow, tokens, prompt, lengths[:4], first)
+    shared = first.clone()
+    del first
+    assert flow.arenas.free_blocks() == 0  # the clone still reads rows in the block
+    del shared
+    assert flow.arenas.free_blocks() == 1
+    del second
+    assert flow.arenas.free_blocks() == 2 and flow.arenas.allocated == 2
+    # over budget (100 frames): lean from then on, the block handed back at once
+    lean = flow.new_stream_cache(flow.stream_cache_bytes_per_frame() * 100)
+    assert_all_equal(run_cached(flow, tokens, prompt, lengths, lean))
+    assert lean.lean and flow.arenas.free_blocks() == 3

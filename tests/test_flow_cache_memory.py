@@ -150,13 +150,13 @@ def frame_bytes(engine: CosyVoice2Engine) -> int:
 
 def test_streams_share_the_total(cv2_dir: Path, prompt: Audio,
                                  caplog: pytest.LogCaptureFixture) -> None:
-    """Each of max_batch streams gets total // max_batch, less the room its buffers grow into
-    (half as much again), and no more than the per-stream limit; the engine says so once."""
+    """Each of max_batch streams gets total // max_batch (its keys/values block holds exactly
+    that, see kv_arena), and no more than the per-stream limit; the engine says so once."""
     total = 1 << 30
     caplog.set_level(logging.INFO, logger=cv2_engine.__name__)
     engine = cv2(cv2_dir, max_batch=4, flow_cache_memory=total)
     try:
-        share = int(total // 4 / 1.5)
+        share = total // 4
         assert share < FLOW_STREAM_CACHE_BYTES
         assert engine.flow_cache_bytes == engine.token2wav.flow_cache_bytes == share
         # what a stream's cache is given
@@ -166,14 +166,14 @@ def test_streams_share_the_total(cv2_dir: Path, prompt: Audio,
         seconds = share // frame_bytes(engine) / 50  # 50 mel frames a second
         lines = [r.getMessage() for r in caplog.records if "flow stream caches" in r.getMessage()]
         assert len(lines) == 1
-        assert "4 concurrent streams" in lines[0] and "0.167 GiB per stream" in lines[0]
+        assert "4 concurrent streams" in lines[0] and "0.25 GiB per stream" in lines[0]
         assert f"{seconds:.1f} s of prompt + speech" in lines[0]
     finally:
         assert engine.scheduler is not None
         engine.scheduler.close()
     # without a batch, the caller's admission (the server's --max-concurrent) shares it
     assert cv2(cv2_dir, flow_cache_memory=total, concurrent_streams=3).flow_cache_bytes \
-        == int(total // 3 / 1.5)
+        == total // 3
     # a large total never raises a stream past the per-stream limit
     assert cv2(cv2_dir, flow_cache_memory=1 << 40).flow_cache_bytes == FLOW_STREAM_CACHE_BYTES
 
@@ -190,7 +190,7 @@ def test_default_total_is_half_the_free_memory(cv2_dir: Path,
 
     monkeypatch.setattr(cv2_engine, "available_memory", free)
     assert cv2(cv2_dir, max_batch=1, concurrent_streams=8).flow_cache_bytes \
-        == int((6 << 30) // 8 / 1.5)
+        == (6 << 30) // 8
     assert seen == ["cpu"]
     monkeypatch.setattr(cv2_engine, "available_memory", lambda device: None)
     assert cv2(cv2_dir, concurrent_streams=8).flow_cache_bytes == FLOW_STREAM_CACHE_BYTES
@@ -227,7 +227,7 @@ def test_a_stream_over_its_budget_gives_the_same_audio(cv2_dir: Path, prompt: Au
     want, states = stream_and_watch(roomy, request, monkeypatch, lean)
     assert len(want) >= 3 and not any(states)
     # a share of 150 mel frames: the aligned prompt and the first chunks fit, later ones not
-    midway = int(150 * frame_bytes(roomy) * 1.5) + 1
+    midway = 150 * frame_bytes(roomy) + 1
     for total in (0, midway):
         engine = cv2(cv2_dir, flow_cache_memory=total)
         got, states = stream_and_watch(engine, request, monkeypatch, lean)
@@ -247,7 +247,7 @@ def test_batched_streams_over_their_budget_give_the_audio_alone(cv2_dir: Path, p
                 for text in (TEXT, "今天天气很好，我们去公园散步吧！")]
     alone = cv2(cv2_dir, flow_cache_memory=1 << 34)
     want = [np.concatenate(list(alone.synthesize(r, threading.Event()))) for r in requests]
-    batched = cv2(cv2_dir, max_batch=2, flow_cache_memory=2 * frame_bytes(alone))
+    batched = cv2(cv2_dir, max_batch=2, flow_cache_memory=frame_bytes(alone))
     got: list[np.ndarray | None] = [None, None]
 
     def run(i: int) -> None:

@@ -275,10 +275,12 @@ class CosyVoice2Engine:
                          token_mel_ratio=self.models.token_mel_ratio, schedule=schedule,
                          flow_cache_bytes=flow_cache_bytes)
 
-    # Memory a stream's flow cache holds per byte of its budget: the budget counts the
-    # keys/values its frames need, and the buffers grow ahead by up to half of that
-    # (flow_decoder._grow_rows), so N budgets of total / (1.5 N) hold at most total.
-    _flow_cache_slack = 1.5
+    # Memory a stream's flow cache holds per byte of its budget: its keys/values live in a
+    # block with room for exactly its budget (kv_arena), of which it touches only the rows it
+    # writes, so N budgets of total / N hold at most total. (Grown buffer by buffer, they took
+    # up to half as much again: with 8 streams on 24 GB each stream then had room for under
+    # 7 s of prompt and speech, and a longer one went on recomputing.)
+    _flow_cache_slack = 1.0
 
     def _flow_cache_frame_bytes(self) -> int | None:
         """Bytes of a stream's flow cache per mel frame (None: the flow keeps none)."""

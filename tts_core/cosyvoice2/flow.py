@@ -28,6 +28,7 @@ from tts_core.cosyvoice2.flow_encoder import (
 )
 from tts_core.cosyvoice2.flow_matching import CausalConditionalCFM, CFMConfig, StreamSolve
 from tts_core.cosyvoice2.hyperyaml import Tagged
+from tts_core.cosyvoice2.kv_arena import ArenaLease, ArenaPool
 
 _FLOW_DEFAULTS: dict[str, Any] = {  # defaults of the reference constructor
     "input_size": 512, "output_size": 80, "spk_embed_dim": 192, "vocab_size": 4096,
@@ -164,8 +165,41 @@ class FlowStreamCache:
         shared.encoder.keys, shared.encoder.values = copy(shared.encoder.keys), \
             copy(shared.encoder.values)
         for step in shared.estimator:
-            step.keys, step.values = copy(step.keys), copy(step.values)
+            step.keys, step.values, step.lease = copy(step.keys), copy(step.values), None
         return shared
+
+    def attach(self, lease: ArenaLease, prompt: FlowStreamCache | None = None) -> bool:
+        """Give this stream's estimator keys/values the block of ``lease`` to live in, its
+        finished rows (those of ``prompt``, the shared cache it was cloned from) copied in
+        unless the block holds them already. False (nothing changed) when they do not fit."""
+        block = lease.block
+        steps, layers, _, rows, capacity, width = block.shape
+        frames = self.frames
+        if self.lean or len(self.estimator) > steps or frames > capacity or any(
+                len(step.keys) > layers or any(
+                    t is not None and (t.shape[0] != rows or t.shape[2] != width
+                                       or t.dtype != block.dtype)
+                    for t in (*step.keys, *step.values))
+                for step in self.estimator):
+            return False
+        reuse = prompt is not None and lease.holds_prompt(prompt, frames)
+        if not reuse:
+            lease.mark_prompt(None, 0)  # this stream writes its rows from the first one on
+        while len(self.estimator) < steps:
+            self.estimator.append(EstimatorStepCache())
+        for step, room in zip(self.estimator, block, strict=True):
+            for kind, items in enumerate((step.keys, step.values)):
+                for index, rows_in in enumerate(items):
+                    if rows_in is None:
+                        continue
+                    own = room[index, kind]
+                    if not reuse:
+                        own[:, :frames] = rows_in[:, :frames]
+                    items[index] = own
+            step.room, step.lease, step.rows = room, lease, frames
+        if prompt is not None and frames and not reuse:
+            lease.mark_prompt(prompt, frames)
+        return True
 
     def nbytes(self) -> int:
         """Memory of its tensors (a stream's buffers are grown ahead of the finished rows;
@@ -187,6 +221,7 @@ class CausalFlow(nn.Module):
         self.encoder = UpsampleConformerEncoder(config.encoder)
         self.encoder_proj = nn.Linear(config.encoder.output_size, config.output_size)
         self.decoder = CausalConditionalCFM(config.cfm, config.estimator)
+        self.arenas = ArenaPool()  # streams' key/value blocks, reused (see kv_arena)
 
     def project_speaker(self, embedding: torch.Tensor) -> torch.Tensor:
         """[B, spk_embed_dim] speaker embedding -> L2-normalised, projected [B, output_size]."""
@@ -354,6 +389,29 @@ class CausalFlow(nn.Module):
         self.decoder.solve_streams([call.solve])
         self._finish_chunks(call)
         return cache.compact()
+
+    def new_stream_cache(self, max_bytes: int | None,
+                         prompt_cache: FlowStreamCache | None = None) -> FlowStreamCache:
+        """A stream's own cache: empty, or going on from a shared ``prompt_cache``, with the
+        memory budget ``max_bytes``. With a budget its keys/values live in a block of the
+        arena pool with room for the whole budget (see kv_arena), so they are never copied as
+        the stream grows; the output is the same bit for bit either way."""
+        cache = (prompt_cache.clone() if prompt_cache is not None
+                 else FlowStreamCache()).with_budget(max_bytes)
+        dtype = self.input_embedding.weight.dtype
+        frame_bytes = self.stream_cache_bytes_per_frame(dtype)
+        capacity = 0 if max_bytes is None else max_bytes // frame_bytes
+        if capacity < 1 or not self.supports_chunk_streaming:
+            return cache
+        est = self.config.estimator
+        lease = self.arenas.lease(
+            steps=self.config.cfm.n_timesteps,
+            layers=est.n_blocks * (len(est.channels) * 2 + est.num_mid_blocks),
+            rows=2 if self.config.cfm.inference_cfg_rate > 0 else 1, capacity=int(capacity),
+            width=est.num_heads * est.attention_head_dim, dtype=dtype,
+            device=self.input_embedding.weight.device)
+        cache.attach(lease, prompt_cache)
+        return cache
 
     def stream_cache_bytes_per_frame(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes a stream cache's estimator keys/values take per mel frame (every Euler step,

@@ -242,22 +242,60 @@ class EstimatorStepCache:
     convs: per causal conv (in call order) its last ``kernel-1`` input frames [B, k-1, C];
     keys/values: per attention layer a buffer [B, capacity, heads*head_dim] whose first rows
     belong to finished frames.
+    room: this step's share of the stream's own key/value block [layers, 2, B, capacity,
+    width] (see kv_arena), where its buffers live and grow in place; None: buffers are grown
+    by copying. lease: keeps that block out of the pool while rows in it are in use.
     """
 
     convs: list[torch.Tensor | None] = field(default_factory=list)
     keys: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor | None] = field(default_factory=list)
+    room: torch.Tensor | None = None
+    lease: object | None = None
+    rows: int = 0  # rows written into the room so far (for nbytes)
 
     def clone(self, frames: int) -> EstimatorStepCache:
         """A cache that goes on after ``frames`` finished frames, sharing them without copying
-        (its buffers end there, so its first write grows them into new memory)."""
+        (its buffers end there, so its first write grows them into new memory; the room stays
+        with this cache, whose later rows would otherwise be overwritten)."""
         def finished(items: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
             return [None if t is None else t[:, :frames] for t in items]
-        return EstimatorStepCache(list(self.convs), finished(self.keys), finished(self.values))
+        return EstimatorStepCache(list(self.convs), finished(self.keys), finished(self.values),
+                                  lease=self.lease)
+
+    def buffer(self, index: int, kind: int, rows: int, like: torch.Tensor, width: int
+               ) -> torch.Tensor:
+        """Key (kind 0) or value (1) buffer [B, >= rows, width] of attention layer ``index``,
+        its finished rows kept; ``like``: the layer's input [B, T, C] (batch, dtype, device)."""
+        items = self.keys if kind == 0 else self.values
+        while index >= len(items):
+            items.append(None)
+        current = items[index]
+        room = self.room
+        if room is not None and index < room.shape[0] and rows <= room.shape[3] \
+                and room.shape[2] == like.shape[0] and room.shape[4] == width \
+                and room.dtype == like.dtype:
+            own = room[index, kind]
+            if current is not None and current.data_ptr() != own.data_ptr():
+                kept = min(current.shape[1], own.shape[1])
+                own[:, :kept] = current[:, :kept]  # rows from elsewhere, copied in once
+            self.rows = max(self.rows, rows)
+            items[index] = own
+            return own
+        items[index] = grown = _grow_rows(current, rows, like, width)
+        return grown
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (*self.convs, *self.keys, *self.values) if t is not None)
+        """Memory its tensors hold (of a room, the rows written)."""
+        total = 0
+        for t in (*self.convs, *self.keys, *self.values):
+            if t is None:
+                continue
+            rows = t.shape[1]
+            if self.room is not None and t.dim() == 3 and t.shape[1] == self.room.shape[3]:
+                rows = min(rows, self.rows)
+            total += t[:, :rows].numel() * t.element_size()
+        return total
 
 
 @dataclass
@@ -364,13 +402,10 @@ class _ChunkRun:
         outs = []
         for index, part in enumerate(self.parts):
             cache = part.cache
-            if i == len(cache.keys):
-                cache.keys.append(None)
-                cache.values.append(None)
             a, r = self.offsets[index], part.rows
             start, end = part.start, part.start + r
-            keys = cache.keys[i] = _grow_rows(cache.keys[i], end, x, inner)
-            values = cache.values[i] = _grow_rows(cache.values[i], end, x, inner)
+            keys = cache.buffer(i, 0, end, x, inner)
+            values = cache.buffer(i, 1, end, x, inner)
             keys[:, start:end] = new_keys[:, a:a + r]
             values[:, start:end] = new_values[:, a:a + r]
             first = 0 if self.left_frames is None else max(0, start - self.left_frames)

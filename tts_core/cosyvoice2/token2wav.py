@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from tts_core import cancellation
 
-from .flow import FlowStreamCache
 from .hift import HiFTGenerator
 
 
@@ -308,8 +307,8 @@ class Token2WavStream:
         # the flow's per-request cache (its own copy of a speaker's prompt cache)
         self._flow_cache: Any = None
         if driver.caches_streams:
-            self._flow_cache = (prompt_cache.clone() if prompt_cache is not None
-                                else FlowStreamCache()).with_budget(driver.flow_cache_bytes)
+            self._flow_cache = driver.flow.new_stream_cache(  # type: ignore[union-attr]
+                driver.flow_cache_bytes, prompt_cache)
         elif prompt_cache is not None:
             raise ValueError("this flow model keeps no stream cache; pass no prompt_cache")
         self.finished = False
