@@ -10,9 +10,11 @@ import threading
 
 import numpy as np
 import pytest
+import soundfile
 
 import tts_core.embedded.engine as embedded
-from tests.asr import error_rate, transcribe
+from tests.asr import error_rate, transcribe, units
+from tests.conftest import AUDIO_DIR
 from tests.embedded_sentences import HELD_OUT, TUNING
 from tts_core.embedded import assets, frontend, runners, text_split
 from tts_core.embedded.speakers import PRESET_SPEAKERS
@@ -91,9 +93,25 @@ ASCII_IDS = {"中文女": "zh-female", "中文男": "zh-male", "日语男": "ja-
 # Presets known to miss their limit, with the measured figure; strict, so the day one passes,
 # this list must shrink.
 SHORT_OF_THE_LIMIT = {
-    "粤语女": "no package ships an ASR that reads Cantonese: Whisper base (99 languages, no "
-             "Cantonese) writes what it hears as Mandarin and scores the held-out set at 67% CER",
+    "粤语女": "Kokoro has no Cantonese voice: a Mandarin voice reading espeak's Cantonese "
+             "phonemes is not understood (held-out CER 64%; Whisper base does read real "
+             "Cantonese, see test_the_recognizer_reads_real_cantonese)",
 }
+
+
+def test_the_recognizer_reads_real_cantonese():
+    """The Cantonese score is about the voice, not the recognizer: Whisper base, told it hears
+    Chinese, writes real Cantonese speech as standard written Chinese. The shared recording
+    (CosyVoice's cross-lingual example prompt) is Cantonese speech whose English rendering in
+    that project's examples is "And then later on, fully acquiring that company. So keeping
+    management in line, interest in line with the asset that's coming into the family. That's
+    a reason why sometimes we don't buy the whole thing."; its key words must come through."""
+    samples, rate = soundfile.read(AUDIO_DIR / "cross_lingual_prompt.wav", dtype="float32")
+    heard = transcribe(samples, rate, "yue")
+    heard_units = "".join(units(heard, "yue"))
+    # acquire, company, management, family, reason, buy
+    for word in ("收购", "公司", "管理层", "家族", "原因", "买"):
+        assert word in heard_units, f"{word} not heard in {heard!r}"
 
 
 @pytest.mark.parametrize("speaker", [

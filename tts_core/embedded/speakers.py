@@ -16,8 +16,9 @@ Choices measured with scripts/bench_embedded_asr.py on the tuning sentences
   voice, am_michael its best-rated American male.
 - Korean (Whisper base CER, eight sentences): jf_nezumi 23 %, the Chinese voices 40-70 %: a
   Japanese voice reads espeak's Korean phonemes best.
-- Cantonese cannot be scored (no packaged ASR reads it): zf_xiaoxiao, a native Chinese voice
-  other than 中文女's.
+- Cantonese (Whisper base, which writes Cantonese speech as standard written Chinese; it reads
+  real Cantonese, see tests/test_embedded_engine.py): zf_xiaoxiao, a native Chinese voice other
+  than 中文女's, 75 % CER on the six tuning sentences: no Kokoro voice reads Cantonese.
 
 The held-out figures the tests assert are in the README's speaker table.
 """
