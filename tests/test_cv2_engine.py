@@ -23,6 +23,7 @@ from tts_core.cosyvoice2.engine import (
     CosyVoice2Engine,
     default_schedule,
 )
+from tts_core.cosyvoice2.prompt_cache import prompt_key
 from tts_core.cosyvoice2.speakers import (
     SpeakerError,
     SpeakerProfile,
@@ -462,3 +463,39 @@ def test_registered_speaker_streams_from_its_flow_prompt_cache(
     assert engine._flow_caches["erin"][0] is engine.registry.get("erin")
     engine.delete_speaker("erin")
     assert "erin" not in engine._flow_caches
+
+
+def test_prompt_audio_sent_again_is_not_encoded_or_flowed_again(
+        model_dirs: dict[str, Path], zh_prompt: Audio, en_prompt: Audio,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's prompt recording is kept by content: sent again (as clients of the reference
+    service do with every request), it is not encoded again, and from its second time on its
+    stream goes on from the prompt's flow cache; the samples are those of an engine that
+    caches nothing, bit for bit, in every prompt mode. The least recently sent prompt goes
+    first."""
+    cached = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu", seed=3)
+    monkeypatch.setattr(cv2_engine, "PROMPT_AUDIO_CACHES", 0)
+    bare = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu", seed=3)
+    assert len(cached.prompt_audio) == 0 and bare.prompt_audio.capacity == 0
+    encoded: list[int] = []
+    encode = cached.prompts.encode
+    monkeypatch.setattr(cached.prompts, "encode",
+                        lambda samples, rate: encoded.append(len(samples)) or encode(samples, rate))
+    requests = [SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好，我们去公园散步吧！",
+                                 prompt=zh_prompt, prompt_text=PROMPT_TEXT),
+                SynthesisRequest(Mode.CROSS_LINGUAL, text="See you soon.", prompt=zh_prompt),
+                SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", prompt=zh_prompt,
+                                 prompt_text=PROMPT_TEXT, stream=False)]
+    for request in requests * 2:
+        got, want = collect(cached, request), collect(bare, request)
+        assert len(got) == len(want) >= 1
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(encoded) == 1 and cached.prompt_audio.hits == 5
+    entry = cached.prompt_audio.get(prompt_key(zh_prompt.samples, zh_prompt.sample_rate))
+    assert entry is not None and entry.flow_cache is not None and entry.flow_cache.frames > 0
+    # the same samples at another rate, and other prompts: new entries; the oldest goes
+    other_rate = Audio(zh_prompt.samples, zh_prompt.sample_rate // 2)
+    for prompt in (other_rate, en_prompt):
+        collect(cached, SynthesisRequest(Mode.CROSS_LINGUAL, text="Hi.", prompt=prompt))
+    assert len(encoded) == 3 and len(cached.prompt_audio) == 2
+    assert cached.prompt_audio.get(prompt_key(zh_prompt.samples, zh_prompt.sample_rate)) is None

@@ -79,6 +79,7 @@ from .onnx_frontend import (
     check_audio,
 )
 from .precision import PRECISIONS, resolve_precision
+from .prompt_cache import PromptAudioCache, PromptEntry, prompt_key
 from .sampling import RasSampler, Sampler
 from .speakers import (
     SpeakerError,
@@ -116,6 +117,7 @@ class _Voice:
     tag_language: bool  # cross-lingual: prefix the text with its <|lang|> tag
     stored: bool = False  # a preset or registered speaker: its LM prefix KV may be cached
     speaker: SpeakerProfile | None = None  # the stored speaker the flow prompt comes from
+    prompt: PromptEntry | None = None  # or the request's prompt audio, as the engine keeps it
 
 
 def _resolve_device(device: str) -> str:
@@ -150,6 +152,10 @@ DEFAULT_FIRST_CHUNK_TOKENS = 10
 # each holds the prompt's attention keys/values for every Euler step and CFG row, about
 # 4.6 MB per prompt mel frame (0.7 GB for a 3 s prompt) at the official size in float32.
 SPEAKER_FLOW_CACHES = 2
+
+# Prompt recordings sent with requests whose features are kept by content (prompt_cache.py); one
+# sent a second time also keeps its flow prompt cache (the same size as a stored speaker's).
+PROMPT_AUDIO_CACHES = 2
 
 # Streaming: drop the start of the flow's prompt (at most chunk_size - 1 tokens, under 1 s) so
 # that it ends just past an attention chunk (its look-ahead). A prompt's unfinished last chunk
@@ -269,6 +275,7 @@ class CosyVoice2Engine:
         # speaker id -> (profile it was built from, flow prompt cache); see SPEAKER_FLOW_CACHES
         self._flow_caches: OrderedDict[str, tuple[SpeakerProfile, Any]] = OrderedDict()
         self._flow_caches_lock = threading.Lock()
+        self.prompt_audio = PromptAudioCache(PROMPT_AUDIO_CACHES)
 
     def _make_token2wav(self, schedule: StreamSchedule, flow_cache_bytes: int) -> Token2Wav:
         return Token2Wav(self.models.flow, self.models.hift,
@@ -568,6 +575,14 @@ class CosyVoice2Engine:
         except PromptAudioError as error:
             raise InvalidRequest(str(error)) from error
 
+    def _prompt_entry(self, audio: Audio) -> PromptEntry:
+        """The request's prompt recording, encoded, from the prompt cache or now."""
+        key = prompt_key(audio.samples, audio.sample_rate)
+        entry = self.prompt_audio.get(key)
+        if entry is None:
+            entry = self.prompt_audio.put(key, self._encode_prompt(audio))
+        return entry
+
     def _normalize_prompt_text(self, text: str) -> str:
         return self.text.normalize(text)
 
@@ -575,8 +590,10 @@ class CosyVoice2Engine:
         mode = request.mode
         profile = self.registry.get(request.speaker_id) if request.speaker_id else None
         device = self.models.device
+        prompt = None
         if request.prompt is not None:
-            features = self._encode_prompt(request.prompt)
+            prompt = self._prompt_entry(request.prompt)
+            features = prompt.features
             embedding, tokens, feat = (features.embedding, features.speech_tokens,
                                        features.speech_feat)
             transcript_ids = (self.tokenizer.encode(self._normalize_prompt_text(
@@ -600,7 +617,7 @@ class CosyVoice2Engine:
             lm_text, lm_tokens = self._lm_no_prompt_ids(), []
         tag = self.uses_language_tags and (
             mode is Mode.CROSS_LINGUAL or (mode is Mode.SFT and not lm_text))
-        return _Voice(speaker=profile if request.prompt is None else None,
+        return _Voice(speaker=profile if request.prompt is None else None, prompt=prompt,
                       lm_prompt_text_ids=lm_text, lm_prompt_tokens=lm_tokens,
                       flow_prompt_tokens=tokens.to(device), flow_prompt_feat=feat.to(device),
                       embedding=embedding.to(device), tag_language=tag,
@@ -724,6 +741,8 @@ class CosyVoice2Engine:
     def _speaker_flow_cache(self, voice: _Voice) -> Any:
         """The flow's prompt cache of a stored speaker, built on first use and kept (LRU);
         a replaced speaker is a new profile object, so its old cache is never used."""
+        if voice.prompt is not None:
+            return self._prompt_flow_cache(voice, voice.prompt)
         profile = voice.speaker
         if profile is None or not self.token2wav.caches_streams or SPEAKER_FLOW_CACHES < 1:
             return None
@@ -740,6 +759,18 @@ class CosyVoice2Engine:
             while len(self._flow_caches) > SPEAKER_FLOW_CACHES:
                 self._flow_caches.popitem(last=False)
         return cache
+
+    def _prompt_flow_cache(self, voice: _Voice, entry: PromptEntry) -> Any:
+        """The flow's prompt cache of request prompt audio sent before (None the first time: the
+        stream then computes the prompt's share itself, as it would without the cache)."""
+        if not entry.repeated or not self.token2wav.caches_streams:
+            return None
+        with entry.flow_lock:  # a second request of the same prompt waits, not recomputes
+            if entry.flow_cache is None:
+                entry.flow_cache = on_short_thread(
+                    self.token2wav.prompt_cache, voice.flow_prompt_tokens,
+                    voice.flow_prompt_feat, voice.embedding)
+            return entry.flow_cache
 
     def _voice_conversion(self, request: SynthesisRequest, cancel: threading.Event,
                           randomness: _Randomness) -> Iterator[np.ndarray]:

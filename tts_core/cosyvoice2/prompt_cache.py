@@ -1,0 +1,88 @@
+"""Prompt audio sent with requests, kept by content so that a prompt sent again costs nothing.
+
+Clients of the reference service send the same prompt recording with every request (a web
+page's voice, a bot's persona). Each time, the engine would encode it (speech tokenizer, CAM++,
+log-mel) and compute the flow's share of the prompt (on the full-size model about 0.75 s of a
+2 s first chunk on 2 CPU cores). This cache keeps, for the last few prompts by the sha256 of
+their samples and rate, the encoded features, and once a prompt has come a second time, its
+flow prompt cache too, as a registered speaker keeps its own. A prompt seen once costs nothing
+extra: its stream computes the prompt's share itself, as before.
+
+Exact: the features are those the encoder gives for the same samples (they are deterministic),
+and a stream going on from a prompt cache gives the samples it gives computing the prompt
+itself, bit for bit (see CausalFlow.prompt_cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .onnx_frontend import PromptFeatures
+
+
+@dataclass
+class PromptEntry:
+    """One prompt recording: its features, how often it came, and (from its second time on)
+    the flow's cache of its prompt share, built by the engine."""
+
+    features: PromptFeatures
+    uses: int = 1
+    flow_cache: Any = None
+    flow_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def repeated(self) -> bool:
+        return self.uses > 1
+
+
+def prompt_key(samples: np.ndarray, sample_rate: int) -> str:
+    """sha256 of the samples as float32 and their rate: the same recording, the same key."""
+    digest = hashlib.sha256(int(sample_rate).to_bytes(8, "little"))
+    digest.update(np.ascontiguousarray(samples, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+class PromptAudioCache:
+    """The last ``capacity`` prompts' :class:`PromptEntry` by :func:`prompt_key` (LRU); 0 keeps
+    nothing."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = capacity
+        self._entries: OrderedDict[str, PromptEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> PromptEntry | None:
+        """The entry of ``key`` (counted as one more use), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            entry.uses += 1
+            self.hits += 1
+            return entry
+
+    def put(self, key: str, features: PromptFeatures) -> PromptEntry:
+        """Keep ``features`` under ``key`` (a first use); returns the entry."""
+        entry = PromptEntry(features)
+        if self.capacity == 0:
+            return entry
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return entry
