@@ -580,7 +580,7 @@ class CosyVoice2Engine:
         key = prompt_key(audio.samples, audio.sample_rate)
         entry = self.prompt_audio.get(key)
         if entry is None:
-            entry = self.prompt_audio.put(key, self._encode_prompt(audio))
+            entry = self.prompt_audio.add(key, self._encode_prompt(audio))
         return entry
 
     def _normalize_prompt_text(self, text: str) -> str:

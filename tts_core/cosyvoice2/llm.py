@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from tts_core import cancellation
+from tts_core.lru import LruCache
 
 from .hyperyaml import Tagged
 from .packed_linear import fuse_and_pack
@@ -114,7 +114,7 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
-class PrefixCache:
+class PrefixCache(LruCache[tuple[int, ...], KVCache]):
     """Keys and values of LM prefixes (sos + prompt text) kept across requests, LRU.
 
     A registered speaker's requests all start with the same rows, so their KV cache is computed
@@ -124,40 +124,15 @@ class PrefixCache:
     """
 
     def __init__(self, capacity: int = 32) -> None:
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(capacity)
 
     def get(self, key: tuple[int, ...]) -> KVCache | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return entry.clone()
+        entry = super().get(key)
+        return None if entry is None else entry.clone()
 
     def put(self, key: tuple[int, ...], cache: KVCache) -> None:
-        if self.capacity == 0:
-            return
-        entry = cache.clone()
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        if self.capacity:
+            super().put(key, cache.clone())
 
 
 class _Backbone(nn.Module):

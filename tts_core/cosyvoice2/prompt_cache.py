@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ..lru import LruCache
 from .onnx_frontend import PromptFeatures
 
 
@@ -48,41 +48,20 @@ def prompt_key(samples: np.ndarray, sample_rate: int) -> str:
     return digest.hexdigest()
 
 
-class PromptAudioCache:
+class PromptAudioCache(LruCache[str, PromptEntry]):
     """The last ``capacity`` prompts' :class:`PromptEntry` by :func:`prompt_key` (LRU); 0 keeps
     nothing."""
 
-    def __init__(self, capacity: int) -> None:
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
-        self.capacity = capacity
-        self._entries: OrderedDict[str, PromptEntry] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def get(self, key: str) -> PromptEntry | None:
         """The entry of ``key`` (counted as one more use), or None."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            entry.uses += 1
-            self.hits += 1
-            return entry
+        entry = super().get(key)
+        if entry is not None:
+            with self._lock:
+                entry.uses += 1
+        return entry
 
-    def put(self, key: str, features: PromptFeatures) -> PromptEntry:
+    def add(self, key: str, features: PromptFeatures) -> PromptEntry:
         """Keep ``features`` under ``key`` (a first use); returns the entry."""
         entry = PromptEntry(features)
-        if self.capacity == 0:
-            return entry
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+        self.put(key, entry)
         return entry
