@@ -375,3 +375,21 @@ def test_pooled_blocks_are_shared_out_one_per_live_stream() -> None:
     lean = flow.new_stream_cache(flow.stream_cache_bytes_per_frame() * 100)
     assert_all_equal(run_cached(flow, tokens, prompt, lengths, lean))
     assert lean.lean and flow.arenas.free_blocks() == 3
+
+
+def test_a_stored_speakers_stream_gets_the_block_that_holds_its_prompt() -> None:
+    """Among free blocks, a stream of a stored speaker takes one whose last stream was of the
+    same speaker (its prompt rows are in place), not merely the last one given back."""
+    flow = _small_flow(0.7, seed=5)
+    prompt_a, tokens = _stream_inputs(6, 18)
+    prompt_b, _ = _stream_inputs(7, 23)
+    budget = flow.stream_cache_bytes_per_frame() * 200
+    speaker_a, speaker_b = flow.prompt_cache(*prompt_a), flow.prompt_cache(*prompt_b)
+    first = flow.new_stream_cache(budget, speaker_a)
+    second = flow.new_stream_cache(budget, speaker_b)
+    block_a = first.estimator[0].room.data_ptr()
+    del first, second  # b's block is given back last
+    again = flow.new_stream_cache(budget, speaker_a)
+    assert again.estimator[0].room.data_ptr() == block_a
+    assert_all_equal(run_cached(flow, tokens, prompt_a, [3, 4, 9, 16, 17, 29, 40], again))
+    assert flow.arenas.allocated == 2

@@ -409,7 +409,7 @@ class CausalFlow(nn.Module):
             layers=est.n_blocks * (len(est.channels) * 2 + est.num_mid_blocks),
             rows=2 if self.config.cfm.inference_cfg_rate > 0 else 1, capacity=int(capacity),
             width=est.num_heads * est.attention_head_dim, dtype=dtype,
-            device=self.input_embedding.weight.device)
+            device=self.input_embedding.weight.device, prompt=prompt_cache)
         cache.attach(lease, prompt_cache)
         return cache
 

@@ -63,11 +63,20 @@ class ArenaPool:
         return (ArenaPool, ())
 
     def lease(self, steps: int, layers: int, rows: int, capacity: int, width: int,
-              dtype: torch.dtype, device: torch.device) -> ArenaLease:
+              dtype: torch.dtype, device: torch.device, prompt: object | None = None
+              ) -> ArenaLease:
+        """A block of that shape: one that already holds ``prompt``'s rows if one is free (a
+        stream of that stored speaker need not copy them), else the last one given back, else a
+        new one."""
         key = (steps, layers, rows, capacity, width, dtype, torch.device(device))
         with self._lock:
             free = self._free.get(key)
-            entry = free.pop() if free else None
+            entry = None
+            if free:
+                index = next((i for i, (_, (ref, _)) in enumerate(free)
+                              if prompt is not None and ref is not None and ref() is prompt),
+                             len(free) - 1)
+                entry = free.pop(index)
         if entry is None:
             # Not zeroed: a stream reads only rows it wrote (or the prompt rows it copied in).
             entry = (torch.empty(steps, layers, 2, rows, capacity, width, dtype=dtype,
