@@ -403,25 +403,24 @@ class CausalFlow(nn.Module):
         capacity = 0 if max_bytes is None else max_bytes // frame_bytes
         if capacity < 1 or not self.supports_chunk_streaming:
             return cache
-        est = self.config.estimator
-        lease = self.arenas.lease(
-            steps=self.config.cfm.n_timesteps,
-            layers=est.n_blocks * (len(est.channels) * 2 + est.num_mid_blocks),
-            rows=2 if self.config.cfm.inference_cfg_rate > 0 else 1, capacity=int(capacity),
-            width=est.num_heads * est.attention_head_dim, dtype=dtype,
-            device=self.input_embedding.weight.device, prompt=prompt_cache)
+        steps, layers, rows, width = self._stream_cache_shape()
+        lease = self.arenas.lease(steps, layers, rows, int(capacity), width, dtype,
+                                  self.input_embedding.weight.device, prompt=prompt_cache)
         cache.attach(lease, prompt_cache)
         return cache
+
+    def _stream_cache_shape(self) -> tuple[int, int, int, int]:
+        """(Euler steps, attention layers, CFG rows, key width) of a stream's keys/values."""
+        est = self.config.estimator
+        layers = est.n_blocks * (len(est.channels) * 2 + est.num_mid_blocks)
+        rows = 2 if self.config.cfm.inference_cfg_rate > 0 else 1
+        return self.config.cfm.n_timesteps, layers, rows, est.num_heads * est.attention_head_dim
 
     def stream_cache_bytes_per_frame(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes a stream cache's estimator keys/values take per mel frame (every Euler step,
         CFG row and attention layer)."""
-        est = self.config.estimator
-        layers = est.n_blocks * (len(est.channels) * 2 + est.num_mid_blocks)
-        rows = 2 if self.config.cfm.inference_cfg_rate > 0 else 1
-        width = est.num_heads * est.attention_head_dim
-        return self.config.cfm.n_timesteps * rows * layers * 2 * width \
-            * torch.finfo(dtype).bits // 8
+        steps, layers, rows, width = self._stream_cache_shape()
+        return steps * rows * layers * 2 * width * torch.finfo(dtype).bits // 8
 
     def prompt_chunks(self, prompt_tokens: int) -> int:
         """Attention chunks that a prompt of this many tokens finishes on its own (their
