@@ -276,12 +276,11 @@ class EstimatorStepCache:
                 and room.shape[2] == like.shape[0] and room.shape[4] == width \
                 and room.dtype == like.dtype:
             own = room[index, kind]
-            if current is not None and current.data_ptr() != own.data_ptr():
-                kept = min(current.shape[1], own.shape[1])
-                own[:, :kept] = current[:, :kept]  # rows from elsewhere, copied in once
-            self.rows = max(self.rows, rows)
-            items[index] = own
-            return own
+            # FlowStreamCache.attach put the finished rows in the room already
+            if current is None or current.data_ptr() == own.data_ptr():
+                self.rows = max(self.rows, rows)
+                items[index] = own
+                return own
         items[index] = grown = _grow_rows(current, rows, like, width)
         return grown
 

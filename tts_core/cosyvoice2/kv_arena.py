@@ -27,6 +27,12 @@ import weakref
 import torch
 
 
+def _tagged(tag: list[object], prompt: object | None) -> bool:
+    """Whether a block's tag [weak reference, frames] names ``prompt`` (None names nothing)."""
+    ref = tag[0]
+    return prompt is not None and ref is not None and ref() is prompt  # type: ignore[operator]
+
+
 class ArenaLease:
     """One stream's block [steps, layers, 2, rows, capacity, width] (keys then values), for as
     long as this object lives. ``prompt``: a weak reference to the shared prompt cache whose
@@ -37,14 +43,9 @@ class ArenaLease:
         self.block = block
         self._tag = tag  # shared with the pool entry, so the tag outlives this lease
 
-    @property
-    def capacity(self) -> int:
-        return self.block.shape[4]
-
     def holds_prompt(self, prompt: object, frames: int) -> bool:
         """Whether rows 0..frames of every buffer are already ``prompt``'s."""
-        ref, held = self._tag
-        return ref is not None and ref() is prompt and held >= frames  # type: ignore[operator]
+        return _tagged(self._tag, prompt) and self._tag[1] >= frames  # type: ignore[operator]
 
     def mark_prompt(self, prompt: object | None, frames: int) -> None:
         self._tag[:] = [None if prompt is None else weakref.ref(prompt), frames]
@@ -73,8 +74,7 @@ class ArenaPool:
             free = self._free.get(key)
             entry = None
             if free:
-                index = next((i for i, (_, (ref, _)) in enumerate(free)
-                              if prompt is not None and ref is not None and ref() is prompt),
+                index = next((i for i, (_, tag) in enumerate(free) if _tagged(tag, prompt)),
                              len(free) - 1)
                 entry = free.pop(index)
         if entry is None:
