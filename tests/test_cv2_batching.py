@@ -26,7 +26,7 @@ import torch
 
 from tests.cv2_parity import parity_models, vectors
 from tests.scheduler_gate import held_until
-from tts_core.batching.lm_batch import BackboneLM, batched_decode
+from tts_core.batching.lm_batch import BackboneLM, batched_decode, packed_prefill
 from tts_core.batching.scheduler import BatchScheduler
 from tts_core.cosyvoice2.engine import CosyVoice2Engine
 from tts_core.cosyvoice2.llm import SOS_ROW, TASK_ID_ROW, CosyVoice2LM, DecodeStep
@@ -140,14 +140,16 @@ def sequential_logps(lm: CosyVoice2LM, text: list[int], prompt_text: list[int],
 
 
 def run_jobs(lm: CosyVoice2LM, jobs: list[TeacherJob], max_batch: int | None = None,
-             prefill_chunk: int = 64) -> BatchScheduler:
+             prefill_chunk: int = 64, together: bool = False) -> BatchScheduler:
+    """``together``: no step is taken before every job is in (see held_until)."""
     head = lm.llm_decoder
     scheduler = BatchScheduler(BackboneLM(lm.llm.model.model, head), max_batch or len(jobs),
                                prefill_chunk=prefill_chunk)
     try:
-        for job in jobs:
-            job.scheduler = scheduler
-            scheduler.submit(job)
+        with held_until(scheduler, len(jobs) if together else 0):
+            for job in jobs:
+                job.scheduler = scheduler
+                scheduler.submit(job)
         deadline = time.monotonic() + 60
         while not all(job.done() or job.error is not None for job in jobs):
             assert time.monotonic() < deadline, "jobs did not finish"
@@ -201,6 +203,50 @@ def test_batched_decode_step_equals_single_steps(lm: CosyVoice2LM) -> None:
         want = torch.cat([backbone(rows[i][None, None], alone[i])[0] for i in range(3)])
         torch.testing.assert_close(got, want, atol=BATCH_LOGP_ATOL, rtol=0)
     assert [len(c) for c in batched] == [len(c) for c in alone] == [8, 22, 45]
+
+
+def test_packed_prefill_equals_each_request_alone(lm: CosyVoice2LM) -> None:
+    """Several requests' rows in one call, against Qwen2Model.forward one request at a time:
+    fresh caches, a cache already holding a prompt's first part, and a single row."""
+    backbone = lm.llm.model.model
+    gen = torch.Generator().manual_seed(1)
+    d = backbone.config.hidden_size
+    history = {0: 0, 1: 9, 2: 0, 3: 30}  # cached positions before the call
+    lengths = {0: 12, 1: 5, 2: 1, 3: 27}
+    alone, packed = [], []
+    for i in range(4):
+        before = torch.randn(1, history[i], d, generator=gen)
+        for caches in (alone, packed):
+            cache = backbone.new_cache()
+            if history[i]:
+                backbone(before, cache)
+            caches.append(cache)
+    segments = [torch.randn(lengths[i], d, generator=gen) for i in range(4)]
+    got = packed_prefill(backbone, segments, packed)
+    want = torch.cat([backbone(s[None], c)[0, -1:] for s, c in zip(segments, alone, strict=True)])
+    torch.testing.assert_close(got, want, atol=BATCH_LOGP_ATOL, rtol=0)
+    assert [len(c) for c in packed] == [len(c) for c in alone] == [12, 14, 1, 57]
+    # and every cached key/value equals the sequential one, so decoding goes on the same way
+    rows = torch.randn(4, d, generator=gen)
+    torch.testing.assert_close(batched_decode(backbone, rows, packed),
+                               batched_decode(backbone, rows, alone), atol=BATCH_LOGP_ATOL, rtol=0)
+
+
+def test_prompts_that_arrive_together_are_fed_in_one_call(lm: CosyVoice2LM, requests) -> None:
+    jobs = [TeacherJob(lm, prompt_rows(lm, t, pt, ps), f) for t, pt, ps, f in requests]
+    rows = sum(job.rows.shape[0] for job in jobs)
+    scheduler = run_jobs(lm, jobs, prefill_chunk=rows, together=True)
+    assert scheduler.stats.prefill_calls == 1 and scheduler.stats.prefill_rows == rows
+    for job, (t, pt, ps, f) in zip(jobs, requests, strict=True):
+        assert job.error is None and job.out == f
+        assert max_diff(job.logps, sequential_logps(lm, t, pt, ps, f)) <= BATCH_LOGP_ATOL
+    # a budget smaller than all of them: oldest first, the rest in later calls
+    jobs = [TeacherJob(lm, prompt_rows(lm, t, pt, ps), f) for t, pt, ps, f in requests]
+    first = jobs[0].rows.shape[0]
+    scheduler = run_jobs(lm, jobs, prefill_chunk=first + 3, together=True)
+    assert scheduler.stats.prefill_calls > 1 and scheduler.stats.prefill_rows == rows
+    assert all(job.error is None and job.out == f
+               for job, (*_, f) in zip(jobs, requests, strict=True))
 
 
 def test_batch_equals_alone_teacher_forced_with_interleaved_starts(lm: CosyVoice2LM,

@@ -10,6 +10,11 @@ The step reads the weights through the backbone's own modules (``layer.self_attn
 and calls them, so it keeps working when those Linear layers are cast to bfloat16 or replaced by
 dynamic-int8 modules. It reproduces ``Qwen2Model.forward`` for one new position per request;
 ``tests/test_cv2_batching.py`` checks that against the sequential path.
+
+Prefills of several requests are packed the same way (:func:`packed_prefill`): their rows are
+stacked along one axis, so every Linear of the stack runs once over all of them. On the CPU a
+prefill reads the whole stack's weights from memory (the flow and the vocoder evict them between
+steps), so two prompts fed in one call cost far less than two calls.
 """
 
 from __future__ import annotations
@@ -62,6 +67,67 @@ def batched_decode(backbone: Qwen2Model, rows: torch.Tensor,
     return backbone.norm(x)
 
 
+@torch.inference_mode()
+def packed_prefill(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
+                   caches: Sequence[KVCache]) -> torch.Tensor:
+    """Feed rows [L_i, D] of several requests, each after the positions of ``caches[i]``
+    (extended in place); return the final hidden state of each request's last row [N, D].
+
+    The row-wise work runs once over all rows; attention runs per request, as
+    ``Qwen2Model.forward`` computes it for that request alone (causal within the new rows,
+    everything cached before them visible).
+    """
+    cfg = backbone.config
+    if len(segments) != len(caches) or not segments:
+        raise ValueError(f"{len(segments)} row blocks for {len(caches)} caches")
+    lengths = [int(s.shape[0]) for s in segments]
+    pasts = [len(c) for c in caches]
+    if max(p + n for p, n in zip(pasts, lengths, strict=True)) > cfg.max_position_embeddings:
+        raise ValueError(f"a sequence would exceed max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
+    device = segments[0].device
+    dtype = backbone.embed_tokens.weight.dtype
+    x = torch.cat(list(segments)).to(dtype)  # [T, D]
+    positions = torch.cat([torch.arange(p, p + n, device=device)
+                           for p, n in zip(pasts, lengths, strict=True)])
+    cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)  # [T, 1, hd]
+    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(hd)
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    masks = [None if past == 0 or n == 1 else
+             torch.arange(past + n, device=device)[None, :]
+             <= torch.arange(past, past + n, device=device)[:, None]
+             for past, n in zip(pasts, lengths, strict=True)]
+    for layer in backbone.layers:
+        attn = layer.self_attn
+        qkv = attn.project_qkv(layer.input_layernorm(x)).view(x.shape[0], -1, hd)
+        q, k, v = attn.rotate_qkv(qkv, cos, sin)  # [T, heads, hd]
+        outs = []
+        for i, cache in enumerate(caches):
+            a, b, n = bounds[i], bounds[i + 1], lengths[i]
+            keys, values = cache.update(attn.layer_index, k[a:b].transpose(0, 1)[None],
+                                        v[a:b].transpose(0, 1)[None])
+            if n == 1 and group > 1:  # as Qwen2Attention: the group's heads as query rows
+                out = F.scaled_dot_product_attention(
+                    q[a:b].reshape(1, kv_heads, group, hd), keys, values, scale=scale)
+                outs.append(out.reshape(1, heads * hd))
+                continue
+            if group > 1:
+                keys = keys.repeat_interleave(group, dim=1)
+                values = values.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1)[None], keys, values, attn_mask=masks[i],
+                is_causal=masks[i] is None and n > 1, scale=scale)
+            outs.append(out[0].transpose(0, 1).reshape(n, heads * hd))
+        x = x + attn.o_proj(torch.cat(outs))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
+    return backbone.norm(x.index_select(0, last))
+
+
 @dataclass
 class BackboneLM:
     """A speech LM as the scheduler sees it: a Qwen2 backbone plus an output head.
@@ -92,4 +158,15 @@ class BackboneLM:
         """Rows [L, D] of one request after its cache -> log-probabilities [V] of the last."""
         dtype = self.backbone.embed_tokens.weight.dtype
         hidden = self.backbone(rows[None].to(dtype), cache)[0, -1]
+        return self.head(hidden.to(self.head_dtype)).float().log_softmax(dim=-1)
+
+    @torch.inference_mode()
+    def prefill_many(self, segments: Sequence[torch.Tensor], caches: Sequence[KVCache]
+                     ) -> torch.Tensor:
+        """Rows [L_i, D] of several requests, each after its cache, in one packed call ->
+        log-probabilities [N, V] of each request's last row. One request takes the
+        sequential path (:meth:`prefill`), so alone it computes exactly what it did before."""
+        if len(segments) == 1:
+            return self.prefill(segments[0], caches[0])[None]
+        hidden = packed_prefill(self.backbone, segments, caches)
         return self.head(hidden.to(self.head_dtype)).float().log_softmax(dim=-1)
