@@ -249,6 +249,25 @@ def test_prompts_that_arrive_together_are_fed_in_one_call(lm: CosyVoice2LM, requ
                for job, (*_, f) in zip(jobs, requests, strict=True))
 
 
+class SilentTeacherJob(TeacherJob):
+    """A teacher job that has delivered no audio yet (a newcomer's rank)."""
+
+    def output_rank(self, now: float) -> tuple[int, float]:
+        return (0, 0.0)
+
+
+def test_prompts_are_not_split_while_no_stream_is_playing(lm: CosyVoice2LM, requests) -> None:
+    """The per-step row limit protects streams a listener hears; with none playing, every
+    waiting prompt goes in at once, whatever the limit."""
+    jobs = [SilentTeacherJob(lm, prompt_rows(lm, t, pt, ps), f) for t, pt, ps, f in requests]
+    rows = sum(job.rows.shape[0] for job in jobs)
+    scheduler = run_jobs(lm, jobs, prefill_chunk=8, together=True)
+    assert scheduler.stats.prefill_calls == 1 and scheduler.stats.prefill_rows == rows
+    for job, (t, pt, ps, f) in zip(jobs, requests, strict=True):
+        assert job.error is None and job.out == f
+        assert max_diff(job.logps, sequential_logps(lm, t, pt, ps, f)) <= BATCH_LOGP_ATOL
+
+
 def test_batch_equals_alone_teacher_forced_with_interleaved_starts(lm: CosyVoice2LM,
                                                                    requests) -> None:
     jobs = [TeacherJob(lm, prompt_rows(lm, t, pt, ps), f, start_step=3 * i)

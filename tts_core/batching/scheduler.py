@@ -14,9 +14,10 @@ tokens accumulate. One loop iteration is:
    per Euler step for all of them). Due work waits up to ``GATHER_STEPS`` decode steps while
    another job's output falls due by then, so streams that started a few steps apart still
    share their flow runs;
-3. feed at most ``prefill_chunk`` prompt rows, oldest request first, in one packed call
-   (:func:`.lm_batch.packed_prefill`): a long prompt delays the decoding requests by one chunk
-   per step rather than by the whole prompt, and prompts that arrive together go in together;
+3. feed prompt rows, oldest request first, in one packed call (:func:`.lm_batch.packed_prefill`):
+   at most ``prefill_chunk`` rows while a stream is playing, so that a long prompt delays it by
+   one chunk per step rather than by the whole prompt; prompts that arrive together go in
+   together;
 4. one batched decode step (:mod:`.lm_batch`) for every request that takes a single row.
 
 Every call into a job is guarded: an exception fails that job alone (its consumer gets the
@@ -345,12 +346,14 @@ class BatchScheduler:
         return rows
 
     def _prefill(self, entries: list[_Entry]) -> None:
-        """Feed up to ``prefill_chunk`` prompt rows, oldest request first, in one packed call:
-        a prompt being fed in pieces finishes before the next one starts, and several short
-        prompts that arrived together go in at once (one read of the LM's weights)."""
+        """Feed prompt rows, oldest request first, in one packed call: a prompt being fed in
+        pieces finishes before the next one starts, and several prompts that arrived together
+        go in at once (one read of the LM's weights). At most ``prefill_chunk`` rows while some
+        stream is playing audio (a longer step could stall it); while none is, every waiting
+        row at once, as splitting them would only delay everyone's first audio."""
         # (request, its rows not yet fed, the first of them fed now)
         pieces: list[tuple[_Entry, torch.Tensor, torch.Tensor]] = []
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk if self._someone_listening(entries) else None
         for entry in sorted(entries, key=lambda e: e.seq):
             if budget == 0:
                 break
@@ -361,8 +364,9 @@ class BatchScheduler:
                 continue
             if rows is None or (rows.shape[0] == 1 and entry.pending is None):
                 continue
-            pieces.append((entry, rows, rows[:budget]))
-            budget -= pieces[-1][2].shape[0]
+            pieces.append((entry, rows, rows if budget is None else rows[:budget]))
+            if budget is not None:
+                budget -= pieces[-1][2].shape[0]
         if not pieces:
             return
         try:
@@ -382,6 +386,17 @@ class BatchScheduler:
             self.stats.prefill_rows += head.shape[0]
             if entry.pending is None:
                 self._guard(entry, entry.job.lm_accept, logp)
+
+    def _someone_listening(self, entries: list[_Entry]) -> bool:
+        """Whether a stream has audio out (its listener would hear a long step as a stall)."""
+        now = time.monotonic()
+        for entry in entries:
+            try:
+                if entry.job.output_rank(now)[0] != 0:
+                    return True
+            except Exception as error:
+                self._fail(entry, error)
+        return False
 
     def _decode(self, entries: list[_Entry]) -> None:
         batch: list[tuple[_Entry, torch.Tensor]] = []
