@@ -26,7 +26,7 @@ import torch
 
 from tests.cv2_parity import parity_models, vectors
 from tests.scheduler_gate import held_until
-from tts_core.batching.lm_batch import BackboneLM, batched_decode, packed_prefill
+from tts_core.batching.lm_batch import BackboneLM, batched_decode, packed_forward
 from tts_core.batching.scheduler import BatchScheduler
 from tts_core.cosyvoice2.engine import CosyVoice2Engine
 from tts_core.cosyvoice2.llm import SOS_ROW, TASK_ID_ROW, CosyVoice2LM, DecodeStep
@@ -205,7 +205,7 @@ def test_batched_decode_step_equals_single_steps(lm: CosyVoice2LM) -> None:
     assert [len(c) for c in batched] == [len(c) for c in alone] == [8, 22, 45]
 
 
-def test_packed_prefill_equals_each_request_alone(lm: CosyVoice2LM) -> None:
+def test_packed_forward_equals_each_request_alone(lm: CosyVoice2LM) -> None:
     """Several requests' rows in one call, against Qwen2Model.forward one request at a time:
     fresh caches, a cache already holding a prompt's first part, and a single row."""
     backbone = lm.llm.model.model
@@ -222,7 +222,7 @@ def test_packed_prefill_equals_each_request_alone(lm: CosyVoice2LM) -> None:
                 backbone(before, cache)
             caches.append(cache)
     segments = [torch.randn(lengths[i], d, generator=gen) for i in range(4)]
-    got = packed_prefill(backbone, segments, packed)
+    got = packed_forward(backbone, segments, packed)
     want = torch.cat([backbone(s[None], c)[0, -1:] for s, c in zip(segments, alone, strict=True)])
     torch.testing.assert_close(got, want, atol=BATCH_LOGP_ATOL, rtol=0)
     assert [len(c) for c in packed] == [len(c) for c in alone] == [12, 14, 1, 57]

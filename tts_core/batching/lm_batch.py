@@ -1,4 +1,4 @@
-"""One decode step of a Qwen2 backbone for many requests at once.
+"""Steps of a Qwen2 backbone for many requests at once: a decode step, or prompts.
 
 Decoding one token is memory-bound: each step reads every weight once, whatever the number of
 rows multiplied by it. So the row-wise work of all decoding requests (norms, q/k/v projections,
@@ -11,10 +11,11 @@ and calls them, so it keeps working when those Linear layers are cast to bfloat1
 dynamic-int8 modules. It reproduces ``Qwen2Model.forward`` for one new position per request;
 ``tests/test_cv2_batching.py`` checks that against the sequential path.
 
-Prefills of several requests are packed the same way (:func:`packed_prefill`): their rows are
-stacked along one axis, so every Linear of the stack runs once over all of them. On the CPU a
-prefill reads the whole stack's weights from memory (the flow and the vocoder evict them between
-steps), so two prompts fed in one call cost far less than two calls.
+Prompts of several requests are packed the same way (:func:`packed_forward`; the decode step is
+its one-row-per-request case): their rows are stacked along one axis, so every Linear of the
+stack runs once over all of them. On the CPU a prefill reads the whole stack's weights from
+memory (the flow and the vocoder evict them between steps), so two prompts fed in one call cost
+far less than two calls.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 from tts_core.cosyvoice2.qwen2 import KVCache, Qwen2Model, rotary_cos_sin
 
 
-@torch.inference_mode()
 def batched_decode(backbone: Qwen2Model, rows: torch.Tensor,
                    caches: Sequence[KVCache]) -> torch.Tensor:
     """Feed one input row per request; return the final hidden states [B, D].
@@ -37,38 +37,13 @@ def batched_decode(backbone: Qwen2Model, rows: torch.Tensor,
     rows: [B, D] embeddings, row i placed after the positions of ``caches[i]``, which is
     extended in place by one position.
     """
-    cfg = backbone.config
-    batch = rows.shape[0]
-    if batch != len(caches):
-        raise ValueError(f"{batch} rows for {len(caches)} caches")
-    positions = torch.tensor([len(c) for c in caches], device=rows.device)
-    if int(positions.max()) + 1 > cfg.max_position_embeddings:
-        raise ValueError(f"a sequence would exceed max_position_embeddings "
-                         f"({cfg.max_position_embeddings})")
-    dtype = backbone.embed_tokens.weight.dtype
-    x = rows.to(dtype)
-    cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)  # [B, 1, hd]
-    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    group = heads // kv_heads
-    scale = 1.0 / math.sqrt(hd)
-    for layer in backbone.layers:
-        attn = layer.self_attn
-        qkv = attn.project_qkv(layer.input_layernorm(x)).view(batch, -1, hd)
-        q, k, v = attn.rotate_qkv(qkv, cos, sin)  # [B, heads, hd]
-        # the `group` query heads sharing a key/value head are `group` query rows against it
-        q = q.reshape(batch, kv_heads, group, hd)
-        k, v = k.unsqueeze(2), v.unsqueeze(2)  # [B, kv_heads, 1, hd]: one new position
-        outs = []
-        for qi, ki, vi, cache in zip(q.split(1), k.split(1), v.split(1), caches, strict=True):
-            keys, values = cache.update(attn.layer_index, ki, vi)
-            outs.append(F.scaled_dot_product_attention(qi, keys, values, scale=scale))
-        x = x + attn.o_proj(torch.cat(outs).view(batch, heads * hd))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return backbone.norm(x)
+    if rows.shape[0] != len(caches):
+        raise ValueError(f"{rows.shape[0]} rows for {len(caches)} caches")
+    return packed_forward(backbone, list(rows[:, None]), caches)
 
 
 @torch.inference_mode()
-def packed_prefill(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
+def packed_forward(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
                    caches: Sequence[KVCache]) -> torch.Tensor:
     """Feed rows [L_i, D] of several requests, each after the positions of ``caches[i]``
     (extended in place); return the final hidden state of each request's last row [N, D].
@@ -88,8 +63,8 @@ def packed_prefill(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
     device = segments[0].device
     dtype = backbone.embed_tokens.weight.dtype
     x = torch.cat(list(segments)).to(dtype)  # [T, D]
-    positions = torch.cat([torch.arange(p, p + n, device=device)
-                           for p, n in zip(pasts, lengths, strict=True)])
+    positions = torch.tensor([p + j for p, n in zip(pasts, lengths, strict=True)
+                              for j in range(n)], device=device)
     cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)  # [T, 1, hd]
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     group = heads // kv_heads
@@ -124,8 +99,9 @@ def packed_prefill(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
             outs.append(out[0].transpose(0, 1).reshape(n, heads * hd))
         x = x + attn.o_proj(torch.cat(outs))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
-    return backbone.norm(x.index_select(0, last))
+    if x.shape[0] > len(segments):  # each request's last row
+        x = x.index_select(0, torch.tensor([b - 1 for b in bounds[1:]], device=device))
+    return backbone.norm(x)
 
 
 @dataclass
@@ -168,5 +144,5 @@ class BackboneLM:
         sequential path (:meth:`prefill`), so alone it computes exactly what it did before."""
         if len(segments) == 1:
             return self.prefill(segments[0], caches[0])[None]
-        hidden = packed_prefill(self.backbone, segments, caches)
+        hidden = packed_forward(self.backbone, segments, caches)
         return self.head(hidden.to(self.head_dtype)).float().log_softmax(dim=-1)

@@ -14,7 +14,7 @@ tokens accumulate. One loop iteration is:
    per Euler step for all of them). Due work waits up to ``GATHER_STEPS`` decode steps while
    another job's output falls due by then, so streams that started a few steps apart still
    share their flow runs;
-3. feed prompt rows, oldest request first, in one packed call (:func:`.lm_batch.packed_prefill`):
+3. feed prompt rows, oldest request first, in one packed call (:func:`.lm_batch.packed_forward`):
    at most ``prefill_chunk`` rows while a stream is playing, so that a long prompt delays it by
    one chunk per step rather than by the whole prompt; prompts that arrive together go in
    together;
