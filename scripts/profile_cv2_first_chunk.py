@@ -81,12 +81,11 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["before", "after"],
                     choices=["before", "after"])
     args = ap.parse_args()
-    from collections import OrderedDict
-
     import soundfile
 
     import tts_core.cosyvoice2.engine as cv2_engine
     from tts_core.engine import Audio
+    from tts_core.lru import LruCache
 
     probe = CosyVoice2Probe(args.model_dir, args.precision, args.threads, False, 1000)
     engine = probe.engine
@@ -108,13 +107,14 @@ def main() -> None:
     timers.wrap(flow, "begin_cached", "flow: begin + end of a chunk (encoder included)")
     timers.wrap(flow, "end_cached", "flow: begin + end of a chunk (encoder included)")
     timers.wrap(models.hift, "inference", "hift")
-    caches: dict[str, OrderedDict] = {mode: OrderedDict() for mode in args.modes}
+    caches = {mode: LruCache(cv2_engine.FLOW_PROMPT_CACHES, cv2_engine.FLOW_PROMPT_CACHE_BYTES,
+                             size=lambda cache: cache.nbytes()) for mode in args.modes}
 
     def set_mode(mode: str) -> None:
         after = mode == "after"
         flow.group_prompt_chunks = after
         cv2_engine.STREAM_ALIGN_FLOW_PROMPT = after
-        engine._flow_caches = caches[mode]
+        engine.flow_prompt_caches = caches[mode]
 
     print(f"model {args.model_dir}, {args.precision}, {args.threads} threads, load "
           f"{open('/proc/loadavg').read().split()[:3]}", flush=True)

@@ -431,7 +431,7 @@ def test_engine_batch_gives_the_audio_of_each_request_alone(engines, prompt: Aud
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
     # the stored speaker's stream started from its prompt cache (the others from the recording's
     # once the engine had seen it before, see prompt_cache.py; the first of them from none)
-    stored_cache = batched._flow_caches["stored"][1]
+    stored_cache = batched.flow_prompt_cache_of("stored")
     assert len(prompt_caches) == 3 and any(cache is stored_cache for cache in prompt_caches)
     assert any(cache is None for cache in prompt_caches)
 

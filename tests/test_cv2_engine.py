@@ -445,24 +445,65 @@ def test_registered_speaker_streams_from_its_flow_prompt_cache(
     engine = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
                                              state_dir=tmp_path, seed=3)
     engine.register_speaker("erin", zh_prompt, PROMPT_TEXT)
-    profile, cache = engine._flow_caches["erin"]
-    assert profile is engine.registry.get("erin") and cache.frames > 0
+    cache = engine.flow_prompt_cache_of("erin")
+    assert cache is not None and cache.frames > 0 and len(engine.flow_prompt_caches) == 1
     source = Audio(en_prompt.samples[: 3 * en_prompt.sample_rate], en_prompt.sample_rate)
     requests = [SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好，我们去公园散步吧！",
                                  speaker_id="erin"),
                 SynthesisRequest(Mode.VOICE_CONVERSION, source=source, speaker_id="erin")]
     cached = [collect(engine, r) for r in requests]
-    monkeypatch.setattr(cv2_engine, "SPEAKER_FLOW_CACHES", 0)
+    monkeypatch.setattr(cv2_engine, "FLOW_PROMPT_CACHES", 0)
     uncached = [collect(engine, r) for r in requests]
     for with_cache, without in zip(cached, uncached, strict=True):
         assert len(with_cache) == len(without) >= 2
         assert all(np.array_equal(a, b) for a, b in zip(with_cache, without, strict=True))
     engine.register_speaker("erin", en_prompt, "", replace=True)  # a new voice, a new cache
-    monkeypatch.setattr(cv2_engine, "SPEAKER_FLOW_CACHES", 2)
+    monkeypatch.setattr(cv2_engine, "FLOW_PROMPT_CACHES", 4)
     collect(engine, SynthesisRequest(Mode.CROSS_LINGUAL, text="Hi there.", speaker_id="erin"))
-    assert engine._flow_caches["erin"][0] is engine.registry.get("erin")
+    new = engine.flow_prompt_cache_of("erin")
+    assert new is not None and new is not cache and len(engine.flow_prompt_caches) == 2
     engine.delete_speaker("erin")
-    assert "erin" not in engine._flow_caches
+    assert engine.flow_prompt_caches.values() == [cache]  # the deleted voice's cache is gone
+
+
+def test_flow_prompt_caches_are_kept_by_content_within_their_bytes(
+        model_dirs: dict[str, Path], tmp_path: Path, zh_prompt: Audio,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored speaker and requests sending the recording it was made from share one flow
+    prompt cache; the caches kept stay within FLOW_PROMPT_CACHE_BYTES (the least recently used
+    go), and a prompt whose cache alone is larger is not kept, its audio unchanged."""
+    engine = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
+                                             state_dir=tmp_path, seed=3)
+    engine.register_speaker("erin", zh_prompt, PROMPT_TEXT)
+    stored = engine.flow_prompt_cache_of("erin")
+    assert stored is not None
+    used: list[object] = []
+    new_stream_cache = engine.models.flow.new_stream_cache
+    monkeypatch.setattr(engine.models.flow, "new_stream_cache",
+                        lambda max_bytes, prompt_cache=None: used.append(prompt_cache)
+                        or new_stream_cache(max_bytes, prompt_cache))
+    request = SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", prompt=zh_prompt,
+                               prompt_text=PROMPT_TEXT)
+    for _ in range(2):
+        collect(engine, request)
+    assert used == [None, stored] and len(engine.flow_prompt_caches) == 1
+    # a bound below two caches: the least recently used goes
+    size = stored.nbytes()
+    bounded = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
+                                              state_dir=tmp_path / "b", seed=3)
+    bounded.flow_prompt_caches = cv2_engine.LruCache(4, int(size * 1.5), size=lambda c: c.nbytes())
+    bounded.register_speaker("erin", zh_prompt, PROMPT_TEXT)
+    louder = Audio(zh_prompt.samples * 0.5, zh_prompt.sample_rate)  # another cache, same size
+    bounded.register_speaker("olaf", louder, PROMPT_TEXT)
+    assert bounded.flow_prompt_cache_of("erin") is None
+    assert bounded.flow_prompt_cache_of("olaf") is not None
+    assert bounded.flow_prompt_caches.nbytes <= size * 1.5
+    # a bound below one cache: nothing kept, the same samples as with the cache
+    bounded.flow_prompt_caches = cv2_engine.LruCache(4, size // 2, size=lambda c: c.nbytes())
+    speaker_request = SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", speaker_id="erin")
+    got, want = collect(bounded, speaker_request), collect(engine, speaker_request)
+    assert len(bounded.flow_prompt_caches) == 0 and len(got) == len(want) >= 1
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_prompt_audio_sent_again_is_not_encoded_or_flowed_again(
@@ -492,7 +533,9 @@ def test_prompt_audio_sent_again_is_not_encoded_or_flowed_again(
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
     assert len(encoded) == 1 and cached.prompt_audio.hits == 5
     entry = cached.prompt_audio.get(prompt_key(zh_prompt.samples, zh_prompt.sample_rate))
-    assert entry is not None and entry.flow_cache is not None and entry.flow_cache.frames > 0
+    assert entry is not None and entry.uses > 1
+    (flow_cache,) = cached.flow_prompt_caches.values()  # from its second time on
+    assert flow_cache.frames > 0
     # the same samples at another rate, and other prompts: new entries; the oldest goes
     other_rate = Audio(zh_prompt.samples, zh_prompt.sample_rate // 2)
     for prompt in (other_rate, en_prompt):

@@ -39,13 +39,13 @@ fastest plan within the README's tolerances (on CPU without AMX "int8w": weight-
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +67,7 @@ from ..engine import (
     UnknownSpeaker,
     UnsupportedMode,
 )
+from ..lru import LruCache
 from ..memory import available_memory, format_gib
 from ..short_thread import on_short_thread
 from .flow import CausalFlow
@@ -148,13 +149,18 @@ def _precision_name(precision: str, dtype: str | None) -> str:
 # difference from one-shot output on the parity model compared with the reference schedule.
 DEFAULT_FIRST_CHUNK_TOKENS = 10
 
-# Flow stream caches of stored speakers' prompts kept in memory (least recently used dropped):
-# each holds the prompt's attention keys/values for every Euler step and CFG row, about
-# 4.6 MB per prompt mel frame (0.7 GB for a 3 s prompt) at the official size in float32.
-SPEAKER_FLOW_CACHES = 2
+# Flow prompt caches kept in memory: the prompt's share of the flow (its attention keys/values for
+# every Euler step and CFG row, about 2.3 MB per prompt mel frame at the official size in
+# float32: 0.47 GB for a 3.5 s prompt, half that in bfloat16) of stored speakers, and of prompt
+# recordings sent more than once. Kept by content, so a stored speaker and requests sending the
+# recording it was made from share one. At most this many and this many bytes, least recently
+# used dropped first; a prompt whose cache alone is larger is not kept (its streams compute
+# their prompt share themselves, with the same audio).
+FLOW_PROMPT_CACHES = 4
+FLOW_PROMPT_CACHE_BYTES = 2 << 30
 
 # Prompt recordings sent with requests whose features are kept by content (prompt_cache.py); one
-# sent a second time also keeps its flow prompt cache (the same size as a stored speaker's).
+# sent a second time also gets a flow prompt cache (FLOW_PROMPT_CACHES).
 PROMPT_AUDIO_CACHES = 2
 
 # Streaming: drop the start of the flow's prompt (at most chunk_size - 1 tokens, under 1 s) so
@@ -164,9 +170,10 @@ PROMPT_AUDIO_CACHES = 2
 # LM keeps the whole prompt; the flow is conditioned on the prompt's last seconds.
 STREAM_ALIGN_FLOW_PROMPT = True
 
-# Memory budget of one stream's flow cache (same size: 4.6 MB per mel frame in float32). 3.5 GiB
-# holds a 3.5 s prompt and 12 s of speech; a longer segment goes on without the cache, one Euler
-# step at a time (bit-identical, recomputing the segment on every chunk) rather than growing it.
+# Memory budget of one stream's flow cache (same size: 2.3 MB per mel frame in float32). 3.5 GiB
+# holds about 32 s of prompt and speech in float32; a longer segment goes on without the cache,
+# one Euler step at a time (bit-identical, recomputing the segment on every chunk) rather than
+# growing it.
 FLOW_STREAM_CACHE_BYTES = 7 << 29
 
 # The flow caches of all streams that may run at once (max_batch, or the server's
@@ -212,6 +219,17 @@ def default_schedule(chunk_size: int,
                           max_hop=max(4 * chunk_size, first_chunk_tokens),
                           prompt_align=chunk_size if aligned else 0,
                           full_attention_final=False, hop_align=chunk_size)
+
+
+def flow_prompt_key(voice: _Voice) -> str:
+    """sha256 of what the flow's prompt share is computed from (the prompt's speech tokens and
+    mel, the speaker embedding): the same content, the same flow prompt cache."""
+    digest = hashlib.sha256()
+    for t in (voice.flow_prompt_tokens, voice.flow_prompt_feat, voice.embedding):
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class CosyVoice2Engine:
@@ -272,9 +290,10 @@ class CosyVoice2Engine:
         # scales activations per call, so how rows are grouped into calls matters there).
         self.prefix_cache = PrefixCache(prefix_cache_size)
         self._uncached_prefix = PrefixCache(0)
-        # speaker id -> (profile it was built from, flow prompt cache); see SPEAKER_FLOW_CACHES
-        self._flow_caches: OrderedDict[str, tuple[SpeakerProfile, Any]] = OrderedDict()
-        self._flow_caches_lock = threading.Lock()
+        # flow prompt content (flow_prompt_key) -> its flow prompt cache; see FLOW_PROMPT_CACHES
+        self.flow_prompt_caches: LruCache[str, Any] = LruCache(
+            FLOW_PROMPT_CACHES, FLOW_PROMPT_CACHE_BYTES, size=lambda cache: cache.nbytes())
+        self._flow_prompt_build = threading.Lock()
         self.prompt_audio = PromptAudioCache(PROMPT_AUDIO_CACHES)
 
     def _make_token2wav(self, schedule: StreamSchedule, flow_cache_bytes: int) -> Token2Wav:
@@ -482,21 +501,32 @@ class CosyVoice2Engine:
             self.registry.add(profile, replace=replace)
         except SpeakerError as error:
             raise InvalidRequest(str(error)) from error
-        with self._flow_caches_lock:  # a replaced voice's cache goes at once
-            self._flow_caches.pop(speaker_id, None)
         if profile.has_prompt_audio:  # the prompt's share of the flow, once for all requests
-            device = self.models.device
-            self._speaker_flow_cache(self._stream_voice(_Voice(
-                lm_prompt_text_ids=[], lm_prompt_tokens=[],
-                flow_prompt_tokens=profile.speech_tokens.to(device),
-                flow_prompt_feat=profile.speech_feat.to(device),
-                embedding=profile.embedding.to(device), tag_language=False, speaker=profile)))
+            self._speaker_flow_cache(self._profile_stream_voice(profile))
         return profile.to_speaker()
 
+    def _profile_stream_voice(self, profile: SpeakerProfile) -> _Voice:
+        """A stored speaker's voice as its streams condition the flow on it."""
+        device = self.models.device
+        return self._stream_voice(_Voice(
+            lm_prompt_text_ids=[], lm_prompt_tokens=[],
+            flow_prompt_tokens=profile.speech_tokens.to(device),
+            flow_prompt_feat=profile.speech_feat.to(device),
+            embedding=profile.embedding.to(device), tag_language=False, speaker=profile))
+
+    def flow_prompt_cache_of(self, speaker_id: str) -> Any:
+        """The kept flow prompt cache of a stored speaker, or None (tests, diagnostics)."""
+        profile = self.registry.get(speaker_id)
+        if profile is None or not profile.has_prompt_audio:
+            return None
+        return self.flow_prompt_caches.get(flow_prompt_key(self._profile_stream_voice(profile)))
+
     def delete_speaker(self, speaker_id: str) -> None:
-        """Forget a registered speaker (and its files). Presets cannot be deleted."""
-        with self._flow_caches_lock:
-            self._flow_caches.pop(speaker_id, None)
+        """Forget a registered speaker (and its files, and its flow prompt cache). Presets
+        cannot be deleted."""
+        profile = self.registry.get(speaker_id)
+        if profile is not None and profile.has_prompt_audio:
+            self.flow_prompt_caches.pop(flow_prompt_key(self._profile_stream_voice(profile)))
         try:
             self.registry.delete(speaker_id)
         except KeyError:
@@ -739,38 +769,28 @@ class CosyVoice2Engine:
         return replace(voice, flow_prompt_tokens=tokens, flow_prompt_feat=feat)
 
     def _speaker_flow_cache(self, voice: _Voice) -> Any:
-        """The flow's prompt cache of a stored speaker, built on first use and kept (LRU);
-        a replaced speaker is a new profile object, so its old cache is never used."""
+        """The flow prompt cache of the voice's prompt: a stored speaker's (built on first
+        use), or a request's prompt recording's from its second time on (None the first time:
+        the stream then computes the prompt's share itself, as it would without the cache).
+        Kept by content (FLOW_PROMPT_CACHES): a replaced speaker's new recording is a new
+        entry, and its old one is never used again."""
+        if not self.token2wav.caches_streams or FLOW_PROMPT_CACHES < 1:
+            return None
         if voice.prompt is not None:
-            return self._prompt_flow_cache(voice, voice.prompt)
-        profile = voice.speaker
-        if profile is None or not self.token2wav.caches_streams or SPEAKER_FLOW_CACHES < 1:
+            if not voice.prompt.repeated:
+                return None
+        elif voice.speaker is None:
             return None
-        with self._flow_caches_lock:
-            entry = self._flow_caches.get(profile.id)
-            if entry is not None and entry[0] is profile:
-                self._flow_caches.move_to_end(profile.id)
-                return entry[1]
-        cache = on_short_thread(self.token2wav.prompt_cache, voice.flow_prompt_tokens,
-                                voice.flow_prompt_feat, voice.embedding)
-        with self._flow_caches_lock:
-            self._flow_caches[profile.id] = (profile, cache)
-            self._flow_caches.move_to_end(profile.id)
-            while len(self._flow_caches) > SPEAKER_FLOW_CACHES:
-                self._flow_caches.popitem(last=False)
+        key = flow_prompt_key(voice)
+        cache = self.flow_prompt_caches.get(key)
+        if cache is None:
+            with self._flow_prompt_build:  # a second request of the same prompt waits
+                cache = self.flow_prompt_caches.get(key)
+                if cache is None:
+                    cache = on_short_thread(self.token2wav.prompt_cache, voice.flow_prompt_tokens,
+                                            voice.flow_prompt_feat, voice.embedding)
+                    self.flow_prompt_caches.put(key, cache)
         return cache
-
-    def _prompt_flow_cache(self, voice: _Voice, entry: PromptEntry) -> Any:
-        """The flow's prompt cache of request prompt audio sent before (None the first time: the
-        stream then computes the prompt's share itself, as it would without the cache)."""
-        if not entry.repeated or not self.token2wav.caches_streams:
-            return None
-        with entry.flow_lock:  # a second request of the same prompt waits, not recomputes
-            if entry.flow_cache is None:
-                entry.flow_cache = on_short_thread(
-                    self.token2wav.prompt_cache, voice.flow_prompt_tokens,
-                    voice.flow_prompt_feat, voice.embedding)
-            return entry.flow_cache
 
     def _voice_conversion(self, request: SynthesisRequest, cancel: threading.Event,
                           randomness: _Randomness) -> Iterator[np.ndarray]:

@@ -4,9 +4,10 @@ Clients of the reference service send the same prompt recording with every reque
 page's voice, a bot's persona). Each time, the engine would encode it (speech tokenizer, CAM++,
 log-mel) and compute the flow's share of the prompt (on the full-size model about 0.75 s of a
 2 s first chunk on 2 CPU cores). This cache keeps, for the last few prompts by the sha256 of
-their samples and rate, the encoded features, and once a prompt has come a second time, its
-flow prompt cache too, as a registered speaker keeps its own. A prompt seen once costs nothing
-extra: its stream computes the prompt's share itself, as before.
+their samples and rate, the encoded features and how often they came; once a prompt has come a
+second time, the engine keeps its flow prompt cache too, as it does a registered speaker's
+(engine.FLOW_PROMPT_CACHES). A prompt seen once costs nothing extra: its stream computes the
+prompt's share itself, as before.
 
 Exact: the features are those the encoder gives for the same samples (they are deterministic),
 and a stream going on from a prompt cache gives the samples it gives computing the prompt
@@ -16,9 +17,7 @@ itself, bit for bit (see CausalFlow.prompt_cache).
 from __future__ import annotations
 
 import hashlib
-import threading
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,13 +27,10 @@ from .onnx_frontend import PromptFeatures
 
 @dataclass
 class PromptEntry:
-    """One prompt recording: its features, how often it came, and (from its second time on)
-    the flow's cache of its prompt share, built by the engine."""
+    """One prompt recording: its features and how often it came."""
 
     features: PromptFeatures
     uses: int = 1
-    flow_cache: Any = None
-    flow_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def repeated(self) -> bool:
