@@ -85,7 +85,6 @@ def main() -> None:
 
     import tts_core.cosyvoice2.engine as cv2_engine
     from tts_core.engine import Audio
-    from tts_core.lru import LruCache
 
     probe = CosyVoice2Probe(args.model_dir, args.precision, args.threads, False, 1000)
     engine = probe.engine
@@ -107,8 +106,7 @@ def main() -> None:
     timers.wrap(flow, "begin_cached", "flow: begin + end of a chunk (encoder included)")
     timers.wrap(flow, "end_cached", "flow: begin + end of a chunk (encoder included)")
     timers.wrap(models.hift, "inference", "hift")
-    caches = {mode: LruCache(cv2_engine.FLOW_PROMPT_CACHES, cv2_engine.FLOW_PROMPT_CACHE_BYTES,
-                             size=lambda cache: cache.nbytes()) for mode in args.modes}
+    caches = {mode: cv2_engine.flow_prompt_cache_store() for mode in args.modes}
 
     def set_mode(mode: str) -> None:
         after = mode == "after"

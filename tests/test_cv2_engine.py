@@ -491,7 +491,7 @@ def test_flow_prompt_caches_are_kept_by_content_within_their_bytes(
     size = stored.nbytes()
     bounded = CosyVoice2Engine.from_model_dir(model_dirs["bare"], threads=1, device="cpu",
                                               state_dir=tmp_path / "b", seed=3)
-    bounded.flow_prompt_caches = cv2_engine.LruCache(4, int(size * 1.5), size=lambda c: c.nbytes())
+    bounded.flow_prompt_caches = cv2_engine.flow_prompt_cache_store(int(size * 1.5))
     bounded.register_speaker("erin", zh_prompt, PROMPT_TEXT)
     louder = Audio(zh_prompt.samples * 0.5, zh_prompt.sample_rate)  # another cache, same size
     bounded.register_speaker("olaf", louder, PROMPT_TEXT)
@@ -499,7 +499,7 @@ def test_flow_prompt_caches_are_kept_by_content_within_their_bytes(
     assert bounded.flow_prompt_cache_of("olaf") is not None
     assert bounded.flow_prompt_caches.nbytes <= size * 1.5
     # a bound below one cache: nothing kept, the same samples as with the cache
-    bounded.flow_prompt_caches = cv2_engine.LruCache(4, size // 2, size=lambda c: c.nbytes())
+    bounded.flow_prompt_caches = cv2_engine.flow_prompt_cache_store(size // 2)
     speaker_request = SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", speaker_id="erin")
     got, want = collect(bounded, speaker_request), collect(engine, speaker_request)
     assert len(bounded.flow_prompt_caches) == 0 and len(got) == len(want) >= 1

@@ -50,6 +50,12 @@ class LruCache(Generic[K, V]):
             self.hits += 1
             return entry[0]
 
+    def peek(self, key: K) -> V | None:
+        """The value of ``key`` or None, leaving its recency and the counts alone."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
+
     def put(self, key: K, value: V) -> bool:
         """Keep ``value`` under ``key`` as the most recent entry; False when it is not kept
         (capacity 0, or larger than ``max_bytes`` alone)."""

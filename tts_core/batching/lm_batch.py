@@ -130,19 +130,10 @@ class BackboneLM:
         return self.head(hidden.to(self.head_dtype)).float().log_softmax(dim=-1)
 
     @torch.inference_mode()
-    def prefill(self, rows: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Rows [L, D] of one request after its cache -> log-probabilities [V] of the last."""
-        dtype = self.backbone.embed_tokens.weight.dtype
-        hidden = self.backbone(rows[None].to(dtype), cache)[0, -1]
-        return self.head(hidden.to(self.head_dtype)).float().log_softmax(dim=-1)
-
-    @torch.inference_mode()
-    def prefill_many(self, segments: Sequence[torch.Tensor], caches: Sequence[KVCache]
-                     ) -> torch.Tensor:
-        """Rows [L_i, D] of several requests, each after its cache, in one packed call ->
-        log-probabilities [N, V] of each request's last row. One request takes the
-        sequential path (:meth:`prefill`), so alone it computes exactly what it did before."""
-        if len(segments) == 1:
-            return self.prefill(segments[0], caches[0])[None]
+    def prefill(self, segments: Sequence[torch.Tensor], caches: Sequence[KVCache]
+                ) -> torch.Tensor:
+        """Rows [L_i, D] of one or more requests, each after its cache, in one packed call ->
+        float32 log-probabilities [N, V] of each request's last row. (One request alone gives
+        exactly ``Qwen2Model.forward``'s numbers.)"""
         hidden = packed_forward(self.backbone, segments, caches)
         return self.head(hidden.to(self.head_dtype)).float().log_softmax(dim=-1)

@@ -370,8 +370,8 @@ class BatchScheduler:
         if not pieces:
             return
         try:
-            logps = self.lm.prefill_many([head for _, _, head in pieces],
-                                         [entry.job.lm_cache() for entry, _, _ in pieces])
+            logps = self.lm.prefill([head for _, _, head in pieces],
+                                    [entry.job.lm_cache() for entry, _, _ in pieces])
         except Exception as error:
             # Rows and lengths were checked per request, so this is a bug; the caches may hold
             # part of the call, so none of these requests can go on.

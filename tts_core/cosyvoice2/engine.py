@@ -221,6 +221,11 @@ def default_schedule(chunk_size: int,
                           full_attention_final=False, hop_align=chunk_size)
 
 
+def flow_prompt_cache_store(max_bytes: int = FLOW_PROMPT_CACHE_BYTES) -> LruCache[str, Any]:
+    """An engine's flow prompt caches by :func:`flow_prompt_key` (FLOW_PROMPT_CACHES)."""
+    return LruCache(FLOW_PROMPT_CACHES, max_bytes, size=lambda cache: cache.nbytes())
+
+
 def flow_prompt_key(voice: _Voice) -> str:
     """sha256 of what the flow's prompt share is computed from (the prompt's speech tokens and
     mel, the speaker embedding): the same content, the same flow prompt cache."""
@@ -291,8 +296,7 @@ class CosyVoice2Engine:
         self.prefix_cache = PrefixCache(prefix_cache_size)
         self._uncached_prefix = PrefixCache(0)
         # flow prompt content (flow_prompt_key) -> its flow prompt cache; see FLOW_PROMPT_CACHES
-        self.flow_prompt_caches: LruCache[str, Any] = LruCache(
-            FLOW_PROMPT_CACHES, FLOW_PROMPT_CACHE_BYTES, size=lambda cache: cache.nbytes())
+        self.flow_prompt_caches = flow_prompt_cache_store()
         self._flow_prompt_build = threading.Lock()
         self.prompt_audio = PromptAudioCache(PROMPT_AUDIO_CACHES)
 
@@ -519,7 +523,7 @@ class CosyVoice2Engine:
         profile = self.registry.get(speaker_id)
         if profile is None or not profile.has_prompt_audio:
             return None
-        return self.flow_prompt_caches.get(flow_prompt_key(self._profile_stream_voice(profile)))
+        return self.flow_prompt_caches.peek(flow_prompt_key(self._profile_stream_voice(profile)))
 
     def delete_speaker(self, speaker_id: str) -> None:
         """Forget a registered speaker (and its files, and its flow prompt cache). Presets
