@@ -197,6 +197,7 @@ class FlowStreamCache:
                         own[:, :frames] = rows_in[:, :frames]
                     items[index] = own
             step.room, step.lease, step.rows = room, lease, frames
+            step.room_views = {}
         if prompt is not None and frames and not reuse:
             lease.mark_prompt(prompt, frames)
         return True

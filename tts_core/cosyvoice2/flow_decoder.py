@@ -253,6 +253,10 @@ class EstimatorStepCache:
     room: torch.Tensor | None = None
     lease: object | None = None
     rows: int = 0  # rows written into the room so far (for nbytes)
+    # per attention layer: (room[layer] [2, B, capacity, width], its keys, its values), made
+    # once per layer (views of the room; see layer_room)
+    room_views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
 
     def clone(self, frames: int) -> EstimatorStepCache:
         """A cache that goes on after ``frames`` finished frames, sharing them without copying
@@ -263,25 +267,43 @@ class EstimatorStepCache:
         return EstimatorStepCache(list(self.convs), finished(self.keys), finished(self.values),
                                   lease=self.lease)
 
+    def layer_room(self, index: int, rows: int, like: torch.Tensor, width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where attention layer ``index`` keeps its keys and values in the room: (both
+        [2, B, capacity, width], keys, values), once the room has space for ``rows`` and holds
+        this layer's finished rows (FlowStreamCache.attach put them there); None otherwise.
+        ``like``: the layer's input [B, T, C] (batch, dtype, device)."""
+        room = self.room
+        if room is None or index >= room.shape[0] or rows > room.shape[3] \
+                or room.shape[2] != like.shape[0] or room.shape[4] != width \
+                or room.dtype != like.dtype:
+            return None
+        views = self.room_views.get(index)
+        if views is None:
+            both = room[index]
+            views = (both, both[0], both[1])
+            for items, own in ((self.keys, views[1]), (self.values, views[2])):
+                while index >= len(items):
+                    items.append(None)
+                current = items[index]
+                if current is not None and current.data_ptr() != own.data_ptr():
+                    return None  # rows elsewhere (a clone's shared ones): grown by copying
+                items[index] = own
+            self.room_views[index] = views
+        self.rows = max(self.rows, rows)
+        return views
+
     def buffer(self, index: int, kind: int, rows: int, like: torch.Tensor, width: int
                ) -> torch.Tensor:
         """Key (kind 0) or value (1) buffer [B, >= rows, width] of attention layer ``index``,
         its finished rows kept; ``like``: the layer's input [B, T, C] (batch, dtype, device)."""
+        views = self.layer_room(index, rows, like, width)
+        if views is not None:
+            return views[1 + kind]
         items = self.keys if kind == 0 else self.values
         while index >= len(items):
             items.append(None)
-        current = items[index]
-        room = self.room
-        if room is not None and index < room.shape[0] and rows <= room.shape[3] \
-                and room.shape[2] == like.shape[0] and room.shape[4] == width \
-                and room.dtype == like.dtype:
-            own = room[index, kind]
-            # FlowStreamCache.attach put the finished rows in the room already
-            if current is None or current.data_ptr() == own.data_ptr():
-                self.rows = max(self.rows, rows)
-                items[index] = own
-                return own
-        items[index] = grown = _grow_rows(current, rows, like, width)
+        items[index] = grown = _grow_rows(items[index], rows, like, width)
         return grown
 
     def nbytes(self) -> int:
@@ -334,6 +356,7 @@ class _ChunkRun:
         self.conv_index = self.attn_index = 0
         self.new_convs: list[list[torch.Tensor]] = [[] for _ in parts]
         self._masks: list[torch.Tensor | None | bool] = [False] * len(parts)
+        self._windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _group_mask(self, index: int, first: int, device: torch.device) -> torch.Tensor | None:
         """For a part spanning more than one chunk: which keys (first..) each of its rows may
@@ -357,24 +380,43 @@ class _ChunkRun:
     def split(self, x: torch.Tensor, dim: int) -> list[torch.Tensor]:
         return [x.narrow(dim, a, b - a) for a, b in pairwise(self.offsets)]
 
+    def _window_rows(self, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the parts' rows joined as [context_0, rows_0, context_1, rows_1, ...] (each
+        context ``pad`` rows): the rows of every output row's window (offsets 0..pad, offset
+        major) and the rows of each part's new context (its last ``pad``)."""
+        index = self._windows.get(pad)
+        if index is None:
+            windows, contexts, base = [], [], 0
+            for part in self.parts:
+                first = torch.arange(base, base + part.rows, device=device)
+                windows.append(first[:, None] + torch.arange(pad + 1, device=device))
+                end = base + pad + part.rows
+                contexts.append(torch.arange(end - pad, end, device=device))
+                base = end
+            index = self._windows[pad] = (torch.cat(windows).flatten(), torch.cat(contexts))
+        return index
+
     def conv(self, module: CausalConv1d, x: torch.Tensor) -> torch.Tensor:
         """The causal conv of x [B, T, Cin] -> [B, T, Cout], each part behind its own context
         (its last ``kernel - 1`` input frames, zeros at the start of a stream)."""
         i, self.conv_index = self.conv_index, self.conv_index + 1
         pad = module.left_pad
-        windows = []
-        for part, rows, new in zip(self.parts, self.split(x, 1), self.new_convs, strict=True):
+        pieces = []
+        for part, rows in zip(self.parts, self.split(x, 1), strict=True):
             convs = part.cache.convs
             if i == len(convs):
                 convs.append(None)
             context = convs[i]
             if context is None:  # the causal conv's zero padding
                 context = x.new_zeros(x.shape[0], pad, x.shape[2])
-            joined = torch.cat([context, rows], dim=1)
-            new.append(joined[:, -pad:].clone())  # a copy: the cache keeps it, not `joined`
-            length = rows.shape[1]
-            windows.append(torch.cat([joined[:, j:j + length] for j in range(pad + 1)], dim=2))
-        unfolded = windows[0] if len(windows) == 1 else torch.cat(windows, dim=1)
+            pieces += [context, rows]
+        joined = torch.cat(pieces, dim=1)
+        windows, contexts = self._window_rows(pad, x.device)
+        # [B, T, pad + 1, Cin] -> [B, T, (pad + 1) * Cin]: k shifted inputs side by side
+        unfolded = joined.index_select(1, windows).view(x.shape[0], x.shape[1], -1)
+        new = joined.index_select(1, contexts)  # a new tensor: the caches keep views of it
+        for j, kept in enumerate(self.new_convs):
+            kept.append(new[:, j * pad:(j + 1) * pad])
         return linear(unfolded, _conv_matrix(module), module.bias)
 
     def causal_block(self, block: CausalBlock, x: torch.Tensor) -> torch.Tensor:
@@ -393,27 +435,34 @@ class _ChunkRun:
         i, self.attn_index = self.attn_index, self.attn_index + 1
         b = x.shape[0]
         inner = attn.heads * attn.head_dim
-        queries, new_keys, new_values = linear(x, _qkv_matrix(attn), None).split(inner, dim=-1)
+        qkv = linear(x, _qkv_matrix(attn), None)  # [B, T, 3 * inner]: q, k, v side by side
 
         def split(h: torch.Tensor) -> torch.Tensor:
             return h.view(b, h.shape[1], attn.heads, attn.head_dim).transpose(1, 2)
 
-        outs = []
+        outs = []  # per part [B, r, heads, head_dim] (views; one copy joins them)
         for index, part in enumerate(self.parts):
             cache = part.cache
             a, r = self.offsets[index], part.rows
             start, end = part.start, part.start + r
-            keys = cache.buffer(i, 0, end, x, inner)
-            values = cache.buffer(i, 1, end, x, inner)
-            keys[:, start:end] = new_keys[:, a:a + r]
-            values[:, start:end] = new_values[:, a:a + r]
+            rows = qkv[:, a:a + r]
+            views = cache.layer_room(i, end, x, inner)
+            if views is not None:  # keys and values in one copy: k, v are adjacent in qkv
+                both, keys, values = views
+                both[:, :, start:end] = rows[..., inner:].unflatten(-1, (2, inner)) \
+                    .permute(2, 0, 1, 3)
+            else:
+                keys = cache.buffer(i, 0, end, x, inner)
+                values = cache.buffer(i, 1, end, x, inner)
+                keys[:, start:end] = rows[..., inner:2 * inner]
+                values[:, start:end] = rows[..., 2 * inner:]
             first = 0 if self.left_frames is None else max(0, start - self.left_frames)
             out = F.scaled_dot_product_attention(
-                split(queries[:, a:a + r]), split(keys[:, first:end]),
+                split(rows[..., :inner]), split(keys[:, first:end]),
                 split(values[:, first:end]), attn_mask=self._group_mask(index, first, x.device))
-            outs.append(out.transpose(1, 2).reshape(b, r, inner))
+            outs.append(out.transpose(1, 2))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return module_linear(attn.to_out[0], out)
+        return module_linear(attn.to_out[0], out.reshape(b, x.shape[1], inner))
 
     def transformers(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
