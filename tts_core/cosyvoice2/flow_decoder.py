@@ -295,11 +295,9 @@ class EstimatorStepCache:
 
     def buffer(self, index: int, kind: int, rows: int, like: torch.Tensor, width: int
                ) -> torch.Tensor:
-        """Key (kind 0) or value (1) buffer [B, >= rows, width] of attention layer ``index``,
-        its finished rows kept; ``like``: the layer's input [B, T, C] (batch, dtype, device)."""
-        views = self.layer_room(index, rows, like, width)
-        if views is not None:
-            return views[1 + kind]
+        """Key (kind 0) or value (1) buffer [B, >= rows, width] of attention layer ``index``
+        outside a room (where :meth:`layer_room` gives none), its finished rows kept, grown by
+        copying when too short; ``like``: the layer's input [B, T, C]."""
         items = self.keys if kind == 0 else self.values
         while index >= len(items):
             items.append(None)
