@@ -13,8 +13,10 @@ shapes: float32 and bfloat16 GEMM GFLOP/s at the estimator's and the LM prefill'
 memory bandwidth (sum, float32 matvec and copy over 512 MB) and the int8 weight-only
 matrix-vector kernel (``aten._weight_int8pack_mm``) over the LM stack's layer shapes. Floors:
 decode = weight bytes ÷ the better read bandwidth (float32) or the measured int8 matvec time
-(int8w); everything else = FLOPs ÷ the float32 GEMM rate at its own shapes (optimistic for
-HiFT's convolutions and for attention).
+(int8w); the flow estimator = FLOPs ÷ the GEMM rate at its own shapes in the precision it runs
+in (bfloat16 on packed weights, as the engine runs it, where ``--precision auto`` gives it a
+bfloat16 flow; float32 otherwise); HiFT = FLOPs ÷ the float32 rate (optimistic for its
+convolutions and for attention).
 
 Measured figures: by default one registered-speaker first chunk (after a warm-up) and one
 streamed request of ``--tokens`` forced speech tokens (per second of its audio; its attention
@@ -46,6 +48,7 @@ from tts_core.cosyvoice2.flow_decoder import (  # noqa: E402
     SelfAttention,
     TransformerBlock,
 )
+from tts_core.cosyvoice2.packed_linear import linear, packs_bfloat16, prepare  # noqa: E402
 from tts_core.cosyvoice2.weight_quant import WeightOnlyLinear  # noqa: E402
 
 # --------------------------------------------------------------------------- counting
@@ -146,15 +149,16 @@ def timed(fn: Callable[[], Any], reps: int) -> float:
 
 def gemm_rate(shapes: list[tuple[int, int]], rows: int, dtype: torch.dtype, reps: int) -> float:
     """GFLOP/s of running every (in, out) of ``shapes`` once on ``rows`` rows (distinct shapes
-    timed once and weighted by how often they occur)."""
+    timed once and weighted by how often they occur). bfloat16 runs on weights packed as the
+    engine packs them where oneDNN has bfloat16 kernels (packed_linear)."""
     counts: dict[tuple[int, int], int] = {}
     for s in shapes:
         counts[s] = counts.get(s, 0) + 1
     flops = seconds = 0.0
     with torch.inference_mode():
         for (i, o), n in counts.items():
-            x, w = torch.randn(rows, i, dtype=dtype), torch.randn(o, i, dtype=dtype)
-            seconds += n * timed(lambda x=x, w=w: torch.nn.functional.linear(x, w), reps)
+            x, w = torch.randn(rows, i, dtype=dtype), prepare(torch.randn(o, i, dtype=dtype))
+            seconds += n * timed(lambda x=x, w=w: linear(x, w, None), reps)
             flops += n * 2.0 * rows * i * o
     return flops / seconds / 1e9
 
@@ -173,17 +177,20 @@ def bandwidth(megabytes: int, reps: int) -> tuple[float, float, float]:
 
 def int8_matvec(shapes: list[tuple[int, int]], reps: int) -> tuple[float, float]:
     """(seconds, weight GB/s) of one row through every (in, out) of ``shapes`` with the int8
-    weight-only kernel, as int8w decodes."""
-    counts: dict[tuple[int, int], int] = {}
-    for s in shapes:
-        counts[s] = counts.get(s, 0) + 1
-    seconds = 0.0
+    weight-only kernel, as int8w decodes. Every matrix has its own memory, as the stack's do,
+    so a pass reads them from DRAM as a decode step does: one matrix per shape read again and
+    again stays in the CPU's cache (on this project's machine that showed 38.6 GB/s, against
+    12 GB/s for the stack's 24 layers of distinct matrices)."""
     with torch.inference_mode():
-        for (i, o), n in counts.items():
-            x = torch.randn(1, i, dtype=torch.bfloat16)
-            w = torch.randint(-127, 128, (o, i), dtype=torch.int8)
-            s = torch.rand(o, dtype=torch.bfloat16)
-            seconds += n * timed(lambda x=x, w=w, s=s: torch._weight_int8pack_mm(x, w, s), reps)
+        layers = [(torch.randn(1, i, dtype=torch.bfloat16),
+                   torch.randint(-127, 128, (o, i), dtype=torch.int8),
+                   torch.rand(o, dtype=torch.bfloat16)) for i, o in shapes]
+
+        def step() -> None:
+            for x, w, s in layers:
+                torch._weight_int8pack_mm(x, w, s)
+
+        seconds = timed(step, reps)
     return seconds, sum(i * o for i, o in shapes) / seconds / 1e9
 
 
@@ -246,8 +253,10 @@ def cpu_rates(est: dict[str, Any], lmc: dict[str, Any], first_rows: int, chunk_r
         "g_first": gemm_rate(est["shapes"], first_rows, torch.float32, reps),
         "g_chunk": gemm_rate(est["shapes"], chunk_rows, torch.float32, reps),
         "g_bf16": gemm_rate(est["shapes"], chunk_rows, torch.bfloat16, reps),
+        "g_first_bf16": gemm_rate(est["shapes"], first_rows, torch.bfloat16, reps),
         "g_best": gemm_rate(est["shapes"], 1024, torch.float32, 3),
         "g_lm": gemm_rate(lmc["shapes"] + [lmc["head"]], prefill_rows, torch.float32, 3),
+        "g_lm_bf16": gemm_rate(lmc["shapes"], prefill_rows, torch.bfloat16, 3),
         "sum_bw": sum_bw, "mv_bw": mv_bw, "copy_bw": copy_bw,
         "int8_s": int8_matvec(lmc["shapes"], reps)[0],
     }
@@ -260,9 +269,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=Path("/work/models/cv2-full"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="int8w", choices=["float32", "int8w"],
-                    help="LM precision of the measured run and the decode floor (int8w: the "
-                         "engine's auto on a CPU without AMX; the flow is float32 in both)")
+    ap.add_argument("--precision", default="auto", choices=["float32", "int8w", "auto"],
+                    help="the engine's precision for the measured run and the floors (auto: "
+                         "int8w LM, and the flow in bfloat16 where oneDNN has bfloat16 kernels "
+                         "(AMX), else float32; int8w: int8w LM, float32 flow)")
     ap.add_argument("--first-tokens", type=int, default=10, help="tokens of the first chunk")
     ap.add_argument("--prompt-tokens", type=int, default=87, help="the speaker's prompt tokens")
     ap.add_argument("--prefill-rows", type=int, default=117,
@@ -284,13 +294,17 @@ def main() -> None:
     else:
         from tts_core.cosyvoice2.model_dir import load_model_dir
 
-        models = load_model_dir(args.model_dir, require_frontend=False, precision="float32")
+        models = load_model_dir(args.model_dir, require_frontend=False,
+                                precision=args.precision)
         measured = {k: float(v) for k, v in (item.split("=", 1) for item in args.measured)}
     lm, flow, hift = models.lm, models.flow, models.hift
     fcfg = flow.config
     ratio, lookahead = fcfg.token_mel_ratio, fcfg.pre_lookahead_len
     chunk_tokens = fcfg.encoder.static_chunk_size
     estimator = flow.decoder.estimator
+    flow_dtype = next(estimator.parameters()).dtype
+    flow_bf16 = flow_dtype == torch.bfloat16 and packs_bfloat16(torch.device("cpu"))
+    int8_lm = args.precision in ("int8w", "auto")
     chunk = estimator.config.static_chunk_size
     steps, rows = flow.decoder.config.n_timesteps, 2  # Euler steps × the CFG pair
     rate = models.token_frame_rate
@@ -340,15 +354,20 @@ def main() -> None:
         best = {k: (min if k == "int8_s" else max)(v, after[k]) for k, v in best.items()}
     g_first, g_chunk, g_bf16, g_best, g_lm = (best[k] for k in (
         "g_first", "g_chunk", "g_bf16", "g_best", "g_lm"))
+    # the flow's floors at the rate of the precision it runs in; int8w prompts run on the
+    # layers' packed bfloat16 copies where oneDNN has bfloat16 kernels (weight_quant)
+    if int8_lm and packs_bfloat16(torch.device("cpu")):
+        g_lm = best["g_lm_bf16"]
+    flow_first, flow_chunk = (best["g_first_bf16"], g_bf16) if flow_bf16 else (g_first, g_chunk)
     sum_bw, mv_bw, copy_bw, int8_s = (best[k] for k in ("sum_bw", "mv_bw", "copy_bw", "int8_s"))
     read_bw = max(sum_bw, mv_bw)
     int8_bw = sum(i * o for i, o in lmc["shapes"]) / int8_s / 1e9
     head_s = 4 * lmc["head"][0] * lmc["head"][1] / (read_bw * 1e9)
     print(f"measured (best before/after the engine): float32 GEMM {g_first:.1f} GFLOP/s at "
           f"the estimator's shapes × {est_rows_first} rows, {g_chunk:.1f} at {est_rows_chunk} "
-          f"rows; bfloat16 "
+          f"rows; bfloat16 (packed) {best['g_first_bf16']:.1f} at {est_rows_first} rows, "
           f"{g_bf16:.1f} at {est_rows_chunk} rows; LM prefill shapes × {args.prefill_rows} rows "
-          f"{g_lm:.1f}; memory read {sum_bw:.1f} GB/s (sum), "
+          f"{g_lm:.1f} (float32 {best['g_lm']:.1f}); memory read {sum_bw:.1f} GB/s (sum), "
           f"{mv_bw:.1f} GB/s (float32 matvec), copy {copy_bw:.1f} GB/s; int8 "
           f"weight-only matvec {int8_bw:.1f} GB/s of weights ({int8_s*1e3:.1f} ms per token)")
 
@@ -356,11 +375,11 @@ def main() -> None:
     int8_step = int8_s + head_s
     floors = {
         "first.prefill": prefill / (g_lm * 1e9),
-        "first.decode": first_decode * (int8_step if args.precision == "int8w" else f32_step),
-        "first.flow": first_flow / (g_first * 1e9),
+        "first.decode": first_decode * (int8_step if int8_lm else f32_step),
+        "first.flow": first_flow / (flow_first * 1e9),
         "first.hift": hift_sec * first_audio / (g_chunk * 1e9),
-        "sec.decode": rate * (int8_step if args.precision == "int8w" else f32_step),
-        "sec.flow": sec_flow / (g_chunk * 1e9),
+        "sec.decode": rate * (int8_step if int8_lm else f32_step),
+        "sec.flow": sec_flow / (flow_chunk * 1e9),
         "sec.hift": hift_sec / (g_chunk * 1e9),
     }
     floors["first.total"] = sum(v for k, v in floors.items() if k.startswith("first."))
@@ -369,12 +388,12 @@ def main() -> None:
                            + floors["first.prefill"] * rate / args.tokens)
     labels = {
         "first.prefill": f"LM prefill ({args.prefill_rows} rows)",
-        "first.decode": f"LM decode ({first_decode} steps, {args.precision})",
-        "first.flow": f"flow estimator ({first_frames} frames)",
+        "first.decode": f"LM decode ({first_decode} steps, {'int8w' if int8_lm else 'float32'})",
+        "first.flow": f"flow estimator ({first_frames} frames, {str(flow_dtype)[6:]})",
         "first.hift": f"HiFT ({first_audio:.2f} s audio)",
         "first.total": "first audio (sum; encoder etc. not in the floor)",
-        "sec.decode": f"LM decode ({rate} steps, {args.precision})",
-        "sec.flow": f"flow estimator ({rate * ratio} frames)",
+        "sec.decode": f"LM decode ({rate} steps, {'int8w' if int8_lm else 'float32'})",
+        "sec.flow": f"flow estimator ({rate * ratio} frames, {str(flow_dtype)[6:]})",
         "sec.hift": "HiFT",
         "sec.total": f"real-time factor ({args.tokens}-token stream, incl. prefill)",
     }
