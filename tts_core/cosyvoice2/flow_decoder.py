@@ -282,12 +282,14 @@ class EstimatorStepCache:
         if views is None:
             both = room[index]
             views = (both, both[0], both[1])
-            for items, own in ((self.keys, views[1]), (self.values, views[2])):
+            pairs = ((self.keys, views[1]), (self.values, views[2]))
+            for items, _ in pairs:
                 while index >= len(items):
                     items.append(None)
-                current = items[index]
-                if current is not None and current.data_ptr() != own.data_ptr():
-                    return None  # rows elsewhere (a clone's shared ones): grown by copying
+            if any(items[index] is not None and items[index].data_ptr() != own.data_ptr()
+                   for items, own in pairs):
+                return None  # rows elsewhere (a clone's shared ones): grown by copying
+            for items, own in pairs:
                 items[index] = own
             self.room_views[index] = views
         self.rows = max(self.rows, rows)
