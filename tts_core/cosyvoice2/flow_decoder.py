@@ -253,10 +253,9 @@ class EstimatorStepCache:
     room: torch.Tensor | None = None
     lease: object | None = None
     rows: int = 0  # rows written into the room so far (for nbytes)
-    # per attention layer: (room[layer] [2, B, capacity, width], its keys, its values), made
-    # once per layer (views of the room; see layer_room)
-    room_views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False)
+    # per attention layer whose keys/values live in the room: room[layer] [2, B, capacity,
+    # width], made once (keys[layer] and values[layer] are its two halves; see layer_room)
+    room_views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def clone(self, frames: int) -> EstimatorStepCache:
         """A cache that goes on after ``frames`` finished frames, sharing them without copying
@@ -278,11 +277,10 @@ class EstimatorStepCache:
                 or room.shape[2] != like.shape[0] or room.shape[4] != width \
                 or room.dtype != like.dtype:
             return None
-        views = self.room_views.get(index)
-        if views is None:
+        both = self.room_views.get(index)
+        if both is None:
             both = room[index]
-            views = (both, both[0], both[1])
-            pairs = ((self.keys, views[1]), (self.values, views[2]))
+            pairs = ((self.keys, both[0]), (self.values, both[1]))
             for items, _ in pairs:
                 while index >= len(items):
                     items.append(None)
@@ -291,9 +289,9 @@ class EstimatorStepCache:
                 return None  # rows elsewhere (a clone's shared ones): grown by copying
             for items, own in pairs:
                 items[index] = own
-            self.room_views[index] = views
+            self.room_views[index] = both
         self.rows = max(self.rows, rows)
-        return views
+        return both, self.keys[index], self.values[index]  # type: ignore[return-value]
 
     def buffer(self, index: int, kind: int, rows: int, like: torch.Tensor, width: int
                ) -> torch.Tensor:
