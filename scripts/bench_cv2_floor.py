@@ -11,7 +11,8 @@ parameter), times the CFG pair and the Euler steps; HiFT's FLOPs per second of a
 ``torch.utils.flop_counter`` on one second of mel). Then measures what this CPU achieves at those
 shapes: float32 and bfloat16 GEMM GFLOP/s at the estimator's and the LM prefill's matrix shapes,
 memory bandwidth (sum, float32 matvec and copy over 512 MB) and the int8 weight-only
-matrix-vector kernel (``aten._weight_int8pack_mm``) over the LM stack's layer shapes. Floors:
+matrix-vector kernel the engine decodes with (tts_core/cosyvoice2/int8_matvec.py where it runs,
+else ``aten._weight_int8pack_mm``) over the LM stack's layer shapes. Floors:
 decode = weight bytes ÷ the better read bandwidth (float32) or the measured int8 matvec time
 (int8w); the flow estimator = FLOPs ÷ the GEMM rate at its own shapes in the precision it runs
 in (bfloat16 on packed weights, as the engine runs it, where ``--precision auto`` gives it a
@@ -48,6 +49,7 @@ from tts_core.cosyvoice2.flow_decoder import (  # noqa: E402
     SelfAttention,
     TransformerBlock,
 )
+from tts_core.cosyvoice2.int8_matvec import native_kernel  # noqa: E402
 from tts_core.cosyvoice2.packed_linear import linear, packs_bfloat16, prepare  # noqa: E402
 from tts_core.cosyvoice2.weight_quant import WeightOnlyLinear  # noqa: E402
 
@@ -177,18 +179,22 @@ def bandwidth(megabytes: int, reps: int) -> tuple[float, float, float]:
 
 def int8_matvec(shapes: list[tuple[int, int]], reps: int) -> tuple[float, float]:
     """(seconds, weight GB/s) of one row through every (in, out) of ``shapes`` with the int8
-    weight-only kernel, as int8w decodes. Every matrix has its own memory, as the stack's do,
-    so a pass reads them from DRAM as a decode step does: one matrix per shape read again and
-    again stays in the CPU's cache (on this project's machine that showed 38.6 GB/s, against
-    12 GB/s for the stack's 24 layers of distinct matrices)."""
+    weight-only kernel int8w decodes with (the native one where it runs, else PyTorch's).
+    Every matrix has its own memory, as the stack's do, so a pass reads them from DRAM as a
+    decode step does: one matrix per shape read again and again stays in the CPU's cache (on
+    this project's machine that showed 38.6 GB/s, against 12 GB/s for the stack's 24 layers of
+    distinct matrices)."""
+    kernel = native_kernel()
     with torch.inference_mode():
-        layers = [(torch.randn(1, i, dtype=torch.bfloat16),
-                   torch.randint(-127, 128, (o, i), dtype=torch.int8),
-                   torch.rand(o, dtype=torch.bfloat16)) for i, o in shapes]
+        layers = [(torch.randn(1, i), torch.randint(-127, 128, (o, i), dtype=torch.int8),
+                   torch.rand(o)) for i, o in shapes]
 
         def step() -> None:
             for x, w, s in layers:
-                torch._weight_int8pack_mm(x, w, s)
+                if kernel is not None and kernel.takes(w):
+                    kernel.matmul(x, w, s, None)
+                else:
+                    torch._weight_int8pack_mm(x.bfloat16(), w, s.bfloat16())
 
         seconds = timed(step, reps)
     return seconds, sum(i * o for i, o in shapes) / seconds / 1e9
@@ -369,7 +375,8 @@ def main() -> None:
           f"{g_bf16:.1f} at {est_rows_chunk} rows; LM prefill shapes × {args.prefill_rows} rows "
           f"{g_lm:.1f} (float32 {best['g_lm']:.1f}); memory read {sum_bw:.1f} GB/s (sum), "
           f"{mv_bw:.1f} GB/s (float32 matvec), copy {copy_bw:.1f} GB/s; int8 "
-          f"weight-only matvec {int8_bw:.1f} GB/s of weights ({int8_s*1e3:.1f} ms per token)")
+          f"weight-only matvec ({'native' if native_kernel() else 'PyTorch'} kernel) "
+          f"{int8_bw:.1f} GB/s of weights ({int8_s*1e3:.1f} ms per token)")
 
     f32_step = lmc["bytes_f32"] / (read_bw * 1e9)
     int8_step = int8_s + head_s

@@ -6,7 +6,8 @@
     scripts/bench_cv2_speed.py --model-dir DIR --configs float32 auto auto/pipeline
 
 Each configuration (a precision option, optionally ``/pipeline`` to decode in
-a thread of its own while chunks are vocoded)
+a thread of its own while chunks are vocoded, ``/tN`` for N torch threads, ``/nonative`` to keep
+PyTorch's int8 kernel instead of the native one, tts_core/cosyvoice2/int8_matvec.py)
 runs in a subprocess of its own, one after the other, so peak memory is that configuration's and
 the two never compete for the cores. Every request is forced to exactly ``--tokens`` speech
 tokens (stop ids are refused until then, and the end id is returned at once after), because
@@ -121,6 +122,11 @@ class CosyVoice2Probe:
         plan = self.engine.models.precision
         self.description = (f"LM {plan.lm_description}, flow {str(plan.flow_dtype)[6:]}"
                             if plan else "")
+        if plan and plan.lm_weight_int8:
+            from tts_core.cosyvoice2.int8_matvec import native_kernel
+
+            kernel = "native" if native_kernel() is not None else "PyTorch's"
+            self.description += f", {kernel} int8 kernel for decode steps"
 
     @property
     def sample_rate(self) -> int:
@@ -245,6 +251,8 @@ def run_config(args: argparse.Namespace) -> None:
     for option in options:
         if option.startswith("t") and option[1:].isdigit():
             threads = int(option[1:])
+        elif option == "nonative":
+            os.environ["TTS_NATIVE_INT8"] = "0"  # read when the first int8 layer runs
         elif option != "pipeline":
             raise SystemExit(f"unknown configuration option {option!r} in {args.worker!r}")
     family = engine_family(args.model_dir)
@@ -373,8 +381,8 @@ def main() -> None:
                        "CosyVoice 2 directory here")
     ap.add_argument("--configs", nargs="+", default=["float32", "auto"],
                     help="precision options, each optionally with /pipeline (LM/vocoder "
-                    "pipeline thread) and /tN (N torch threads instead of --threads); the "
-                    "first is the error reference")
+                    "pipeline thread), /tN (N torch threads instead of --threads) and "
+                    "/nonative (PyTorch's int8 kernel); the first is the error reference")
     ap.add_argument("--tokens", type=int, default=100, help="speech tokens per utterance")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)

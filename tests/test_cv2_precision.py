@@ -21,6 +21,7 @@ import torch
 from tests.cv2_parity import parity_dir, vectors
 from tts_core.cosyvoice2 import precision as precision_module
 from tts_core.cosyvoice2.engine import CosyVoice2Engine
+from tts_core.cosyvoice2.int8_matvec import native_kernel
 from tts_core.cosyvoice2.llm import CosyVoice2LM, DecodeStep, PrefixCache
 from tts_core.cosyvoice2.model_dir import load_model_dir
 from tts_core.cosyvoice2.packed_linear import PackedLinear, packs_bfloat16
@@ -31,6 +32,7 @@ from tts_core.cosyvoice2.weight_quant import (
     ATTENTION_LINEARS,
     GEMM_ROWS,
     MLP_LINEARS,
+    NATIVE_ROWS,
     PACKED_ROWS,
     WeightOnlyLinear,
     fuse_and_quantize,
@@ -173,8 +175,9 @@ def test_fused_projections_compute_what_separate_layers_do() -> None:
 
 def test_many_rows_take_the_packed_bfloat16_copy() -> None:
     """Where oneDNN has bfloat16, an int8 layer also keeps a packed bfloat16 copy for calls of
-    more than PACKED_ROWS rows (prefills, large decode batches); fewer rows take the int8
-    kernel. Both approximate the float32 layer about equally (8 significant bits each)."""
+    more than PACKED_ROWS rows (prefills, large decode batches); fewer rows take an int8
+    kernel (the native one up to NATIVE_ROWS where it runs). Each approximates the float32
+    layer to well within 1 %."""
     torch.manual_seed(6)
     layer = torch.nn.Linear(128, 96)
     if not packs_bfloat16(layer.weight.device):
@@ -184,11 +187,13 @@ def test_many_rows_take_the_packed_bfloat16_copy() -> None:
     packed = PackedLinear(layer, torch.bfloat16)
     hybrid.prefill, hybrid.prefill_rows = packed, PACKED_ROWS
     with torch.inference_mode():
-        for rows in (1, PACKED_ROWS, PACKED_ROWS + 1, 40):
+        native = native_kernel() is not None
+        for rows in (1, PACKED_ROWS, PACKED_ROWS + 1, NATIVE_ROWS + 1, 40):
             x = torch.randn(rows, 128)
             got = hybrid(x)
             assert got.dtype == x.dtype
-            path = packed if rows > PACKED_ROWS else quantized
+            int8_rows = NATIVE_ROWS if native else PACKED_ROWS
+            path = packed if rows > int8_rows else quantized
             assert torch.equal(got, path(x)), rows
             exact = layer(x)
             relative = (got - exact).norm() / exact.norm()

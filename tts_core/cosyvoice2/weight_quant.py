@@ -7,9 +7,11 @@ point (bfloat16 into the kernel, which widens to float32 for the sums), so unlik
 nothing is lost to rounding the activations, whose outliers are what make dynamic int8 drift.
 
 The kernels are PyTorch's own CPU kernels (``aten._weight_int8pack_mm``,
-``aten._weight_int4pack_mm_for_cpu``). Rounding is plain round-to-nearest: int8 symmetric per
-output channel (scale = max |w| / 127), int4 asymmetric per group (the group's min..max in 15
-steps), no calibration data needed.
+``aten._weight_int4pack_mm_for_cpu``) and, for int8 decode steps of up to NATIVE_ROWS rows where
+the CPU has AVX-512 VNNI and a C compiler is at hand, this project's own (``int8_matvec``: int16
+activations, integer dot products, float32 scales and output). Rounding is plain
+round-to-nearest: int8 symmetric per output channel (scale = max |w| / 127), int4 asymmetric per
+group (the group's min..max in 15 steps), no calibration data needed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8_matvec import native_kernel
 from .packed_linear import PackedLinear, packs_bfloat16
 from .qwen2 import fuse_projections
 
@@ -37,6 +40,11 @@ GEMM_ROWS = 32
 # rows, 27 at 100). One decoding request keeps the int8 kernel, which is faster there per
 # decode step (34 against 42 ms for the whole stack). Costs the bfloat16 copy's memory.
 PACKED_ROWS = 3
+# The native kernel (int8_matvec) reads each weight once for up to four rows, so it beats the
+# packed bfloat16 copy up to four rows and loses from five (all 96 int8 layers of the
+# full-size stack, 2 AMX cores: 18 ms at 1 row, 26 at 4, 36 at 5, 42 at 8; the packed copy
+# 35 ms at 1 to 8 rows). Where it runs it takes calls of up to this many rows.
+NATIVE_ROWS = 4
 
 
 class WeightOnlyLinear(nn.Module):
@@ -54,6 +62,8 @@ class WeightOnlyLinear(nn.Module):
         self.bits, self.group_size = bits, group_size
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        # int8: the scales in float32 as well, for the native kernel (int8_matvec)
+        self.register_buffer("scales_float", None if bits != 8 else scales.float())
         self.register_buffer("bias", bias)
         # Optional module for calls of more than ``prefill_rows`` rows (prefills, large decode
         # batches): a packed bfloat16 copy of the layer, or a dynamic-int8 Linear (benchmarks).
@@ -73,8 +83,10 @@ class WeightOnlyLinear(nn.Module):
         if bits == 8:
             scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
             q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            return cls(in_features, out_features, 8, 0, q, scale.to(torch.bfloat16), bias,
-                       gemm_dtype)
+            module = cls(in_features, out_features, 8, 0, q, scale.to(torch.bfloat16), bias,
+                         gemm_dtype)
+            module.scales_float = scale.clone()  # not rounded to bfloat16
+            return module
         if group_size not in INT4_GROUP_SIZES or in_features % group_size:
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES} and divide "
                              f"the input width {in_features}, got {group_size}")
@@ -92,6 +104,13 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        kernel = native_kernel() if self.bits == 8 else None
+        if kernel is not None and 0 < x.numel() <= NATIVE_ROWS * self.in_features \
+                and kernel.takes(self.qweight):
+            y = kernel.matmul(x.reshape(-1, self.in_features), self.qweight,
+                              self.scales_float.float(),
+                              None if self.bias is None else self.bias.float())
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
         if self.prefill is not None and x.numel() > self.prefill_rows * self.in_features:
             return self.prefill(x)
         if self.bits == 8 and x.numel() > GEMM_ROWS * self.in_features:
