@@ -13,7 +13,7 @@
  * at most 2 080 641 each; the caller keeps k <= MAX_K (2^31 / 2 080 641 = 1032 products a
  * lane, 16 512 columns).
  *
- * Rows are taken four at a time, so each weight is read once for up to four rows. Output
+ * Rows are taken up to eight at a time, so each weight is read once for up to eight rows. Output
  * channels are split across OpenMP threads (the runtime PyTorch loaded: both name libgomp.so.1,
  * so one pool serves both).
  */
@@ -22,9 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHANNELS 4     /* output channels per block (their weight rows read side by side) */
 #define PREFETCH 1024  /* bytes ahead of each weight row's read */
-#define QMAX 16383.0f  /* int16 magnitude the activations are scaled to (see the header) */
+#define QMAX 16383.0f
+#define GROUP 8        /* rows multiplied together (each weight read once for all of them) */  /* int16 magnitude the activations are scaled to (see the header) */
 
 int tts_int8_matvec_max_k(void) { return 16384; }
 
@@ -48,8 +48,9 @@ static void quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, 
   }
 }
 
-/* ROWS rows (1..4) by the CHANNELS weight rows from channel n on (fewer at the end). */
-#define DEFINE_BLOCK(ROWS)                                                                    \
+/* ROWS rows by the CHANNELS weight rows from channel n on (fewer at the end); ROWS x CHANNELS
+ * accumulators, at most 16 so that they stay in registers beside the inputs. */
+#define DEFINE_BLOCK(ROWS, CHANNELS)                                                          \
   static void block_##ROWS(const int16_t *xq, const float *xscale, int64_t k,               \
                            const int8_t *w, int64_t n, int64_t total, const float *scale,   \
                            const float *bias, float *y) {                                   \
@@ -75,10 +76,14 @@ static void quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, 
         y[r * total + n + c] = bias ? v + bias[n + c] : v;                                  \
       }                                                                                     \
   }
-DEFINE_BLOCK(1)
-DEFINE_BLOCK(2)
-DEFINE_BLOCK(3)
-DEFINE_BLOCK(4)
+DEFINE_BLOCK(1, 4)
+DEFINE_BLOCK(2, 4)
+DEFINE_BLOCK(3, 4)
+DEFINE_BLOCK(4, 4)
+DEFINE_BLOCK(5, 2)
+DEFINE_BLOCK(6, 2)
+DEFINE_BLOCK(7, 2)
+DEFINE_BLOCK(8, 2)
 
 /* Returns 0 on success, -1 for a shape it does not take (k not a multiple of 32, or > MAX_K),
  * -2 when out of memory. */
@@ -93,18 +98,23 @@ int tts_int8_matvec(const float *x, int64_t rows, int64_t k, const int8_t *w, in
     return -2;
   }
   quantize_rows(x, rows, k, xq, xscale);
-  for (int64_t m = 0; m < rows; m += 4) {
-    int64_t group = rows - m < 4 ? rows - m : 4;
+  for (int64_t m = 0; m < rows; m += GROUP) {
+    int64_t group = rows - m < GROUP ? rows - m : GROUP;
+    int64_t step = group > 4 ? 2 : 4; /* the block's channels */
     const int16_t *xg = xq + m * k;
     const float *sg = xscale + m;
     float *yg = y + m * n;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t c = 0; c < n; c += CHANNELS) {
+    for (int64_t c = 0; c < n; c += step) {
       switch (group) {
         case 1: block_1(xg, sg, k, w, c, n, scale, bias, yg); break;
         case 2: block_2(xg, sg, k, w, c, n, scale, bias, yg); break;
         case 3: block_3(xg, sg, k, w, c, n, scale, bias, yg); break;
-        default: block_4(xg, sg, k, w, c, n, scale, bias, yg); break;
+        case 4: block_4(xg, sg, k, w, c, n, scale, bias, yg); break;
+        case 5: block_5(xg, sg, k, w, c, n, scale, bias, yg); break;
+        case 6: block_6(xg, sg, k, w, c, n, scale, bias, yg); break;
+        case 7: block_7(xg, sg, k, w, c, n, scale, bias, yg); break;
+        default: block_8(xg, sg, k, w, c, n, scale, bias, yg); break;
       }
     }
   }

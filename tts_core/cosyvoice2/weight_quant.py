@@ -40,11 +40,11 @@ GEMM_ROWS = 32
 # rows, 27 at 100). One decoding request keeps the int8 kernel, which is faster there per
 # decode step (34 against 42 ms for the whole stack). Costs the bfloat16 copy's memory.
 PACKED_ROWS = 3
-# The native kernel (int8_matvec) reads each weight once for up to four rows, so it beats the
-# packed bfloat16 copy up to four rows and loses from five (all 96 int8 layers of the
-# full-size stack, 2 AMX cores: 18 ms at 1 row, 26 at 4, 36 at 5, 42 at 8; the packed copy
-# 35 ms at 1 to 8 rows). Where it runs it takes calls of up to this many rows.
-NATIVE_ROWS = 4
+# The native kernel (int8_matvec) reads each weight once for up to eight rows, so it beats the
+# packed bfloat16 copy up to eight rows and loses from nine (all 96 int8 layers of the
+# full-size stack, 2 AMX cores: 16 ms at 1 row, 24 at 4, 27 at 8, 44 at 12; the packed copy
+# 35-38 ms at 1 to 12 rows). Where it runs it takes calls of up to this many rows.
+NATIVE_ROWS = 8
 
 
 class WeightOnlyLinear(nn.Module):
