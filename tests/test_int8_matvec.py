@@ -79,6 +79,20 @@ def test_zero_rows_give_the_bias_and_no_bias_is_taken() -> None:
 
 
 @needs_kernel
+def test_a_row_with_nan_or_infinity_gives_nan_and_leaves_the_others() -> None:
+    """As a float product would, rather than a finite answer from a broken input."""
+    assert kernel is not None
+    x, w, scale, bias = _case(3, 96, 7, seed=4)
+    clean = kernel.matmul(x, w, scale, bias)
+    for bad in (float("nan"), float("inf")):
+        x2 = x.clone()
+        x2[1, 5] = bad
+        got = kernel.matmul(x2, w, scale, bias)
+        assert torch.isnan(got[1]).all(), bad
+        assert torch.equal(got[0], clean[0]) and torch.equal(got[2], clean[2])
+
+
+@needs_kernel
 def test_same_result_on_any_thread_count_and_from_threads_at_once() -> None:
     """Each output is one thread's exact integer sum, so the split cannot change it."""
     assert kernel is not None

@@ -10,8 +10,8 @@
  * about 14 GB/s where this reads them at about 22.
  *
  * Sums stay exact in int32: |x| <= 16383 and |w| <= 127, so a lane gathers k / 16 products of
- * at most 2 080 641 each; the caller keeps k <= MAX_K (2^31 / 2 080 641 = 1032 products a
- * lane, 16 512 columns).
+ * at most 2 080 641 each; k is kept <= 16 384 (2^31 / 2 080 641 = 1032 products a lane, 16 512
+ * columns).
  *
  * Rows are taken up to eight at a time, so each weight is read once for up to eight rows. Output
  * channels are split across OpenMP threads (the runtime PyTorch loaded: both name libgomp.so.1,
@@ -19,24 +19,28 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define PREFETCH 1024  /* bytes ahead of each weight row's read */
-#define QMAX 16383.0f
-#define GROUP 8        /* rows multiplied together (each weight read once for all of them) */  /* int16 magnitude the activations are scaled to (see the header) */
+#define QMAX 16383.0f  /* int16 magnitude the activations are scaled to (see the header) */
+#define GROUP 8        /* rows multiplied together (each weight read once for all of them) */
 
 int tts_int8_matvec_max_k(void) { return 16384; }
 
-/* Rounds each row of x to int16 (round half to even, like torch.round) and returns its scale. */
+/* Rounds each row of x to int16 (to nearest, ties to even) and returns its scale; a row holding
+ * a NaN or an infinity gets a NaN scale, so its outputs are NaN as a float product's would be. */
 static void quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, float *xscale) {
   for (int64_t m = 0; m < rows; m++) {
     const float *row = x + m * k;
     float peak = 0.0f;
+    int finite = 1;
     for (int64_t i = 0; i < k; i++) {
-      float a = row[i] < 0 ? -row[i] : row[i];
+      float a = fabsf(row[i]);
+      finite &= isfinite(a) != 0;
       peak = a > peak ? a : peak;
     }
+    if (!finite) peak = 0.0f; /* quantise zeros; the scale below carries the NaN */
     float scale = peak > 0 ? peak / QMAX : 1.0f;
     float inverse = 1.0f / scale;
     for (int64_t i = 0; i < k; i += 16) {
@@ -44,7 +48,7 @@ static void quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, 
       __m512i q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       _mm256_storeu_si256((__m256i *)(xq + m * k + i), _mm512_cvtsepi32_epi16(q));
     }
-    xscale[m] = scale;
+    xscale[m] = finite ? scale : NAN;
   }
 }
 
