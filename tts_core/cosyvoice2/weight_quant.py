@@ -155,6 +155,7 @@ def fuse_and_quantize(layers: nn.ModuleList, gemm_dtype: torch.dtype = torch.flo
     the gain is fewer kernel calls and activation casts per decode step (7 -> 4 per layer).
     """
     bf16_copy = packs_bfloat16(layers[0].self_attn.o_proj.weight.device) if layers else False
+    native_kernel()  # built (or found) now, while the model loads, not in the first request
 
     def quantized(layer: nn.Linear) -> WeightOnlyLinear:
         module = WeightOnlyLinear.from_linear(layer, 8, gemm_dtype=gemm_dtype)
