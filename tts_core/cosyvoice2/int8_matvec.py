@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .precision import cpu_flags
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_matvec.c")
@@ -77,17 +79,6 @@ class NativeInt8Kernel:
         return y
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _cache_dirs() -> list[Path]:
     """Where to keep the built kernel: TTS_NATIVE_CACHE, else the user's cache directory, then
     a temporary one (a container whose home is read-only still builds it)."""
@@ -119,7 +110,7 @@ def _load() -> NativeInt8Kernel | None:
     if os.environ.get(SWITCH, "1") == "0":
         log.info("native int8 kernel off (%s=0): PyTorch's weight-only kernel", SWITCH)
         return None
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [f for f in CPU_FLAGS if f not in flags]
     if missing:
         log.info("native int8 kernel not used: the CPU lacks %s", ", ".join(missing))
