@@ -7,7 +7,8 @@
 
 Each configuration (a precision option, optionally ``/pipeline`` to decode in
 a thread of its own while chunks are vocoded, ``/tN`` for N torch threads, ``/nonative`` to keep
-PyTorch's int8 kernel instead of the native one, tts_core/cosyvoice2/int8_matvec.py)
+PyTorch's int8 kernel and attention instead of the native ones, tts_core/cosyvoice2/int8_matvec.py
+and attention_native.py, ``/noattn`` for PyTorch's attention only)
 runs in a subprocess of its own, one after the other, so peak memory is that configuration's and
 the two never compete for the cores. Every request is forced to exactly ``--tokens`` speech
 tokens (stop ids are refused until then, and the end id is returned at once after), because
@@ -127,6 +128,11 @@ class CosyVoice2Probe:
 
             kernel = "native" if native_kernel() is not None else "PyTorch's"
             self.description += f", {kernel} int8 kernel for decode steps"
+        if plan and plan.flow_dtype == torch.bfloat16:
+            from tts_core.cosyvoice2.attention_native import native_attention
+
+            kernel = "native" if native_attention() is not None else "PyTorch's"
+            self.description += f", {kernel} attention in flow chunks"
 
     @property
     def sample_rate(self) -> int:
@@ -251,8 +257,10 @@ def run_config(args: argparse.Namespace) -> None:
     for option in options:
         if option.startswith("t") and option[1:].isdigit():
             threads = int(option[1:])
-        elif option == "nonative":
-            os.environ["TTS_NATIVE_INT8"] = "0"  # read when the first int8 layer runs
+        elif option == "nonative":  # both read when the model first uses them
+            os.environ["TTS_NATIVE_INT8"] = os.environ["TTS_NATIVE_ATTENTION"] = "0"
+        elif option == "noattn":
+            os.environ["TTS_NATIVE_ATTENTION"] = "0"
         elif option != "pipeline":
             raise SystemExit(f"unknown configuration option {option!r} in {args.worker!r}")
     family = engine_family(args.model_dir)
@@ -382,7 +390,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["float32", "auto"],
                     help="precision options, each optionally with /pipeline (LM/vocoder "
                     "pipeline thread), /tN (N torch threads instead of --threads) and "
-                    "/nonative (PyTorch's int8 kernel); the first is the error reference")
+                    "/nonative (PyTorch's int8 kernel and attention), /noattn (PyTorch's "
+                    "attention); the first is the error reference")
     ap.add_argument("--tokens", type=int, default=100, help="speech tokens per utterance")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tts_core.cosyvoice2.attention_native import NativeAttention, native_attention
 from tts_core.cosyvoice2.flow_encoder import chunk_attention_mask
 from tts_core.cosyvoice2.packed_linear import (
     derived,
@@ -360,7 +361,36 @@ class _ChunkRun:
         self.conv_index = self.attn_index = 0
         self.new_convs: list[list[torch.Tensor]] = [[] for _ in parts]
         self._masks: list[torch.Tensor | None | bool] = [False] * len(parts)
+        self._ranges: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(parts)
         self._windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._native: NativeAttention | None | bool = False  # looked up at the first layer
+
+    def _native_attention(self, like: torch.Tensor, head_dim: int) -> NativeAttention | None:
+        """The native bfloat16 kernel where it takes this run's activations (never float32)."""
+        if self._native is False:
+            kernel = native_attention() if like.dtype == torch.bfloat16 else None
+            self._native = kernel if kernel is not None and kernel.takes(like, head_dim) \
+                else None
+        return self._native  # type: ignore[return-value]
+
+    def _key_ranges(self, index: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys (from ``first``) each row of part ``index`` may see, as int32 [begin, end)
+        per row: the rows of its chunk and the chunks before it within ``left_frames`` (all
+        rows of a single chunk see each other), made once per run."""
+        ranges = self._ranges[index]
+        if ranges is None:
+            part = self.parts[index]
+            end = part.start + part.rows
+            if part.rows <= self.chunk:
+                row_chunk = torch.full((part.rows,), part.start)
+            else:
+                row_chunk = part.start + torch.arange(part.rows) // self.chunk * self.chunk
+            visible_end = torch.clamp(row_chunk + self.chunk, max=end)
+            visible_begin = torch.full_like(row_chunk, first) if self.left_frames is None \
+                else torch.clamp(row_chunk - self.left_frames, min=first)
+            ranges = self._ranges[index] = ((visible_begin - first).to(torch.int32),
+                                            (visible_end - first).to(torch.int32))
+        return ranges
 
     def _group_mask(self, index: int, first: int, like: torch.Tensor) -> torch.Tensor | None:
         """For a part spanning more than one chunk: which keys (first..) each of its rows may
@@ -447,6 +477,8 @@ class _ChunkRun:
         def split(h: torch.Tensor) -> torch.Tensor:
             return h.view(b, h.shape[1], attn.heads, attn.head_dim).transpose(1, 2)
 
+        native = self._native_attention(x, attn.head_dim)
+        joined = x.new_empty(b, x.shape[1], inner) if native is not None else None
         outs = []  # per part [B, r, heads, head_dim] (views; one copy joins them)
         for index, part in enumerate(self.parts):
             cache = part.cache
@@ -464,10 +496,17 @@ class _ChunkRun:
                 keys[:, start:end] = rows[..., inner:2 * inner]
                 values[:, start:end] = rows[..., 2 * inner:]
             first = 0 if self.left_frames is None else max(0, start - self.left_frames)
+            if joined is not None:
+                begin, stop = self._key_ranges(index, first)
+                native.attend(rows[..., :inner], keys[:, first:end], values[:, first:end],
+                              joined[:, a:a + r], begin, stop, attn.heads)
+                continue
             out = F.scaled_dot_product_attention(
                 split(rows[..., :inner]), split(keys[:, first:end]),
                 split(values[:, first:end]), attn_mask=self._group_mask(index, first, x))
             outs.append(out.transpose(1, 2))
+        if joined is not None:
+            return module_linear(attn.to_out[0], joined)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return module_linear(attn.to_out[0], out.reshape(b, x.shape[1], inner))
 

@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-from .precision import cpu_flags
+from .native_build import NativeSource, load_library
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("int8_matvec.c")
 SWITCH = "TTS_NATIVE_INT8"  # "0": PyTorch's kernel only
-CACHE_ENV = "TTS_NATIVE_CACHE"  # where built kernels are kept (default ~/.cache/cosyvoice-service)
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-COMPILE_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp", "-shared",
-                 "-fPIC")
+SPEC = NativeSource("int8_matvec", SWITCH, ("avx512f", "avx512bw", "avx512_vnni"),
+                    ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"))
 ROW_ALIGN = 32  # the kernel takes inputs whose width is a multiple of this
 _lock = threading.Lock()
 
@@ -79,68 +67,10 @@ class NativeInt8Kernel:
         return y
 
 
-def _cache_dirs() -> list[Path]:
-    """Where to keep the built kernel: TTS_NATIVE_CACHE, else the user's cache directory, then
-    a temporary one (a container whose home is read-only still builds it)."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return [Path(configured)]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [Path(base) / "cosyvoice-service",
-            Path(tempfile.gettempdir()) / f"cosyvoice-service-{os.getuid()}"]
-
-
-def _build(compiler: str, target: Path) -> None:
-    """Compile into a temporary file beside ``target``, then move it there in one step (so
-    processes starting together never load a half-written library)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", tmp], check=True,
-                       capture_output=True, text=True, timeout=120)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @functools.cache
 def _load() -> NativeInt8Kernel | None:
-    if os.environ.get(SWITCH, "1") == "0":
-        log.info("native int8 kernel off (%s=0): PyTorch's weight-only kernel", SWITCH)
-        return None
-    flags = cpu_flags()
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    if missing:
-        log.info("native int8 kernel not used: the CPU lacks %s", ", ".join(missing))
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        log.info("native int8 kernel not used: no C compiler (cc/gcc) on PATH")
-        return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *COMPILE_FLAGS,
-                                        *sorted(flags)]).encode()).hexdigest()[:16]
-    except (OSError, subprocess.SubprocessError) as error:
-        log.warning("native int8 kernel not used (PyTorch's kernel instead): %s", error)
-        return None
-    problem: object = None
-    for directory in _cache_dirs():
-        target = directory / f"int8_matvec-{key}.so"
-        try:
-            built = not target.exists()
-            if built:
-                _build(compiler, target)
-            kernel = NativeInt8Kernel(ctypes.CDLL(str(target)))
-            log.info("native int8 kernel %s: %s", "built" if built else "loaded", target)
-            return kernel
-        except (OSError, subprocess.SubprocessError) as error:
-            problem = getattr(error, "stderr", "") or error
-    log.warning("native int8 kernel not used (PyTorch's kernel instead): %s", problem)
-    return None
+    library = load_library(SPEC)
+    return None if library is None else NativeInt8Kernel(library)
 
 
 def native_kernel() -> NativeInt8Kernel | None:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import hyperyaml
+from .attention_native import native_attention
 from .checkpoint import load_strict
 from .features import MelConfig
 from .flow import CausalFlow, FlowConfig
@@ -249,6 +250,8 @@ def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
     if precision.lm_weight_int8:
         lm.quantize_backbone_weight_int8()
     flow.to(device=device, dtype=precision.flow_dtype).eval()
+    if precision.flow_dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        native_attention()  # built (or found) now, while the model loads, not in a request
     # The vocoder is built in float32 and stays so (CosyVoice 3's f0 predictor in float64: a
     # dtype cast here would round its folded weights).
     hift.to(device=device).eval()
