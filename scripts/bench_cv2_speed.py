@@ -7,8 +7,8 @@
 
 Each configuration (a precision option, optionally ``/pipeline`` to decode in
 a thread of its own while chunks are vocoded, ``/tN`` for N torch threads, ``/nonative`` to keep
-PyTorch's int8 kernel and attention instead of the native ones, tts_core/cosyvoice2/int8_matvec.py
-and attention_native.py, ``/noattn`` for PyTorch's attention only)
+PyTorch's/oneDNN's kernels instead of the native ones (tts_core/cosyvoice2/int8_matvec.py,
+attention_native.py, gemm_native.py), ``/noflow`` for the flow's only)
 runs in a subprocess of its own, one after the other, so peak memory is that configuration's and
 the two never compete for the cores. Every request is forced to exactly ``--tokens`` speech
 tokens (stop ids are refused until then, and the end id is returned at once after), because
@@ -32,7 +32,8 @@ Figures (medians over ``--runs``, after one warm-up):
 * errors against the reference: LM max |log-prob error| over the reference's top-25 candidates
   of every step (the ids the sampler can draw), top-1 agreement and the largest total variation
   distance between the two next-token distributions, under teacher forcing; flow
-  mel relative L1 (non-streaming, same tokens and prompt); waveform SNR (same excitation seed).
+  mel relative L1, non-streaming and streamed chunk by chunk (same tokens and prompt; the two
+  paths run different code); waveform SNR (same excitation seed).
 
 The engine family comes from the model directory (``cosyvoice2.yaml``: CosyVoice 2); a new
 family plugs in as another ``Probe`` class.
@@ -130,9 +131,10 @@ class CosyVoice2Probe:
             self.description += f", {kernel} int8 kernel for decode steps"
         if plan and plan.flow_dtype == torch.bfloat16:
             from tts_core.cosyvoice2.attention_native import native_attention
+            from tts_core.cosyvoice2.gemm_native import native_gemm
 
-            kernel = "native" if native_attention() is not None else "PyTorch's"
-            self.description += f", {kernel} attention in flow chunks"
+            kernels = "native" if native_attention() and native_gemm() else "PyTorch's"
+            self.description += f", {kernels} attention and products in flow chunks"
 
     @property
     def sample_rate(self) -> int:
@@ -180,13 +182,16 @@ class CosyVoice2Probe:
             prefix_cache=engine._uncached_prefix))
         token = torch.tensor([tokens], dtype=torch.int32)
         with torch.inference_mode():
-            mel = engine.models.flow.inference(token, voice.flow_prompt_tokens,
-                                               voice.flow_prompt_feat, voice.embedding,
-                                               streaming=False, finalize=True).float()
+            mel, mel_stream = (
+                engine.models.flow.inference(token, voice.flow_prompt_tokens,
+                                             voice.flow_prompt_feat, voice.embedding,
+                                             streaming=streaming, finalize=True).float()
+                for streaming in (False, True))
             wav = engine.token2wav.synthesize(token, voice.flow_prompt_tokens,
                                               voice.flow_prompt_feat, voice.embedding,
                                               generator=torch.Generator().manual_seed(7))
-        return {"logp": torch.stack(logps[:len(tokens)]), "mel": mel, "wav": wav.float()}
+        return {"logp": torch.stack(logps[:len(tokens)]), "mel": mel, "mel_stream": mel_stream,
+                "wav": wav.float()}
 
 
 def _plain_sampler(engine: Any) -> Any:
@@ -258,9 +263,10 @@ def run_config(args: argparse.Namespace) -> None:
         if option.startswith("t") and option[1:].isdigit():
             threads = int(option[1:])
         elif option == "nonative":  # both read when the model first uses them
-            os.environ["TTS_NATIVE_INT8"] = os.environ["TTS_NATIVE_ATTENTION"] = "0"
-        elif option == "noattn":
-            os.environ["TTS_NATIVE_ATTENTION"] = "0"
+            for switch in ("TTS_NATIVE_INT8", "TTS_NATIVE_ATTENTION", "TTS_NATIVE_GEMM"):
+                os.environ[switch] = "0"
+        elif option == "noflow":  # the flow's native kernels only
+            os.environ["TTS_NATIVE_ATTENTION"] = os.environ["TTS_NATIVE_GEMM"] = "0"
         elif option != "pipeline":
             raise SystemExit(f"unknown configuration option {option!r} in {args.worker!r}")
     family = engine_family(args.model_dir)
@@ -322,7 +328,8 @@ def run_config(args: argparse.Namespace) -> None:
     reference_file = args.reference
     if not reference_file.exists():  # the first configuration is the reference
         torch.save({"tokens": tokens, **probe.reference_data(prompt, tokens)}, reference_file)
-        result.update(logp_err=0.0, top1=1.0, tv=0.0, mel_l1=0.0, snr=math.inf)
+        result.update(logp_err=0.0, top1=1.0, tv=0.0, mel_l1=0.0, mel_l1_stream=0.0,
+                      snr=math.inf)
     else:
         ref = torch.load(reference_file, weights_only=True)
         own = probe.reference_data(prompt, ref["tokens"])
@@ -330,12 +337,14 @@ def run_config(args: argparse.Namespace) -> None:
         err = (own["logp"].gather(1, top) - ref["logp"].gather(1, top)).abs().max()
         agree = (own["logp"].argmax(-1) == ref["logp"].argmax(-1)).float().mean()
         mel_l1 = (own["mel"] - ref["mel"]).abs().sum() / ref["mel"].abs().sum()
+        mel_l1_stream = ((own["mel_stream"] - ref["mel_stream"]).abs().sum()
+                         / ref["mel_stream"].abs().sum())
         n = min(own["wav"].shape[-1], ref["wav"].shape[-1])
         noise = (own["wav"][..., :n] - ref["wav"][..., :n]).pow(2).sum()
         snr = 10 * math.log10(float(ref["wav"][..., :n].pow(2).sum()) / max(float(noise), 1e-30))
         tv = (own["logp"].exp() - ref["logp"].exp()).abs().sum(-1).max() / 2
         result.update(logp_err=float(err), top1=float(agree), tv=float(tv),
-                      mel_l1=float(mel_l1), snr=snr)
+                      mel_l1=float(mel_l1), mel_l1_stream=float(mel_l1_stream), snr=snr)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.write_text(json.dumps(result))
 
@@ -359,7 +368,8 @@ ROWS = [
     ("LM max abs log-prob error (top-25)", "logp_err", "{:.4f}"),
     ("LM top-1 agreement", "top1", "{:.3f}"),
     ("LM max total variation distance", "tv", "{:.4f}"),
-    ("flow mel relative L1", "mel_l1", "{:.4f}"),
+    ("flow mel relative L1, whole", "mel_l1", "{:.4f}"),
+    ("flow mel relative L1, streamed chunks", "mel_l1_stream", "{:.4f}"),
     ("wav SNR (dB)", "snr", "{:.1f}"),
 ]
 
@@ -390,8 +400,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["float32", "auto"],
                     help="precision options, each optionally with /pipeline (LM/vocoder "
                     "pipeline thread), /tN (N torch threads instead of --threads) and "
-                    "/nonative (PyTorch's int8 kernel and attention), /noattn (PyTorch's "
-                    "attention); the first is the error reference")
+                    "/nonative (no native kernels), /noflow (none in the flow); the first is "
+                    "the error reference")
     ap.add_argument("--tokens", type=int, default=100, help="speech tokens per utterance")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)

@@ -466,9 +466,11 @@ class _ChunkRun:
         mish, time_linear = block.mlp
         h = self.causal_block(block.block1, x) + module_linear(time_linear, mish(time)).unsqueeze(1)
         h = self.causal_block(block.block2, h)
-        return h + linear(x, _conv_matrix(block.res_conv), block.res_conv.bias)
+        return linear(x, _conv_matrix(block.res_conv), block.res_conv.bias, h)
 
-    def attention(self, attn: SelfAttention, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, attn: SelfAttention, x: torch.Tensor, residual: torch.Tensor
+                  ) -> torch.Tensor:
+        """``residual`` + the attention layer's output for x [B, T, C]."""
         i, self.attn_index = self.attn_index, self.attn_index + 1
         b = x.shape[0]
         inner = attn.heads * attn.head_dim
@@ -505,24 +507,23 @@ class _ChunkRun:
                 split(rows[..., :inner]), split(keys[:, first:end]),
                 split(values[:, first:end]), attn_mask=self._group_mask(index, first, x))
             outs.append(out.transpose(1, 2))
-        if joined is not None:
-            return module_linear(attn.to_out[0], joined)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return module_linear(attn.to_out[0], out.reshape(b, x.shape[1], inner))
+        if joined is None:
+            joined = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return module_linear(attn.to_out[0], joined.reshape(b, x.shape[1], inner), residual)
 
     def transformers(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        # (oneDNN's fused residual add, _linear_pointwise's "add", took 0.9 ms a call here
-        # against 40 us for the product and the addition apart)
+        # the residuals join the output projections (on the native kernel, inside the product;
+        # oneDNN's fused "add" post-op took 0.9 ms a call, so there they are added apart)
         for block in blocks:
-            x = x + self.attention(block.attn1, block.norm1(x))
-            x = x + self.feed_forward(block.ff, block.norm3(x))
+            x = self.attention(block.attn1, block.norm1(x), x)
+            x = self.feed_forward(block.ff, block.norm3(x), x)
         return x
 
     @staticmethod
-    def feed_forward(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(ff: FeedForward, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         gelu, _, out = ff.net
         h = linear_gelu(x, module_weight(gelu.proj), gelu.proj.bias, gelu.approximate)
-        return module_linear(out, h)
+        return module_linear(out, h, residual)
 
 
 def _conv_matrix(conv: nn.Conv1d) -> torch.Tensor:

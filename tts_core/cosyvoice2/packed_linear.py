@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemm_native import NativeWeight, native_gemm
 from .qwen2 import fuse_projections
 
 _MKLDNN_BF16 = bool(torch.backends.mkldnn.is_available()
@@ -35,26 +36,43 @@ def packs(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and packs_bfloat16(weight.device)
 
 
-def prepare(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] as :func:`linear` takes it best: packed where :func:`packs`."""
+Weight = torch.Tensor | NativeWeight  # what prepare gives
+
+
+def prepare(weight: torch.Tensor, native: bool = False) -> Weight:
+    """``weight`` [out, in] as :func:`linear` takes it best: with ``native``, in the tile layout
+    of this project's AMX kernel (gemm_native) where that runs and takes it; else packed by
+    oneDNN where :func:`packs`; else as it is."""
     weight = weight.detach()
+    if native and weight.dtype == torch.bfloat16:
+        kernel = native_gemm()
+        if kernel is not None and kernel.takes(weight):
+            return kernel.pack(weight)
     if packs(weight):
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` for a weight from :func:`prepare`."""
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + F.linear(x, weight, bias)`` for a weight from :func:`prepare` (on the
+    native kernel the residual joins the float32 sums before the one rounding)."""
+    if isinstance(weight, NativeWeight):
+        return weight.linear(x, bias, residual=residual)
     if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    else:
+        y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def linear_gelu(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
                 approximate: str) -> torch.Tensor:
-    """``F.gelu(linear(x, weight, bias), approximate=approximate)``; on a packed weight oneDNN
-    applies the GELU to the product's float32 sums before rounding to bfloat16 (one rounding
+    """``F.gelu(linear(x, weight, bias), approximate=approximate)``; on a packed weight the
+    GELU is applied to the product's float32 sums before rounding to bfloat16 (one rounding
     fewer, and one pass over the output fewer)."""
+    if isinstance(weight, NativeWeight):
+        return weight.linear(x, bias, gelu=approximate)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [],
                                                   approximate)
@@ -62,25 +80,26 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def derived(module: nn.Module, build: Callable[[], torch.Tensor], *weights: torch.Tensor,
-            ) -> torch.Tensor:
-    """``prepare(build())`` computed once per version of ``weights`` and kept on ``module`` (a
-    cast or a reload of the weights makes a new one)."""
+            ) -> Weight:
+    """``prepare(build(), native=True)`` computed once per version of ``weights`` and kept on
+    ``module`` (a cast or a reload of the weights makes a new one)."""
     key = tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
     memo = module.__dict__.get("_derived_weight")
     if memo is None or memo[0] != key:
-        memo = (key, prepare(build()))
+        memo = (key, prepare(build(), native=True))
         module.__dict__["_derived_weight"] = memo
     return memo[1]
 
 
-def module_weight(module: nn.Linear) -> torch.Tensor:
+def module_weight(module: nn.Linear) -> Weight:
     """The module's weight as :func:`prepare` gives it (kept on the module)."""
     return derived(module, lambda: module.weight, module.weight)
 
 
-def module_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` on its prepared weight."""
-    return linear(x, module_weight(module), module.bias)
+def module_linear(module: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``residual + module(x)`` on its prepared weight."""
+    return linear(x, module_weight(module), module.bias, residual)
 
 
 class PackedLinear(nn.Module):
