@@ -40,14 +40,22 @@ typedef struct {
   uint8_t rows[16];
 } TileConfig;
 
+/* One request's share of a call (the flow packs several requests' frames in one run). All
+ * strides in elements; keys index from k (and v). */
 typedef struct {
-  const uint16_t *q, *k, *v;
-  uint16_t *o;
-  int64_t q_batch, q_row, k_batch, k_row, v_batch, v_row, o_batch, o_row;
-  int64_t rows, heads, keys;
-  const int32_t *key_begin, *key_end;
-  float scale;
-} Problem;
+  const uint16_t *q;          /* queries [B, rows, heads * 64] */
+  int64_t q_batch, q_row;
+  uint16_t *k, *v;            /* keys, values [B, >= keys, heads * 64] (the cache) */
+  int64_t k_batch, k_row, v_batch, v_row;
+  const uint16_t *new_k, *new_v; /* the rows' own keys/values [B, rows, ...] or NULL: copied */
+  int64_t new_batch, new_row;    /* into k/v at rows new_at .. new_at + rows - 1 first */
+  int64_t new_at;
+  uint16_t *o;                /* outputs [B, rows, heads * 64] */
+  int64_t o_batch, o_row;
+  int64_t rows, keys;         /* query rows; keys there are (row ranges are clipped to them) */
+  const int32_t *key_begin, *key_end; /* per row: visible keys [begin, end) */
+} Part;
+
 
 /* A thread's scratch, kept between calls (grown when a call needs more). */
 typedef struct {
@@ -201,14 +209,27 @@ static float softmax_row(float *scores, uint16_t *weights, int64_t padded, int64
 }
 
 /* Row i's visible keys, clipped to the keys there are. */
-static inline void key_range(const Problem *p, int64_t i, int64_t *begin, int64_t *end) {
+static inline void key_range(const Part *p, int64_t i, int64_t *begin, int64_t *end) {
   int64_t a = p->key_begin[i], z = p->key_end[i];
   *begin = a < 0 ? 0 : a;
   *end = z > p->keys ? p->keys : z;
 }
 
-/* All queries of batch b, head h. */
-static void attend_head(const Problem *p, int64_t b, int64_t h) {
+/* The rows' own keys and values of batch b, head h into the cache. */
+static void store_new(const Part *p, int64_t b, int64_t h) {
+  if (!p->new_k) return;
+  for (int64_t i = 0; i < p->rows; i++) {
+    const int64_t at = p->new_at + i;
+    memcpy(p->k + b * p->k_batch + at * p->k_row + h * HEAD_DIM,
+           p->new_k + b * p->new_batch + i * p->new_row + h * HEAD_DIM, HEAD_DIM * 2);
+    memcpy(p->v + b * p->v_batch + at * p->v_row + h * HEAD_DIM,
+           p->new_v + b * p->new_batch + i * p->new_row + h * HEAD_DIM, HEAD_DIM * 2);
+  }
+}
+
+/* All queries of one part's batch b, head h. */
+static void attend_head(const Part *p, float scale, int64_t b, int64_t h) {
+  store_new(p, b, h);
   int64_t first = INT64_MAX, last = 0;
   for (int64_t i = 0; i < p->rows; i++) {
     int64_t a, z;
@@ -223,7 +244,7 @@ static void attend_head(const Problem *p, int64_t b, int64_t h) {
                padded, scratch.keys_t);
   prepare_values(p->v + b * p->v_batch + first * p->v_row + h * HEAD_DIM, p->v_row,
                  last - first, padded, scratch.values_v);
-  const float factor = p->scale * 1.4426950408889634f;
+  const float factor = scale * 1.4426950408889634f;
   uint16_t queries[TILE * HEAD_DIM] __attribute__((aligned(64)));
   float out[TILE * HEAD_DIM] __attribute__((aligned(64)));
   float inverse[TILE];
@@ -308,25 +329,24 @@ int tts_attention_init(void) {
   return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? 1 : 0;
 }
 
-/* Returns 0, or 1 when scratch memory could not be had. key_begin/key_end index keys from k
- * (and v), per query row, clipped to 0 .. keys_total. Strides are in elements. */
-int tts_attention_bf16(const uint16_t *q, int64_t q_batch, int64_t q_row, const uint16_t *k,
-                       int64_t k_batch, int64_t k_row, const uint16_t *v, int64_t v_batch,
-                       int64_t v_row, uint16_t *o, int64_t o_batch, int64_t o_row,
-                       int64_t batch, int64_t rows, int64_t heads, int64_t keys_total,
-                       const int32_t *key_begin, const int32_t *key_end, float scale,
-                       int threads) {
-  Problem p = {q, k, v, o, q_batch, q_row, k_batch, k_row, v_batch, v_row, o_batch, o_row,
-               rows, heads, keys_total, key_begin, key_end, scale};
-  int64_t first = INT64_MAX, last = 0;
-  for (int64_t i = 0; i < rows; i++) {
-    int64_t a, z;
-    key_range(&p, i, &a, &z);
-    if (z <= a) continue;
-    if (a < first) first = a;
-    if (z > last) last = z;
+/* Attention for every part, their (batch, head) pairs spread over the threads. Returns 0, or
+ * 1 when scratch memory could not be had. */
+int tts_attention_bf16(const Part *parts, int64_t count, int64_t batch, int64_t heads,
+                       float scale, int threads) {
+  int64_t keys = 0;
+  for (int64_t i = 0; i < count; i++) {
+    int64_t first = INT64_MAX, last = 0;
+    for (int64_t r = 0; r < parts[i].rows; r++) {
+      int64_t a, z;
+      key_range(&parts[i], r, &a, &z);
+      if (z <= a) continue;
+      if (a < first) first = a;
+      if (z > last) last = z;
+    }
+    if (first < last && last - first > keys) keys = last - first;
   }
-  const int64_t keys = first < last ? (last - first + KEY_STEP - 1) / KEY_STEP * KEY_STEP : 0;
+  keys = (keys + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
+  const int64_t pairs = batch * heads;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
@@ -341,10 +361,12 @@ int tts_attention_bf16(const uint16_t *q, int64_t q_batch, int64_t q_row, const 
     }
     failed = reserve(keys + KEY_STEP);
     if (!failed) _tile_loadconfig(&config);
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t b = 0; b < batch; b++)
-      for (int64_t h = 0; h < heads; h++)
-        if (!failed) attend_head(&p, b, h);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < count * pairs; u++) {
+      const Part *part = &parts[u / pairs];
+      const int64_t bh = u % pairs;
+      if (!failed) attend_head(part, scale, bh / heads, bh % heads);
+    }
     if (saved.palette)
       _tile_loadconfig(&saved);
     else

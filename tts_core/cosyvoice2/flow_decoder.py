@@ -20,7 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tts_core.cosyvoice2.attention_native import NativeAttention, native_attention
+from tts_core.cosyvoice2.attention_native import (
+    AttentionPart,
+    NativeAttention,
+    native_attention,
+)
 from tts_core.cosyvoice2.flow_encoder import chunk_attention_mask
 from tts_core.cosyvoice2.packed_linear import (
     derived,
@@ -482,31 +486,39 @@ class _ChunkRun:
         native = self._native_attention(x, attn.head_dim)
         joined = x.new_empty(b, x.shape[1], inner) if native is not None else None
         outs = []  # per part [B, r, heads, head_dim] (views; one copy joins them)
+        native_parts = []
         for index, part in enumerate(self.parts):
             cache = part.cache
             a, r = self.offsets[index], part.rows
             start, end = part.start, part.start + r
             rows = qkv[:, a:a + r]
+            first = 0 if self.left_frames is None else max(0, start - self.left_frames)
             views = cache.layer_room(i, end, x, inner)
-            if views is not None:  # keys and values in one copy: k, v are adjacent in qkv
+            if views is not None:
                 both, keys, values = views
-                both[:, :, start:end] = rows[..., inner:].unflatten(-1, (2, inner)) \
-                    .permute(2, 0, 1, 3)
             else:
                 keys = cache.buffer(i, 0, end, x, inner)
                 values = cache.buffer(i, 1, end, x, inner)
+            if joined is not None:  # the kernel writes this part's keys/values as it goes
+                begin, stop = self._key_ranges(index, first)
+                native_parts.append(AttentionPart(
+                    rows[..., :inner], keys[:, first:end], values[:, first:end],
+                    joined[:, a:a + r], begin, stop, rows[..., inner:2 * inner],
+                    rows[..., 2 * inner:], start - first))
+                continue
+            if views is not None:  # keys and values in one copy: k, v are adjacent in qkv
+                both[:, :, start:end] = rows[..., inner:].unflatten(-1, (2, inner)) \
+                    .permute(2, 0, 1, 3)
+            else:
                 keys[:, start:end] = rows[..., inner:2 * inner]
                 values[:, start:end] = rows[..., 2 * inner:]
-            first = 0 if self.left_frames is None else max(0, start - self.left_frames)
-            if joined is not None:
-                begin, stop = self._key_ranges(index, first)
-                native.attend(rows[..., :inner], keys[:, first:end], values[:, first:end],
-                              joined[:, a:a + r], begin, stop, attn.heads)
-                continue
             out = F.scaled_dot_product_attention(
                 split(rows[..., :inner]), split(keys[:, first:end]),
                 split(values[:, first:end]), attn_mask=self._group_mask(index, first, x))
             outs.append(out.transpose(1, 2))
+        if native_parts:
+            assert native is not None
+            native.attend_parts(native_parts, attn.heads, check=i == 0)
         if joined is None:
             joined = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return module_linear(attn.to_out[0], joined.reshape(b, x.shape[1], inner), residual)
