@@ -136,3 +136,32 @@ def test_switch_turns_it_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "True"
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 17, 300])
+@pytest.mark.parametrize("width", [16, 256, 1024])
+def test_layer_norm_and_mish_within_one_rounding(rows: int, width: int) -> None:
+    """The causal blocks' LayerNorm (then Mish) in float32 with one rounding: every output
+    within one bfloat16 rounding of float64, with and without parameters; strided rows read in
+    place give the same bits."""
+    assert kernel is not None
+    g = torch.Generator().manual_seed(rows + width)
+    x = (torch.randn(rows, width, generator=g) * 3 + 1).bfloat16()
+    weight = (torch.rand(width, generator=g) + 0.5).bfloat16()
+    bias = torch.randn(width, generator=g).bfloat16()
+    for w, b in ((weight, bias), (None, None)):
+        exact = F.layer_norm(x.double(), (width,), None if w is None else w.double(),
+                             None if b is None else b.double(), 1e-5)
+        for mish in (False, True):
+            want = F.mish(exact) if mish else exact
+            got = kernel.layer_norm(x, w, b, 1e-5, mish=mish)
+            assert got.dtype == torch.bfloat16 and got.shape == x.shape
+            bound = 2.0 ** -8 * want.abs() + 1e-4  # one rounding; float32 statistics
+            assert ((got.double() - want).abs() <= bound).all(), (w is None, mish)
+    wide = torch.zeros(rows, width + 32, dtype=torch.bfloat16)
+    wide[:, 16:16 + width] = x
+    assert torch.equal(kernel.layer_norm(wide[:, 16:16 + width], weight, bias, 1e-5, True),
+                       kernel.layer_norm(x, weight, bias, 1e-5, True))
+    with pytest.raises(ValueError, match="cannot take"):
+        kernel.layer_norm(x.float(), weight, bias, 1e-5)

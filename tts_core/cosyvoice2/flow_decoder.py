@@ -26,6 +26,7 @@ from tts_core.cosyvoice2.attention_native import (
     native_attention,
 )
 from tts_core.cosyvoice2.flow_encoder import chunk_attention_mask
+from tts_core.cosyvoice2.gemm_native import NativeGemm, native_gemm
 from tts_core.cosyvoice2.packed_linear import (
     derived,
     linear,
@@ -368,6 +369,7 @@ class _ChunkRun:
         self._ranges: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(parts)
         self._windows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._native: NativeAttention | None | bool = False  # looked up at the first layer
+        self._norms: NativeGemm | None | bool = False  # the same
 
     def _native_attention(self, like: torch.Tensor, head_dim: int) -> NativeAttention | None:
         """The native bfloat16 kernel where it takes this run's activations (never float32)."""
@@ -460,10 +462,21 @@ class _ChunkRun:
             kept.append(new[:, j * pad:(j + 1) * pad])
         return linear(unfolded, _conv_matrix(module), module.bias)
 
+    def norm(self, norm: nn.LayerNorm, x: torch.Tensor, mish: bool = False) -> torch.Tensor:
+        """LayerNorm over channels (then Mish): in bfloat16 on the native kernel (one rounding,
+        one call), else PyTorch's."""
+        if self._norms is False:
+            kernel = native_gemm() if x.dtype == torch.bfloat16 else None
+            self._norms = kernel if kernel is not None and kernel.takes_norm(x, norm.weight) \
+                else None
+        if self._norms is not None:
+            return self._norms.layer_norm(x, norm.weight, norm.bias, norm.eps, mish)
+        h = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return F.mish(h) if mish else h
+
     def causal_block(self, block: CausalBlock, x: torch.Tensor) -> torch.Tensor:
-        conv, _, norm, _, mish = block.block
-        h = self.conv(conv, x)
-        return mish(F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps))
+        conv, _, norm, _, _ = block.block
+        return self.norm(norm, self.conv(conv, x), mish=True)
 
     def resnet(self, block: CausalResnetBlock, x: torch.Tensor, time: torch.Tensor
                ) -> torch.Tensor:
@@ -527,8 +540,8 @@ class _ChunkRun:
         # the residuals join the output projections (on the native kernel, inside the product;
         # oneDNN's fused "add" post-op took 0.9 ms a call, so there they are added apart)
         for block in blocks:
-            x = self.attention(block.attn1, block.norm1(x), x)
-            x = self.feed_forward(block.ff, block.norm3(x), x)
+            x = self.attention(block.attn1, self.norm(block.norm1, x), x)
+            x = self.feed_forward(block.ff, self.norm(block.norm3, x), x)
         return x
 
     @staticmethod

@@ -59,6 +59,10 @@ class NativeGemm:
         self._call.restype = _INT
         self._call.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _INT, _INT, _PTR, _I64,
                                _PTR, _I64, _INT]
+        self._norm = library.tts_layer_norm_bf16
+        self._norm.restype = _INT
+        self._norm.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_float, _INT, _PTR,
+                               _I64, _INT]
 
     @staticmethod
     def takes(weight: torch.Tensor) -> bool:
@@ -109,6 +113,36 @@ class NativeGemm:
         if status:
             raise RuntimeError(f"native gemm refused [{rows.shape[0]}, {k}] x [{n}, {k}] "
                                f"(status {status})")
+        return out
+
+
+    @staticmethod
+    def takes_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+        """Whether :meth:`layer_norm` takes x [..., C] (bfloat16, C % 16 == 0, C <= 1024)."""
+        width = x.shape[-1]
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and width % 16 == 0
+                and 16 <= width <= 1024
+                and (weight is None or weight.dtype == torch.bfloat16))
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float, mish: bool = False) -> torch.Tensor:
+        """``F.layer_norm`` over the last axis (then Mish when ``mish``) in float32, rounded
+        once to bfloat16; see :meth:`takes_norm`."""
+        width = x.shape[-1]
+        if not self.takes_norm(x, weight) or (bias is not None and bias.dtype != torch.bfloat16):
+            raise ValueError(f"native layer norm: cannot take {x.dtype} {tuple(x.shape)}")
+        for p in (weight, bias):
+            if p is not None and (p.shape != (width,) or not p.is_contiguous()):
+                raise ValueError(f"native layer norm: parameter {tuple(p.shape)} for {width} "
+                                 "channels")
+        rows = x.reshape(-1, width)
+        if rows.stride(1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < width):
+            rows = rows.contiguous()
+        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        self._norm(rows.data_ptr(), rows.stride(0), rows.shape[0], width,
+                   0 if weight is None else weight.data_ptr(),
+                   0 if bias is None else bias.data_ptr(), eps, int(mish), out.data_ptr(), width,
+                   torch.get_num_threads())
         return out
 
 
