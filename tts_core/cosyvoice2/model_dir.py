@@ -31,6 +31,7 @@ from .attention_native import native_attention
 from .checkpoint import load_strict
 from .features import MelConfig
 from .flow import CausalFlow, FlowConfig
+from .gemm_native import native_gemm
 from .hift import HiFTConfig, HiFTGenerator, normalize_state_dict
 from .llm import CosyVoice2LM, LMConfig
 from .onnx_frontend import OnnxFrontend
@@ -251,7 +252,9 @@ def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
         lm.quantize_backbone_weight_int8()
     flow.to(device=device, dtype=precision.flow_dtype).eval()
     if precision.flow_dtype == torch.bfloat16 and torch.device(device).type == "cpu":
-        native_attention()  # built (or found) now, while the model loads, not in a request
+        # the flow's native kernels built (or found) now, while the model loads, not in a request
+        native_attention()
+        native_gemm()
     # The vocoder is built in float32 and stays so (CosyVoice 3's f0 predictor in float64: a
     # dtype cast here would round its folded weights).
     hift.to(device=device).eval()
