@@ -6,6 +6,7 @@ PyTorch's own AMX kernels unharmed after it; and the switch that turns it off.""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -16,7 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tts_core.cosyvoice2.attention_native import SWITCH, native_attention
+from tts_core.cosyvoice2 import flow_decoder, packed_linear
+from tts_core.cosyvoice2.attention_native import SWITCH, NativeAttention, native_attention
+from tts_core.cosyvoice2.flow import CausalFlow, FlowConfig
+from tts_core.cosyvoice2.flow_decoder import FlowDecoderConfig
+from tts_core.cosyvoice2.flow_encoder import FlowEncoderConfig
+from tts_core.cosyvoice2.flow_matching import CFMConfig
+from tts_core.cosyvoice2.testing.make_model_dir import randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAD_DIM = 64
@@ -182,3 +189,65 @@ def test_switch_turns_it_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "True"
+
+
+def _flow_with_64_channel_heads() -> CausalFlow:
+    """A small CosyVoice 2 flow whose estimator has the official head size (64), so its
+    bfloat16 chunk runs take the native attention, products and norms."""
+    config = FlowConfig(
+        input_size=48, output_size=32, spk_embed_dim=24, vocab_size=97, token_mel_ratio=2,
+        pre_lookahead_len=2, spk_proj_dim=32,
+        encoder=FlowEncoderConfig(input_size=48, output_size=48, attention_heads=3,
+                                  linear_units=80, num_blocks=2, num_up_blocks=2, lookahead=2,
+                                  upsample_stride=2, static_chunk_size=8),
+        estimator=FlowDecoderConfig(in_channels=128, out_channels=32, channels=(128,),
+                                    attention_head_dim=64, n_blocks=2, num_mid_blocks=2,
+                                    num_heads=2, static_chunk_size=16,
+                                    num_decoding_left_chunks=-1),
+        cfm=CFMConfig(n_feats=32, inference_cfg_rate=0.7, n_timesteps=4))
+    flow = CausalFlow(config).eval()
+    randomize(flow, torch.Generator().manual_seed(21))
+    return flow
+
+
+@needs_kernel
+def test_streamed_flow_on_native_kernels_as_close_to_float32_as_pytorchs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the flow's streamed chunk runs (prompt chunks together, then chunk by chunk):
+    the bfloat16 mel with the native kernels is as close to float32's as the bfloat16 mel on
+    PyTorch's kernels, and inside the bfloat16 tolerance (tests/test_cv2_precision.py)."""
+    flow = _flow_with_64_channel_heads()
+    g = torch.Generator().manual_seed(22)
+    prompt = (torch.randint(0, 97, (1, 20), generator=g), torch.randn(1, 40, 32, generator=g),
+              torch.randn(1, 24, generator=g))
+    tokens = torch.randint(0, 97, (1, 30), generator=g)
+
+    def mel(model: CausalFlow) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.inference(tokens, *prompt, streaming=True, finalize=True).float()
+
+    reference = mel(flow)
+    calls = []
+    attend_parts = NativeAttention.attend_parts
+
+    def counted(self: NativeAttention, *args: object, **kwargs: object) -> None:
+        calls.append(1)
+        attend_parts(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NativeAttention, "attend_parts", counted)
+    native = mel(copy.deepcopy(flow).to(torch.bfloat16))
+    assert calls, "the native attention did not run"
+    with monkeypatch.context() as patch:
+        for module in (flow_decoder, packed_linear):
+            patch.setattr(module, "native_gemm", lambda: None)
+        patch.setattr(flow_decoder, "native_attention", lambda: None)
+        before = len(calls)
+        plain = mel(copy.deepcopy(flow).to(torch.bfloat16))
+        assert len(calls) == before
+
+    def relative(m: torch.Tensor) -> float:
+        return float((m - reference).abs().sum() / reference.abs().sum())
+
+    print(f"streamed mel relative L1: native {relative(native):.4f}, PyTorch {relative(plain):.4f}")
+    assert relative(native) <= 1.25 * relative(plain) + 1e-3, (relative(native), relative(plain))
+    assert relative(native) <= 0.02
