@@ -251,3 +251,44 @@ def test_streamed_flow_on_native_kernels_as_close_to_float32_as_pytorchs(
     print(f"streamed mel relative L1: native {relative(native):.4f}, PyTorch {relative(plain):.4f}")
     assert relative(native) <= 1.25 * relative(plain) + 1e-3, (relative(native), relative(plain))
     assert relative(native) <= 0.02
+
+
+@needs_kernel
+def test_whole_flow_in_bfloat16_runs_on_native_kernels_as_accurately(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-streaming bfloat16 call runs as one chunk seen whole on the native kernels: as
+    close to float32's mel as the module forward on PyTorch's kernels, and inside the bfloat16
+    tolerance."""
+    flow = _flow_with_64_channel_heads()
+    g = torch.Generator().manual_seed(23)
+    prompt = (torch.randint(0, 97, (1, 20), generator=g), torch.randn(1, 40, 32, generator=g),
+              torch.randn(1, 24, generator=g))
+    tokens = torch.randint(0, 97, (1, 30), generator=g)
+
+    def mel(model: CausalFlow) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.inference(tokens, *prompt, streaming=False, finalize=True).float()
+
+    reference = mel(flow)
+    runs = []
+    forward_chunks = flow_decoder.CausalConditionalDecoder.forward_chunks
+
+    def counted(self: object, *args: object, **kwargs: object) -> object:
+        runs.append(kwargs.get("full_attention", False))
+        return forward_chunks(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flow_decoder.CausalConditionalDecoder, "forward_chunks", counted)
+    native = mel(copy.deepcopy(flow).to(torch.bfloat16))
+    assert runs and all(runs), "the whole call did not run as one full-attention chunk"
+    with monkeypatch.context() as patch:
+        patch.setattr(flow_decoder, "native_gemm", lambda: None)
+        module_forward = mel(copy.deepcopy(flow).to(torch.bfloat16))
+    assert len(runs) == 4  # one per Euler step, none from the module forward
+
+    def relative(m: torch.Tensor) -> float:
+        return float((m - reference).abs().sum() / reference.abs().sum())
+
+    print(f"whole mel relative L1: native {relative(native):.4f}, module forward "
+          f"{relative(module_forward):.4f}")
+    assert relative(native) <= 1.25 * relative(module_forward) + 1e-3
+    assert relative(native) <= 0.02
