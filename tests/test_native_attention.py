@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,19 @@ def _flow_with_64_channel_heads() -> CausalFlow:
     return flow
 
 
+def _mel_of(seed: int, streaming: bool) -> Callable[[CausalFlow], torch.Tensor]:
+    """A flow's float32 mel for a fixed random prompt and 30 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = (torch.randint(0, 97, (1, 20), generator=g), torch.randn(1, 40, 32, generator=g),
+              torch.randn(1, 24, generator=g))
+    tokens = torch.randint(0, 97, (1, 30), generator=g)
+
+    def mel(model: CausalFlow) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.inference(tokens, *prompt, streaming=streaming, finalize=True).float()
+    return mel
+
+
 @needs_kernel
 def test_streamed_flow_on_native_kernels_as_close_to_float32_as_pytorchs(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,15 +231,7 @@ def test_streamed_flow_on_native_kernels_as_close_to_float32_as_pytorchs(
     the bfloat16 mel with the native kernels is as close to float32's as the bfloat16 mel on
     PyTorch's kernels, and inside the bfloat16 tolerance (tests/test_cv2_precision.py)."""
     flow = _flow_with_64_channel_heads()
-    g = torch.Generator().manual_seed(22)
-    prompt = (torch.randint(0, 97, (1, 20), generator=g), torch.randn(1, 40, 32, generator=g),
-              torch.randn(1, 24, generator=g))
-    tokens = torch.randint(0, 97, (1, 30), generator=g)
-
-    def mel(model: CausalFlow) -> torch.Tensor:
-        with torch.inference_mode():
-            return model.inference(tokens, *prompt, streaming=True, finalize=True).float()
-
+    mel = _mel_of(seed=22, streaming=True)
     reference = mel(flow)
     calls = []
     attend_parts = NativeAttention.attend_parts
@@ -260,15 +266,7 @@ def test_whole_flow_in_bfloat16_runs_on_native_kernels_as_accurately(
     close to float32's mel as the module forward on PyTorch's kernels, and inside the bfloat16
     tolerance."""
     flow = _flow_with_64_channel_heads()
-    g = torch.Generator().manual_seed(23)
-    prompt = (torch.randint(0, 97, (1, 20), generator=g), torch.randn(1, 40, 32, generator=g),
-              torch.randn(1, 24, generator=g))
-    tokens = torch.randint(0, 97, (1, 30), generator=g)
-
-    def mel(model: CausalFlow) -> torch.Tensor:
-        with torch.inference_mode():
-            return model.inference(tokens, *prompt, streaming=False, finalize=True).float()
-
+    mel = _mel_of(seed=23, streaming=False)
     reference = mel(flow)
     runs = []
     forward_chunks = flow_decoder.CausalConditionalDecoder.forward_chunks

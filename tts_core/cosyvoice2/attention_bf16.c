@@ -18,27 +18,15 @@
  *    visible keys (the weights then rounded to bfloat16 for the second product, as the flash
  *    kernel does), out = weights v accumulated in float32 tiles, divided by the softmax sum
  *    and rounded to bfloat16 (to nearest even).
- * Each thread's tile configuration is saved on entry and restored on exit, so the oneDNN and
- * PyTorch kernels that run between calls find theirs as they left it.
+ * Each thread's tile configuration is saved on entry and restored on exit (amx_common.h).
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx_common.h"
 
 #define HEAD_DIM 64 /* channels per head (the only size this file takes) */
 #define TILE 16     /* queries per block, keys per score tile, channels per output tile */
 #define KEY_STEP 32 /* keys per product of weights and values */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t bytes_per_row[16];
-  uint8_t rows[16];
-} TileConfig;
 
 /* One request's share of a call (the flow packs several requests' frames in one run). All
  * strides in elements; keys index from k (and v). */
@@ -55,6 +43,12 @@ typedef struct {
   int64_t rows, keys;         /* query rows; keys there are (row ranges are clipped to them) */
   const int32_t *key_begin, *key_end; /* per row: visible keys [begin, end) */
 } Part;
+
+/* A part with the span of keys its rows see (first .. last - 1), found once per call. */
+typedef struct {
+  const Part *part;
+  int64_t first, last;
+} Span;
 
 
 /* A thread's scratch, kept between calls (grown when a call needs more). */
@@ -88,23 +82,6 @@ static int reserve(int64_t keys) {
   }
   scratch.capacity = keys;
   return 0;
-}
-
-/* 2^x for x <= 0, exactly 0 below -126 (hidden keys give -inf). Round to nearest, then a
- * degree-6 Taylor polynomial of e^(f ln 2) on |f| <= 1/2: relative error about 1.2e-7. */
-static inline __m512 exp2_nonpositive(__m512 x) {
-  __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945f));
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
 /* 16 x 16 32-bit transpose in registers: r[i][j] -> r[j][i]. */
@@ -227,18 +204,25 @@ static void store_new(const Part *p, int64_t b, int64_t h) {
   }
 }
 
-/* All queries of one part's batch b, head h. */
-static void attend_head(const Part *p, float scale, int64_t b, int64_t h) {
-  store_new(p, b, h);
-  int64_t first = INT64_MAX, last = 0;
+/* The keys a part's rows see together: [first, last), both 0 when none. */
+static Span key_span(const Part *p) {
+  Span span = {p, INT64_MAX, 0};
   for (int64_t i = 0; i < p->rows; i++) {
     int64_t a, z;
     key_range(p, i, &a, &z);
     if (z <= a) continue;
-    if (a < first) first = a;
-    if (z > last) last = z;
+    if (a < span.first) span.first = a;
+    if (z > span.last) span.last = z;
   }
-  if (first >= last) first = last = 0;
+  if (span.first >= span.last) span.first = span.last = 0;
+  return span;
+}
+
+/* All queries of one part's batch b, head h. */
+static void attend_head(const Span *span, float scale, int64_t b, int64_t h) {
+  const Part *p = span->part;
+  const int64_t first = span->first, last = span->last;
+  store_new(p, b, h);
   const int64_t padded = (last - first + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
   prepare_keys(p->k + b * p->k_batch + first * p->k_row + h * HEAD_DIM, p->k_row, last - first,
                padded, scratch.keys_t);
@@ -324,26 +308,18 @@ static void attend_head(const Part *p, float scale, int64_t b, int64_t h) {
 
 int tts_attention_head_dim(void) { return HEAD_DIM; }
 
-/* Asks the kernel for the AMX tile state (once per process; PyTorch's oneDNN asks too). */
-int tts_attention_init(void) {
-  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? 1 : 0;
-}
+int tts_attention_init(void) { return request_amx(); }
 
 /* Attention for every part, their (batch, head) pairs spread over the threads. Returns 0, or
- * 1 when scratch memory could not be had. */
+ * 1 when memory for the spans or the scratch could not be had. */
 int tts_attention_bf16(const Part *parts, int64_t count, int64_t batch, int64_t heads,
                        float scale, int threads) {
+  Span *spans = malloc((size_t)(count > 0 ? count : 1) * sizeof(Span));
+  if (!spans) return 1;
   int64_t keys = 0;
   for (int64_t i = 0; i < count; i++) {
-    int64_t first = INT64_MAX, last = 0;
-    for (int64_t r = 0; r < parts[i].rows; r++) {
-      int64_t a, z;
-      key_range(&parts[i], r, &a, &z);
-      if (z <= a) continue;
-      if (a < first) first = a;
-      if (z > last) last = z;
-    }
-    if (first < last && last - first > keys) keys = last - first;
+    spans[i] = key_span(&parts[i]);
+    if (spans[i].last - spans[i].first > keys) keys = spans[i].last - spans[i].first;
   }
   keys = (keys + KEY_STEP - 1) / KEY_STEP * KEY_STEP;
   const int64_t pairs = batch * heads;
@@ -351,26 +327,15 @@ int tts_attention_bf16(const Part *parts, int64_t count, int64_t batch, int64_t 
 #pragma omp parallel num_threads(threads) reduction(| : failed)
   {
     TileConfig saved __attribute__((aligned(64)));
-    TileConfig config __attribute__((aligned(64)));
-    _tile_storeconfig(&saved);
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-      config.rows[t] = TILE;
-      config.bytes_per_row[t] = 64;
-    }
     failed = reserve(keys + KEY_STEP);
-    if (!failed) _tile_loadconfig(&config);
+    configure_tiles(&saved);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < count * pairs; u++) {
-      const Part *part = &parts[u / pairs];
       const int64_t bh = u % pairs;
-      if (!failed) attend_head(part, scale, bh / heads, bh % heads);
+      if (!failed) attend_head(&spans[u / pairs], scale, bh / heads, bh % heads);
     }
-    if (saved.palette)
-      _tile_loadconfig(&saved);
-    else
-      _tile_release();
+    restore_tiles(&saved);
   }
+  free(spans);
   return failed;
 }

@@ -20,30 +20,17 @@
  * blocks' norm and activation), in float32 with one rounding to bfloat16; PyTorch's bfloat16
  * Mish alone took ~40 us a call on a first chunk's 52 x 256.
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx_common.h"
 
 #define TILE 16
 #define K_STEP 32
 #define PREFETCH_STEPS 2 /* k steps of weights requested ahead of the tile loads */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
 enum { ACT_NONE = 0, ACT_GELU_ERF = 1, ACT_GELU_TANH = 2 };
 
-typedef struct {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t bytes_per_row[16];
-  uint8_t rows[16];
-} TileConfig;
-
-int tts_gemm_init(void) {
-  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) ? 1 : 0;
-}
+int tts_gemm_init(void) { return request_amx(); }
 
 /* w [n, k] row-major bfloat16 -> the packed layout above (n * k elements). */
 int tts_gemm_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
@@ -58,22 +45,6 @@ int tts_gemm_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
             block[r * K_STEP + 2 * c + p] = w[(nt * TILE + c) * k + s * K_STEP + 2 * r + p];
     }
   return 0;
-}
-
-/* 2^x for x <= 0 (0 below -126). */
-static inline __m512 exp2_nonpositive(__m512 x) {
-  __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945f));
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
 /* 1 / x: the 14-bit estimate and one Newton step (about 2^-28 relative; a division costs
@@ -130,11 +101,6 @@ static inline __m512 activate(__m512 v, int activation) {
   return v;
 }
 
-static inline __m512 bf16_to_f32(const uint16_t *src) {
-  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 typedef struct {
   const void *bias;
   int bias_bf16, activation;
@@ -188,16 +154,8 @@ int tts_gemm_bf16(const uint16_t *x, int64_t ldx, int64_t m, int64_t k, const ui
 #pragma omp parallel num_threads(threads)
   {
     TileConfig saved __attribute__((aligned(64)));
-    TileConfig config __attribute__((aligned(64)));
     float sums[4][TILE * TILE] __attribute__((aligned(64)));
-    _tile_storeconfig(&saved);
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) {
-      config.rows[t] = TILE;
-      config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
+    configure_tiles(&saved);
 #pragma omp for schedule(static) collapse(2)
     for (int64_t np = 0; np < n_pairs; np++) {
       for (int64_t mp = 0; mp < m_pairs; mp++) {
@@ -262,28 +220,10 @@ int tts_gemm_bf16(const uint16_t *x, int64_t ldx, int64_t m, int64_t k, const ui
         }
       }
     }
-    if (saved.palette)
-      _tile_loadconfig(&saved);
-    else
-      _tile_release();
+    restore_tiles(&saved);
   }
   free(padded);
   return 0;
-}
-
-/* 2^x for |x| <= 126 (clamped). */
-static inline __m512 exp2_clamped(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945f));
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 /* mish(x) = x tanh(softplus(x)) = x (e^2x + 2e^x) / (e^2x + 2e^x + 2); x itself above 20

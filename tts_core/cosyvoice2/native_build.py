@@ -1,10 +1,10 @@
 """Builds and loads this project's C kernels (``*.c`` beside this file) on first use.
 
 Each kernel is compiled with the system's C compiler the first time a process asks for it, into
-a cache directory keyed by the source, the compiler's version, the flags and the CPU's flags, and
-loaded with ctypes. A kernel is not used (the caller keeps PyTorch's path) when its switch is set
-to ``0`` in the environment, the CPU lacks a flag it needs, or there is no compiler; the log
-says which.
+a cache directory keyed by the source (and the headers beside it), the compiler's version, the
+flags and the CPU's flags, and loaded with ctypes. A kernel is not used (the caller keeps
+PyTorch's path) when its switch is set to ``0`` in the environment, the CPU lacks a flag it
+needs, or there is no compiler; the log says which.
 """
 
 from __future__ import annotations
@@ -85,8 +85,10 @@ def load_library(spec: NativeSource) -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                  timeout=30).stdout
-        key = hashlib.sha256("\0".join([spec.source.read_text(), version, *spec.compile_flags,
-                                        *sorted(flags)]).encode()).hexdigest()[:16]
+        headers = [h.read_text() for h in sorted(spec.source.parent.glob("*.h"))]
+        key = hashlib.sha256("\0".join([spec.source.read_text(), *headers, version,
+                                        *spec.compile_flags, *sorted(flags)]).encode()
+                             ).hexdigest()[:16]
     except (OSError, subprocess.SubprocessError) as error:
         log.warning("%s not used (PyTorch's path instead): %s", label, error)
         return None
