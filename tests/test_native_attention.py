@@ -7,6 +7,7 @@ PyTorch's own AMX kernels unharmed after it; and the switch that turns it off.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -290,3 +291,56 @@ def test_whole_flow_in_bfloat16_runs_on_native_kernels_as_accurately(
           f"{relative(module_forward):.4f}")
     assert relative(native) <= 1.25 * relative(module_forward) + 1e-3
     assert relative(native) <= 0.02
+
+
+@needs_kernel
+def test_finished_chunks_run_together_with_the_same_bits(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """On the native kernels a call's finished chunks go through the estimator as one run.
+    Every output bit is what chunk-by-chunk runs give, in each call of a stream and against the
+    uncached one-call path (which groups the chunks otherwise), because every native operation
+    is row by row. float32 and a left attention window keep chunk-by-chunk runs."""
+    flow = _flow_with_64_channel_heads()
+    estimator = flow.decoder.estimator
+    assert not estimator.merges_chunk_runs_exactly()  # float32
+    low = copy.deepcopy(flow).to(torch.bfloat16)
+    assert low.decoder.estimator.merges_chunk_runs_exactly()
+    windowed = copy.deepcopy(low)
+    windowed.decoder.estimator.config = dataclasses.replace(estimator.config,
+                                                                num_decoding_left_chunks=1)
+    assert not windowed.decoder.estimator.merges_chunk_runs_exactly()
+
+    g = torch.Generator().manual_seed(24)
+    prompt = (torch.randint(0, 97, (1, 20), generator=g), torch.randn(1, 40, 32, generator=g),
+              torch.randn(1, 24, generator=g))
+    tokens = torch.randint(0, 97, (1, 52), generator=g)
+    runs: list[int] = []
+    forward_chunks = flow_decoder.CausalConditionalDecoder.forward_chunks
+
+    def counted(self: object, parts: list, *args: object, **kwargs: object) -> object:
+        runs.append(max(part.rows for part in parts))
+        return forward_chunks(self, parts, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flow_decoder.CausalConditionalDecoder, "forward_chunks", counted)
+
+    def stream() -> list[torch.Tensor]:
+        cache = low.new_stream_cache(None)
+        with torch.inference_mode():
+            return [low.inference_cached(tokens[:, :n], *prompt, cache, finalize=n == 52)
+                    for n in (6, 14, 46, 52)]
+
+    merged = stream()
+    merged_runs, runs[:] = list(runs), []
+    with torch.inference_mode():
+        one_call = low.inference(tokens, *prompt, streaming=True, finalize=True)
+    runs[:] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(flow_decoder.CausalConditionalDecoder, "merges_chunk_runs_exactly",
+                      lambda self: False)
+        apart = stream()
+    for a, b in zip(merged, apart, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(merged[-1], one_call)
+    # the third call finishes several chunks: one run, not one per chunk (apart, only the
+    # prompt's chunks run together)
+    assert max(merged_runs) > max(runs) and len(merged_runs) < len(runs), (merged_runs, runs)

@@ -482,11 +482,11 @@ class CausalFlow(nn.Module):
         if not cache.lean and cache.max_bytes is not None \
                 and self.stream_cache_bytes_per_frame(dtype) * frame > cache.max_bytes:
             cache.lean, cache.estimator = True, []  # over budget: recompute from now on
-        if cache.lean:
-            old = [(f, mu, conditioning(f, mu.shape[-1]), True) for f, mu in cache.mu]
-            solve = StreamSolve(old + new, spks, None)
-        else:
-            old, solve = [], StreamSolve(new, spks, cache.estimator)
+        old = [(f, mu, conditioning(f, mu.shape[-1]), True) for f, mu in cache.mu] \
+            if cache.lean else []
+        if self.decoder.estimator.merges_chunk_runs_exactly():
+            old, new = _join_finished(old), _join_finished(new)
+        solve = StreamSolve(old + new, spks, None if cache.lean else cache.estimator)
         return CachedFlowCall(solve, cache, len(old), prompt_feat.shape[1], device)
 
     def _finish_chunks(self, call: CachedFlowCall) -> torch.Tensor:
@@ -506,6 +506,22 @@ class CausalFlow(nn.Module):
         if not pieces:
             return torch.zeros(1, self.config.output_size, 0, device=call.device)
         return torch.cat(pieces, dim=2)
+
+
+def _join_finished(pieces: list[tuple[int, torch.Tensor, torch.Tensor, bool]]
+                   ) -> list[tuple[int, torch.Tensor, torch.Tensor, bool]]:
+    """Consecutive finished chunks as one piece (mu and cond joined along time), so the
+    estimator runs them together; an unfinished last chunk stays apart, as its conv contexts
+    must not be kept."""
+    joined: list[tuple[int, torch.Tensor, torch.Tensor, bool]] = []
+    for piece in pieces:
+        if joined and joined[-1][3] and piece[3]:
+            start, mu, cond, _ = joined[-1]
+            joined[-1] = (start, torch.cat([mu, piece[1]], dim=2),
+                          torch.cat([cond, piece[2]], dim=2), True)
+        else:
+            joined.append(piece)
+    return joined
 
 
 @dataclass

@@ -677,6 +677,40 @@ class CausalConditionalDecoder(nn.Module):
         return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.supports_chunks
                 and native_gemm() is not None and bool(mask.all()))
 
+    def merges_chunk_runs_exactly(self) -> bool:
+        """Whether a frame's velocity from a chunk run is the same bits whichever other frames
+        share the run, so that a stream's consecutive finished chunks may go through the
+        estimator as one run: each product then has several chunks' rows for one read of its
+        weights, and there are a fraction of the calls (a 100-token hop is four 50-frame
+        chunks). True on the native bfloat16 kernels, where everything is row by row: a
+        product's output element sums its own row in a fixed order, the attention gives each
+        query the softmax of its visible keys in the same order however queries are blocked
+        (keys counted from frame 0: no left window), norms and activations are per row.
+        oneDNN and PyTorch's kernels choose their blocking by the row count, so float32 (the
+        path the parity tests check) and bfloat16 without the native kernels run chunk by
+        chunk."""
+        weight = self.final_proj.weight
+        if not (self.supports_chunks and self.config.num_decoding_left_chunks < 0
+                and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"):
+            return False
+        gemm, attention = native_gemm(), native_attention()
+        if gemm is None or attention is None:
+            return False
+        time_paths = {id(m) for r in self.modules() if isinstance(r, CausalResnetBlock)
+                      for m in r.mlp.modules()} | {id(m) for m in self.time_mlp.modules()}
+        for module in self.modules():
+            if id(module) in time_paths:  # these see the flow time only, never frames
+                continue
+            if isinstance(module, nn.Conv1d | nn.Linear) \
+                    and not gemm.takes(module.weight.flatten(1)):
+                return False
+            if isinstance(module, nn.LayerNorm) and not gemm.takes_norm(
+                    module.weight.new_empty(1, module.normalized_shape[-1]), module.weight):
+                return False
+            if isinstance(module, SelfAttention) and module.head_dim != attention.head_dim:
+                return False
+        return True
+
     @property
     def supports_chunks(self) -> bool:
         """Whether :meth:`forward_chunk` applies (a single level: no down/upsampling)."""
