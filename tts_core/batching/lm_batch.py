@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tts_core.cosyvoice2.native_decode import native_decoder
 from tts_core.cosyvoice2.qwen2 import KVCache, Qwen2Model, rotary_cos_sin
 
 
@@ -66,6 +67,9 @@ def packed_forward(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
     positions = torch.tensor([p + j for p, n in zip(pasts, lengths, strict=True)
                               for j in range(n)], device=device)
     cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)  # [T, 1, hd]
+    native = native_decoder(backbone, x.shape[0]) if x.shape[0] == len(segments) else None
+    if native is not None:  # decode rows of an int8 stack: one native call per layer
+        return backbone.norm(native.forward(x, cos, sin, caches).to(dtype))
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(hd)

@@ -31,8 +31,32 @@ ROW_ALIGN = 32  # the kernel takes inputs whose width is a multiple of this
 _lock = threading.Lock()
 
 
+class QuantLinear(ctypes.Structure):
+    """An int8 layer as ``tts_int8_decoder_layer`` reads it (pointers into its tensors)."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
+class DecoderLayer(ctypes.Structure):
+    """A Qwen2 decoder layer as ``tts_int8_decoder_layer`` reads it."""
+
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("eps", ctypes.c_float), ("qkv", QuantLinear), ("out", QuantLinear),
+                ("gate_up", QuantLinear), ("down", QuantLinear), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64)]
+
+
+class RowCache(ctypes.Structure):
+    """One decode row's key/value storage of a layer and the index its new position takes."""
+
+    _fields_ = [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("head_stride", ctypes.c_int64), ("position", ctypes.c_int64)]
+
+
 class NativeInt8Kernel:
-    """The loaded library: :meth:`matmul` for shapes it takes (:meth:`takes`)."""
+    """The loaded library: :meth:`matmul` for shapes it takes (:meth:`takes`), and
+    ``decoder_layer`` (``tts_int8_decoder_layer``, driven by :mod:`native_decode`)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._call = library.tts_int8_matvec
@@ -41,6 +65,11 @@ class NativeInt8Kernel:
                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                ctypes.c_int]
         self.max_k = int(library.tts_int8_matvec_max_k())
+        self.decoder_layer = library.tts_int8_decoder_layer
+        self.decoder_layer.restype = ctypes.c_int
+        self.decoder_layer.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.POINTER(DecoderLayer), ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.POINTER(RowCache), ctypes.c_int]
 
     def takes(self, weight: torch.Tensor) -> bool:
         """Whether an int8 weight [out, in] fits the kernel."""

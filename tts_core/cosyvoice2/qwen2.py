@@ -162,25 +162,44 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values)
                    if t is not None)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k/v [B, Hkv, L, hd] of one layer; return all cached k/v of that layer."""
-        start, added = self._lengths[layer], k.shape[2]
-        end = start + added
+    def _reserve(self, layer: int, end: int, like: torch.Tensor, shape: tuple[int, int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value storage with room for ``end`` positions (grown by
+        doubling, the cached ones copied over); ``shape``: (batch, kv heads, head_dim)."""
         keys, values = self._keys[layer], self._values[layer]
-        if keys is None or end > keys.shape[2]:
+        if keys is None or values is None or end > keys.shape[2]:
             capacity = max(end, 2 * (keys.shape[2] if keys is not None else 0), 64)
-            shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
-            new_keys, new_values = k.new_empty(shape), v.new_empty(shape)
+            batch, heads, head_dim = shape
+            new_keys = like.new_empty((batch, heads, capacity, head_dim))
+            new_values = like.new_empty((batch, heads, capacity, head_dim))
+            start = self._lengths[layer]
             if keys is not None and values is not None:
                 new_keys[:, :, :start] = keys[:, :, :start]
                 new_values[:, :, :start] = values[:, :, :start]
             keys, values = new_keys, new_values
             self._keys[layer], self._values[layer] = keys, values
+        return keys, values
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v [B, Hkv, L, hd] of one layer; return all cached k/v of that layer."""
+        start = self._lengths[layer]
+        end = start + k.shape[2]
+        keys, values = self._reserve(layer, end, k, (k.shape[0], k.shape[1], k.shape[3]))
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
         self._lengths[layer] = end
         return keys[:, :, :end], values[:, :, :end]
+
+    def claim(self, layer: int, like: torch.Tensor, kv_heads: int, head_dim: int
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for one more position of ``layer`` (batch 1), counted as cached from now on:
+        the storage [1, kv_heads, capacity, head_dim] of keys and of values and the index the
+        caller writes the new key and value at (a native decode step writes them itself)."""
+        start = self._lengths[layer]
+        keys, values = self._reserve(layer, start + 1, like, (1, kv_heads, head_dim))
+        self._lengths[layer] = start + 1
+        return keys, values, start
 
 
 class Qwen2Attention(nn.Module):
