@@ -123,7 +123,11 @@ def test_applies_only_to_int8_decode_rows(monkeypatch: pytest.MonkeyPatch) -> No
         packed_forward(backbone, [torch.randn(6, 128)], caches)  # a prompt: PyTorch's path
         assert not calls
         packed_forward(backbone, [torch.randn(1, 128)], caches)
-        assert calls
+        assert len(calls) == 1
+        backbone(torch.randn(1, 1, 128), caches[0])  # one request's step (CosyVoice2LM.step)
+        assert len(calls) == 2
+        backbone(torch.randn(1, 2, 128), caches[0])
+        assert len(calls) == 2
 
 
 def test_switch_turns_it_off() -> None:

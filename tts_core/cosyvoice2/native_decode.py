@@ -9,7 +9,8 @@ with the rows cached before it.
 
 It takes the stack as :func:`weight_quant.fuse_and_quantize` leaves it (q/k/v and gate/up fused,
 weight-only int8, float32 activations) and decode rows only (one new position per request, at
-most ``NATIVE_ROWS``); everything else keeps the PyTorch path. Same arithmetic in another order
+most ``NATIVE_ROWS``: ``lm_batch.packed_forward``, and ``Qwen2Model.forward`` for one request);
+everything else keeps the PyTorch path. Same arithmetic in another order
 (sums of products, norms and softmax in float32; e^x to float32's rounding), so its outputs
 differ from that path's by float32 rounding only: tests/test_native_decode.py bounds it.
 """
@@ -18,12 +19,17 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from tts_core import cancellation
+
 from .int8_matvec import DecoderLayer, NativeInt8Kernel, QuantLinear, RowCache, native_kernel
-from .qwen2 import KVCache, Qwen2Model
 from .weight_quant import NATIVE_ROWS, WeightOnlyLinear
+
+if TYPE_CHECKING:
+    from .qwen2 import KVCache, Qwen2Model
 
 MAX_HEAD_DIM = 256  # the kernel's rotary scratch
 
@@ -60,18 +66,22 @@ class NativeDecoder:
         cos = cos.to(torch.float32).reshape(rows, self.head_dim).contiguous()
         sin = sin.to(torch.float32).reshape(rows, self.head_dim).contiguous()
         slots = (RowCache * rows)()
-        threads = torch.get_num_threads()
-        for index, layer in enumerate(self._layers):
-            for slot, cache in zip(slots, caches, strict=True):
-                keys, values, position = cache.claim(index, x, self.kv_heads, self.head_dim)
-                slot.keys, slot.values = keys.data_ptr(), values.data_ptr()
-                slot.head_stride, slot.position = keys.stride(1), position
-            status = self._kernel.decoder_layer(x.data_ptr(), rows, x.shape[1],
-                                                ctypes.byref(layer), cos.data_ptr(),
-                                                sin.data_ptr(), slots, threads)
-            if status:
-                raise RuntimeError(f"native decoder layer {index} failed (status {status})")
+        for index in range(len(self._layers)):
+            cancellation.check()  # as on PyTorch's path: a hang-up stops at the next layer
+            self._run_layer(index, x, cos, sin, caches, slots)
         return x
+
+    def _run_layer(self, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   caches: Sequence[KVCache], slots: ctypes.Array) -> None:
+        for slot, cache in zip(slots, caches, strict=True):
+            keys, values, position = cache.claim(index, x, self.kv_heads, self.head_dim)
+            slot.keys, slot.values = keys.data_ptr(), values.data_ptr()
+            slot.head_stride, slot.position = keys.stride(1), position
+        status = self._kernel.decoder_layer(x.data_ptr(), x.shape[0], x.shape[1],
+                                            ctypes.byref(self._layers[index]), cos.data_ptr(),
+                                            sin.data_ptr(), slots, torch.get_num_threads())
+        if status:
+            raise RuntimeError(f"native decoder layer {index} failed (status {status})")
 
 
 def _describe(backbone: Qwen2Model, kernel: NativeInt8Kernel) -> NativeDecoder | None:

@@ -325,6 +325,14 @@ class Qwen2Model(nn.Module):
         positions = torch.arange(past, past + length, device=device)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
                                   inputs_embeds.dtype)
+        if length == 1 and inputs_embeds.shape[0] == 1 and cache is not None:
+            # imported here: native_decode reads this module's classes (and weight_quant's)
+            from tts_core.cosyvoice2.native_decode import native_decoder
+            native = native_decoder(self, 1)
+            if native is not None:  # a decode step of an int8 stack: one call per layer
+                cancellation.check()
+                x = native.forward(inputs_embeds[0], cos, sin, [cache])
+                return self.norm(x.to(inputs_embeds.dtype))[None]
         mask = None
         if past > 0 and length > 1:  # query i (at position past+i) sees keys 0..past+i
             keys = torch.arange(past + length, device=device)
