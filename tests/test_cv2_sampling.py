@@ -169,3 +169,20 @@ def test_config_from_yaml_and_validation() -> None:
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):
         SamplingConfig(top_k=0)
+
+
+def test_nucleus_is_the_head_of_a_full_stable_sort() -> None:
+    """Only the top_k are sorted; the result is what sorting every id stably gives (ties at
+    the cut and around it included), as are the prefix sums that decide the cut."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(300):
+        probs = (torch.randn(6564, generator=g) * [0.3, 1.0, 3.0][trial % 3]).softmax(0)
+        if trial % 4 == 0:  # ties: several ids share the 25th value and its neighbours
+            top = probs.topk(40).indices
+            probs[top[20:35]] = float(probs[top[22]])
+            probs = probs / probs.sum()
+        full_probs, full_ids = probs.sort(descending=True, stable=True)
+        mass_before = full_probs.cumsum(0) - full_probs
+        keep = max(int((mass_before[:25] < 0.8).sum()), 1)
+        got_probs, got_ids = nucleus(probs, 0.8, 25)
+        assert torch.equal(got_ids, full_ids[:keep]) and torch.equal(got_probs, full_probs[:keep])

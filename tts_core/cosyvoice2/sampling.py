@@ -62,11 +62,18 @@ def nucleus(probs: torch.Tensor, top_p: float, top_k: int) -> tuple[torch.Tensor
     token that crosses ``top_p`` is included) and fewer than ``top_k`` are kept. Ties keep the
     lower id first (stable sort), so the set is deterministic.
     """
-    sorted_probs, sorted_ids = probs.sort(descending=True, stable=True)
-    mass_before = sorted_probs.cumsum(0) - sorted_probs
-    keep = int((mass_before[:top_k] < top_p).sum())
-    keep = max(keep, 1)
-    return sorted_probs[:keep], sorted_ids[:keep]
+    # Only the top_k most likely can be kept, so only they are sorted (a stable sort of all
+    # 6564 ids took ~330 us a draw, this ~40 us): every id at least as likely as the k-th
+    # largest probability, in id order, then stably by probability. That is the head of the
+    # full stable sort, ties at the cut included; the prefix sums of that head are the same.
+    k = min(top_k, probs.numel())
+    threshold = torch.topk(probs, k, sorted=False).values.min()
+    ids = (probs >= threshold).nonzero().squeeze(1)
+    order = probs[ids].sort(descending=True, stable=True).indices[:k]
+    top_probs, top_ids = probs[ids[order]], ids[order]
+    mass_before = top_probs.cumsum(0) - top_probs
+    keep = max(int((mass_before < top_p).sum()), 1)
+    return top_probs[:keep], top_ids[:keep]
 
 
 class RasSampler:
@@ -97,10 +104,13 @@ class RasSampler:
     def _draw(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def sample(self, probs: torch.Tensor, decoded: list[int]) -> int:
-        """One repetition-aware draw from probabilities ``probs`` (1-D, CPU float)."""
+    def sample(self, probs: torch.Tensor, decoded: list[int],
+               candidates: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+        """One repetition-aware draw from probabilities ``probs`` (1-D, CPU float);
+        ``candidates``: their :func:`nucleus`, when the caller has it already."""
         cfg = self.config
-        candidate_probs, candidate_ids = nucleus(probs, cfg.top_p, cfg.top_k)
+        candidate_probs, candidate_ids = candidates if candidates is not None \
+            else nucleus(probs, cfg.top_p, cfg.top_k)
         token = int(candidate_ids[self._draw(candidate_probs)])
         window = decoded[-cfg.win_size:] if cfg.win_size > 0 else []
         if window.count(token) >= cfg.win_size * cfg.tau_r:
@@ -111,13 +121,14 @@ class RasSampler:
         probs = logp.detach().float().cpu().softmax(dim=-1)
         if not torch.isfinite(probs).all():
             raise ValueError("the LM produced non-finite log-probabilities")
-        token = self.sample(probs, decoded)
+        candidates = nucleus(probs, self.config.top_p, self.config.top_k)  # once for redraws
+        token = self.sample(probs, decoded, candidates)
         if not ignore_eos:
             return token
         for _ in range(self.max_redraws):
             if token < self.stop_start:
                 return token
-            token = self.sample(probs, decoded)
+            token = self.sample(probs, decoded, candidates)
         if token < self.stop_start:
             return token
         masked = probs.clone()
