@@ -279,9 +279,13 @@ def run_config(args: argparse.Namespace) -> None:
     probe.register(prompt)
     runs = args.runs
 
-    # Warm-up: every path once.
+    # Warm-up: every path once, the streamed and the whole utterance included (a first long
+    # stream faults in its flow cache's pages and has oneDNN build the vocoder's kernels for
+    # each new chunk length: the first 10 s stream after load took 12.4 s, the next ones 9.8)
     first_chunk(probe, probe.request(prompt, True, False))
     first_chunk(probe, probe.request(prompt, True, True))
+    whole(probe, probe.request(prompt, True, True))
+    whole(probe, probe.request(prompt, False, True))
 
     def progress(what: str) -> None:
         print(f"  {args.worker}: {what} ({time.strftime('%H:%M:%S')}, load "
