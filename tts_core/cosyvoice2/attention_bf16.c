@@ -154,29 +154,35 @@ static void prepare_values(const uint16_t *values, int64_t row_stride, int64_t c
 }
 
 /* Softmax of one query's scores over keys [lo, hi) of ``padded`` (scaled by factor, in log2
- * units), as bfloat16 weights (0 elsewhere); returns 1 / sum, or 0 when it sees no key. */
-static float softmax_row(float *scores, uint16_t *weights, int64_t padded, int64_t lo,
+ * units), as bfloat16 weights (0 elsewhere); returns 1 / sum, or 0 when it sees no key.
+ * Only the vectors holding key lo and key hi - 1 need a mask; vectors wholly outside the range
+ * get zeros without being read. The scale joins the exponent's fma (factor > 0, so the largest
+ * score scaled is the largest scaled score). Every key's weight is computed the same way
+ * whichever vector it falls in, so a row's weights do not depend on its block's key span. */
+static float softmax_row(const float *scores, uint16_t *weights, int64_t padded, int64_t lo,
                          int64_t hi, float factor) {
-  const __m512 hidden = _mm512_set1_ps(-__builtin_inff());
-  const __m512i step = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  __m512 peak = hidden;
-  for (int64_t i = 0; i < padded; i += 16) {
-    __m512i key = _mm512_add_epi32(_mm512_set1_epi32((int)i), step);
-    __mmask16 seen = _mm512_cmp_epi32_mask(key, _mm512_set1_epi32((int)lo), _MM_CMPINT_NLT) &
-                     _mm512_cmp_epi32_mask(key, _mm512_set1_epi32((int)hi), _MM_CMPINT_LT);
-    __m512 s = _mm512_mask_mul_ps(hidden, seen, _mm512_load_ps(scores + i),
-                                  _mm512_set1_ps(factor));
-    _mm512_store_ps(scores + i, s);
-    peak = _mm512_max_ps(peak, s);
-  }
-  float top = _mm512_reduce_max_ps(peak);
-  if (top == -__builtin_inff()) {
+  if (hi <= lo) {
     memset(weights, 0, (size_t)padded * 2);
     return 0.0f;
   }
+  const int64_t first = lo / 16 * 16, last = (hi + 15) / 16 * 16; /* vectors touching it */
+  if (first > 0) memset(weights, 0, (size_t)first * 2);
+  if (last < padded) memset(weights + last, 0, (size_t)(padded - last) * 2);
+  const __mmask16 head = (__mmask16)(0xffffu << (lo - first));
+  const __mmask16 tail = (__mmask16)(0xffffu >> (last - hi));
+  const __m512 hidden = _mm512_set1_ps(-__builtin_inff());
+  __m512 peak = hidden;
+  for (int64_t i = first; i < last; i += 16) {
+    __mmask16 seen = (i == first ? head : 0xffff) & (i + 16 == last ? tail : 0xffff);
+    peak = _mm512_mask_max_ps(peak, seen, peak, _mm512_load_ps(scores + i));
+  }
+  const __m512 top = _mm512_set1_ps(-_mm512_reduce_max_ps(peak) * factor);
+  const __m512 scale = _mm512_set1_ps(factor);
   __m512 total = _mm512_setzero_ps();
-  for (int64_t i = 0; i < padded; i += 16) {
-    __m512 e = exp2_nonpositive(_mm512_sub_ps(_mm512_load_ps(scores + i), _mm512_set1_ps(top)));
+  for (int64_t i = first; i < last; i += 16) {
+    __mmask16 seen = (i == first ? head : 0xffff) & (i + 16 == last ? tail : 0xffff);
+    __m512 e = exp2_finite(_mm512_fmadd_ps(_mm512_load_ps(scores + i), scale, top));
+    e = _mm512_maskz_mov_ps(seen, e);
     /* the sum takes the weights as rounded, so they add up to one as used */
     __m256bh rounded = _mm512_cvtneps_pbh(e);
     _mm256_store_si256((__m256i *)(weights + i), (__m256i)rounded);
