@@ -696,6 +696,16 @@ class CausalConditionalDecoder(nn.Module):
         gemm, attention = native_gemm(), native_attention()
         if gemm is None or attention is None:
             return False
+        # the walk over the modules once per version of the weights (a cast makes new ones)
+        key = (weight.data_ptr(), weight._version, self.config)
+        memo = self.__dict__.get("_merges_exactly")
+        if memo is None or memo[0] != key:
+            memo = self.__dict__["_merges_exactly"] = (key, self._takes_every_layer(gemm,
+                                                                                    attention))
+        return memo[1]
+
+    def _takes_every_layer(self, gemm: NativeGemm, attention: NativeAttention) -> bool:
+        """Whether the native kernels take every layer that sees frames."""
         time_paths = {id(m) for r in self.modules() if isinstance(r, CausalResnetBlock)
                       for m in r.mlp.modules()} | {id(m) for m in self.time_mlp.modules()}
         for module in self.modules():
