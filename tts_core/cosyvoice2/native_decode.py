@@ -75,6 +75,9 @@ class NativeDecoder:
                    caches: Sequence[KVCache], slots: ctypes.Array) -> None:
         for slot, cache in zip(slots, caches, strict=True):
             keys, values, position = cache.claim(index, x, self.kv_heads, self.head_dim)
+            if not (keys.is_contiguous() and values.is_contiguous()
+                    and keys.dtype == values.dtype == torch.float32):
+                raise RuntimeError("native decoder: a KV cache that is not contiguous float32")
             slot.keys, slot.values = keys.data_ptr(), values.data_ptr()
             slot.head_stride, slot.position = keys.stride(1), position
         status = self._kernel.decoder_layer(x.data_ptr(), x.shape[0], x.shape[1],
