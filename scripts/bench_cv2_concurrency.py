@@ -154,7 +154,8 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
                  expected_audio: float, warmup: int = 1) -> None:
     key = secrets.token_urlsafe(24)
     loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
     running = asyncio.run_coroutine_threadsafe(start_server(
         engine, host="127.0.0.1", port=0, api_keys=[key], max_concurrent=max_concurrent,
         max_queue=64), loop).result()
@@ -212,6 +213,7 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
     finally:
         asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result()
         loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5.0)
 
 
 def main() -> int:
