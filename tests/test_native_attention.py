@@ -299,7 +299,8 @@ def test_finished_chunks_run_together_with_the_same_bits(monkeypatch: pytest.Mon
     """On the native kernels a call's finished chunks go through the estimator as one run.
     Every output bit is what chunk-by-chunk runs give, in each call of a stream and against the
     uncached one-call path (which groups the chunks otherwise), because every native operation
-    is row by row. float32 and a left attention window keep chunk-by-chunk runs."""
+    is row by row; a stream over its memory budget (recomputing its finished chunks) too.
+    float32 and a left attention window keep chunk-by-chunk runs."""
     flow = _flow_with_64_channel_heads()
     estimator = flow.decoder.estimator
     assert not estimator.merges_chunk_runs_exactly()  # float32
@@ -323,12 +324,19 @@ def test_finished_chunks_run_together_with_the_same_bits(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(flow_decoder.CausalConditionalDecoder, "forward_chunks", counted)
 
-    def stream() -> list[torch.Tensor]:
-        cache = low.new_stream_cache(None)
+    def stream(budget: int | None = None) -> list[torch.Tensor]:
+        cache = low.new_stream_cache(budget)
         with torch.inference_mode():
-            return [low.inference_cached(tokens[:, :n], *prompt, cache, finalize=n == 52)
+            outs = [low.inference_cached(tokens[:, :n], *prompt, cache, finalize=n == 52)
                     for n in (6, 14, 46, 52)]
+        assert cache.lean == (budget is not None)
+        return outs
 
+    # a budget for about 60 frames: the stream goes over it on the way and recomputes its
+    # finished chunks from then on (the lean path), joined into one run as well
+    budget = 60 * low.stream_cache_bytes_per_frame(torch.bfloat16)
+    lean = stream(budget)
+    runs[:] = []
     merged = stream()
     merged_runs, runs[:] = list(runs), []
     with torch.inference_mode():
@@ -338,9 +346,14 @@ def test_finished_chunks_run_together_with_the_same_bits(monkeypatch: pytest.Mon
         patch.setattr(flow_decoder.CausalConditionalDecoder, "merges_chunk_runs_exactly",
                       lambda self: False)
         apart = stream()
+        apart_runs = list(runs)
+        lean_apart = stream(budget)
     for a, b in zip(merged, apart, strict=True):
         assert torch.equal(a, b)
+    for a, b, c in zip(lean, lean_apart, merged, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
     assert torch.equal(merged[-1], one_call)
     # the third call finishes several chunks: one run, not one per chunk (apart, only the
     # prompt's chunks run together)
-    assert max(merged_runs) > max(runs) and len(merged_runs) < len(runs), (merged_runs, runs)
+    assert max(merged_runs) > max(apart_runs) and len(merged_runs) < len(apart_runs), \
+        (merged_runs, apart_runs)
