@@ -52,10 +52,10 @@ static inline __m512 bf16_to_f32(const uint16_t *src) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* 2^x for |x| <= 126 (clamped): round to nearest, then a degree-6 Taylor polynomial of
- * e^(f ln 2) on |f| <= 1/2 (relative error about 1.2e-7). */
-static inline __m512 exp2_clamped(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+/* 2^x for finite x up to about 127: round to nearest, then a degree-6 Taylor polynomial of
+ * e^(f ln 2) on |f| <= 1/2 (relative error about 1.2e-7); scalef takes the exponent whole, so
+ * below -149 the result is 0. No clamping or masking: for callers whose inputs are finite. */
+static inline __m512 exp2_finite(__m512 x) {
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945f));
   __m512 p = _mm512_set1_ps(1.0f / 720.0f);
@@ -68,19 +68,10 @@ static inline __m512 exp2_clamped(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-/* 2^x for finite x up to about 127 (scalef takes the exponent whole: below -149 the result is
- * 0); no clamping or masking, for callers whose inputs are finite. */
-static inline __m512 exp2_finite(__m512 x) {
-  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945f));
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+/* 2^x with x clamped to [-126, 126] first (infinite inputs give finite results). */
+static inline __m512 exp2_clamped(__m512 x) {
+  return exp2_finite(
+      _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f)));
 }
 
 /* 2^x for x <= 0, exactly 0 below -126 (hidden keys give -inf). */

@@ -330,7 +330,6 @@ class Qwen2Model(nn.Module):
             from tts_core.cosyvoice2.native_decode import native_decoder
             native = native_decoder(self, 1)
             if native is not None:  # a decode step of an int8 stack: one call per layer
-                cancellation.check()
                 x = native.forward(inputs_embeds[0], cos, sin, [cache])
                 return self.norm(x.to(inputs_embeds.dtype))[None]
         mask = None
