@@ -10,7 +10,8 @@ The model directory is loaded once; for each server setting (the batch scheduler
 concurrent streaming Synthesize calls are sent from client threads. Every request speaks
 exactly ``--tokens`` speech tokens (the sampler refuses stop ids until then, then stops, as the
 speed benchmark does), so every setting makes the same audio. The voice is a speaker registered
-once from shared/audio/zero_shot_prompt.wav, so no request pays for prompt encoding.
+once from shared/audio/zero_shot_prompt.wav (or ``--prompt``), so no request pays for prompt
+encoding.
 
 Per concurrency level it prints: aggregate audio seconds per wall second (and its ratio to one
 stream), p50/p95 time to first audio over all streams of all rounds, stalls per stream (a chunk
@@ -234,6 +235,9 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=0, help="default: the most streams")
     parser.add_argument("--baseline", action="store_true",
                         help="also measure today's thread-per-request server (max_concurrent 2)")
+    parser.add_argument("--prompt", type=Path, default=SHARED / "audio" / "zero_shot_prompt.wav",
+                        help="the registered speaker's prompt recording (its transcript is "
+                             "PROMPT_TEXT)")
     parser.add_argument("--compare-flow", action="store_true",
                         help="also measure the scheduler with each stream's flow chunk solved "
                              "alone (before the flow was batched across streams)")
@@ -256,7 +260,7 @@ def main() -> int:
     plan = models.precision
     described = f"LM {plan.lm_description}, flow {plan.flow_dtype}" if plan else models.dtype
     print(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s ({described})")
-    samples, rate = soundfile.read(SHARED / "audio" / "zero_shot_prompt.wav", dtype="float32")
+    samples, rate = soundfile.read(args.prompt, dtype="float32")
     request = tts_pb2.SynthesizeRequest(text=TEXT, zero_shot=tts_pb2.ZeroShotMode(
         speaker_id="bench"))
     expected = args.tokens * models.token_mel_ratio * models.hift.config.upsample_factor
