@@ -7,10 +7,12 @@
 # and ../shared as CI has it (or $SHARED_DIR: audio/ and the parity directories). In order, so that a broken CUDA path costs seconds, not minutes:
 #   1. a smoke run of the concurrency benchmark on a tiny random directory (1 and 4 streams);
 #   2. the full-size random directory made in MODEL_DIR (default /tmp/cv2-full) if missing;
-#   3. scripts/bench_cv2_concurrency.py on it through the real gRPC server at 1, 4, 16 and 32
-#      streams in the default CUDA precision (bfloat16), 100 forced tokens (4 s) per stream;
-#   4. the CUDA tests (flow parity of CosyVoice 2, token2wav parity of CosyVoice 3);
-#   5. the same benchmark in float32 at 1 and 32 streams, for the precision's share of the gain.
+#   3. the CUDA tests (flow parity of CosyVoice 2, token2wav parity of CosyVoice 3; their
+#      errors printed, with TF32 off and on);
+#   4. scripts/bench_cv2_concurrency.py on it through the real gRPC server at 1, 4, 16 and 32
+#      streams in the default CUDA precision (bfloat16), 100 forced tokens (4 s) per stream,
+#      the scheduler as it runs on a CPU ("narrow") and as it runs on a GPU ("wide") side by
+#      side; FLOAT32=1 adds the wide one in float32 at 1 and 32 streams.
 # Every log goes to OUT_DIR (default /tmp/cuda-bench).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -52,10 +54,12 @@ sys.path.insert(0, '.')
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
 make_model_dir(Path('$model'), 'full', seed=0)" || exit 1
 fi
-step bench_auto 300 $py "${bench[@]}" --model-dir "$model" --precision auto \
-    --streams 1,4,16,32 --tokens 100 --rounds 2
-step cuda_tests 150 $py -m pytest -q -p no:cacheprovider \
+step cuda_tests 150 $py -m pytest -q -s -p no:cacheprovider \
     tests/test_cv2_flow_parity.py::test_cuda tests/test_cv3_token2wav_parity.py::test_cuda
-step bench_float32 200 $py "${bench[@]}" --model-dir "$model" --precision float32 \
-    --streams 1,32 --tokens 100 --rounds 1
+step bench_auto 400 $py "${bench[@]}" --model-dir "$model" --precision auto \
+    --streams 1,4,16,32 --tokens 100 --rounds 2 --compare-narrow
+if [ "${FLOAT32:-0}" = 1 ]; then
+    step bench_float32 200 $py "${bench[@]}" --model-dir "$model" --precision float32 \
+        --streams 1,32 --tokens 100 --rounds 1
+fi
 exit 0

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc  # noqa: E402
 from service.server import start_server  # noqa: E402
 from tts_core.allocator import tune_allocator  # noqa: E402
+from tts_core.batching.scheduler import MAX_OUTPUT_BATCH  # noqa: E402
 from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E402
 from tts_core.cosyvoice2.model_dir import load_model_dir  # noqa: E402
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir  # noqa: E402
@@ -174,6 +175,10 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
         for streams in levels:
             rates, firsts, stalls, stalled, gaps = [], [], [], [], []
             scheduler = engine.scheduler
+            # The last round's counters are bumped after its audio went out: let them land
+            # before the snapshot, or they count for this level.
+            while scheduler is not None and scheduler.occupancy():
+                time.sleep(0.01)
             steps0 = scheduler.stats.steps if scheduler else 0
             rows0 = scheduler.stats.decoded_rows if scheduler else 0
             lm0 = scheduler.stats.lm_seconds if scheduler else 0.0
@@ -241,6 +246,10 @@ def main() -> int:
     parser.add_argument("--compare-flow", action="store_true",
                         help="also measure the scheduler with each stream's flow chunk solved "
                              "alone (before the flow was batched across streams)")
+    parser.add_argument("--compare-narrow", action="store_true",
+                        help="on a GPU, also measure the scheduler as it runs on a CPU (each "
+                             "request's own KV cache, at most MAX_OUTPUT_BATCH streams per "
+                             "output round): the wide scheduler's gain, side by side")
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     torch.set_num_threads(args.threads)
@@ -270,16 +279,26 @@ def main() -> int:
           f"{args.warmup_streams or max(levels)} streams")
 
     most = args.max_batch or max(levels)
-    settings = [(f"batch scheduler, max_batch {most}, flow batched across streams", most, True)]
+    wide = " (wide: KV slab, every due stream per output round)" if models.device.type == \
+        "cuda" else ""
+    settings = [(f"batch scheduler, max_batch {most}, flow batched across streams{wide}", most,
+                 True, False)]
+    if args.compare_narrow:
+        settings.insert(0, (f"batch scheduler, max_batch {most}, narrow (per-request KV caches, "
+                            f"at most {MAX_OUTPUT_BATCH} streams per output round)", most, True,
+                            True))
     if args.compare_flow:
         settings.insert(0, (f"batch scheduler, max_batch {most}, flow one stream at a time",
-                            most, False))
+                            most, False, False))
     if args.baseline:
-        settings.insert(0, ("thread per request, max_concurrent 2 (before)", 1, False))
-    for label, max_batch, batch_flow in settings:
+        settings.insert(0, ("thread per request, max_concurrent 2 (before)", 1, False, False))
+    for label, max_batch, batch_flow, narrow in settings:
         engine = BenchEngine(models, seed=1, max_batch=max_batch)
         if engine.scheduler is not None and not batch_flow:
             engine.scheduler.run_outputs = None
+        if engine.scheduler is not None and narrow:
+            engine.scheduler.lm.slab = None
+            engine.scheduler.max_output_batch = MAX_OUTPUT_BATCH
         engine.forced_tokens = args.tokens
         engine.register_speaker("bench", Audio(samples, rate), prompt_text=PROMPT_TEXT)
         bench_server(engine, label, max_batch if max_batch > 1 else 2, levels, args.rounds,

@@ -15,8 +15,10 @@ the vectors' tensors and their metadata, never from this particular set.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,15 @@ def reference_stream_schedule(prompt_len: int, n_tokens: int, hop: int, max_hop:
         first = False
     calls.append((n_tokens, offset, False, True))
     return calls
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matmuls and cuDNN convolutions in TF32 (a 10-bit mantissa) or not, for the
+    block; torch's defaults are TF32 off for matmuls, on for convolutions."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -19,6 +19,7 @@ from tests.cv2_parity import (
     parity_dir,
     parity_models,
     reference_stream_schedule,
+    tf32,
     vectors,
 )
 from tts_core.cosyvoice2 import hyperyaml
@@ -271,11 +272,20 @@ def test_bad_inputs_get_clear_errors(flow: CausalFlow, stream: dict[str, torch.T
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda(nonstream: dict[str, torch.Tensor]) -> None:
+    """float32 on a GPU, TF32 off: within 1e-3 (other kernels, other summation orders; 7.0e-6
+    measured on an H200). With TF32 matmuls and convolutions: 10-bit products through 10
+    solver steps, 3.8e-3 measured there, so 1e-2. float16: within the reduced-precision bound."""
     v = nonstream
     model = load_model_dir(parity_dir(), device="cuda", require_frontend=False).flow
-    mel = model.inference(v["token"], v["prompt_token"], v["prompt_feat"], v["embedding"])
-    assert mel.device.type == "cuda"
-    assert max_err(mel.cpu(), v["mel"]) < 1e-3  # TF32/kernel differences
+    errors = {}
+    for enabled in (False, True):
+        with tf32(enabled):
+            mel = model.inference(v["token"], v["prompt_token"], v["prompt_feat"], v["embedding"])
+        assert mel.device.type == "cuda"
+        errors[enabled] = max_err(mel.cpu(), v["mel"])
+    print(f"\nCUDA flow mel max abs error: float32 {errors[False]:.2e}, TF32 {errors[True]:.2e}")
+    assert errors[False] < 1e-3
+    assert errors[True] < 1e-2
     model = load_model_dir(parity_dir(), device="cuda", dtype=torch.float16,
                            require_frontend=False).flow
     mel16 = model.inference(v["token"], v["prompt_token"], v["prompt_feat"], v["embedding"])

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.cv2_parity import reference_stream_schedule
+from tests.cv2_parity import reference_stream_schedule, tf32
 from tests.cv3_acoustic import parity_flow, parity_hift
 from tests.cv3_parity import metadata, vectors
 from tts_core.cosyvoice3.flow import CausalFlowDiT
@@ -307,22 +307,36 @@ def test_dit_cache_gives_the_same_stream_with_less_work(flow, hift, schedule, st
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda(schedule, nonstream_vec, stream_vec) -> None:
-    """On a GPU: same code path; end-to-end tolerances (TF32 convolutions, other kernels); the
-    stream cache stays bit-identical; the f0 predictor stays float64."""
+    """On a GPU: same code path; the stream cache stays bit-identical; the f0 predictor stays
+    float64. float32 with TF32 off: the README's end-to-end bounds (max 5e-2 and RMS 1e-2;
+    measured on an H200: max 9.8e-4, RMS 1.0e-4). With TF32 matmuls and convolutions the
+    vocoder, which turns mel noise of 1e-4 into 0.018 (README's table), lands outside them
+    (measured: max 0.25, RMS 0.023; cuDNN TF32 alone, torch's default, gave max 0.059): so
+    this precision is only held to a sanity bound, twice what was measured."""
     import copy
 
     flow = copy.deepcopy(parity_flow()).cuda()
     hift = copy.deepcopy(parity_hift()).cuda()
     assert hift.f0_predictor.classifier.weight.dtype == torch.float64
     v = {k: t.cuda() for k, t in nonstream_vec.items()}
-    wav = Token2Wav(flow, hift).synthesize(v["token"], v["prompt_token"], v["prompt_feat"],
-                                           v["embedding"])
-    assert wav.device.type == "cuda"
-    assert max_abs(wav.cpu(), nonstream_vec["wav"]) <= 5e-2  # README end-to-end tolerance
     s = {k: t.cuda() for k, t in stream_vec.items()}
-    streams = [run_stream(Token2Wav(flow, hift, schedule=schedule, dit_cache=cached), s)[0]
-               for cached in (True, False)]
-    assert all(torch.equal(a, b) for a, b in zip(*streams, strict=True))
-    streamed = torch.cat(streams[0], dim=1).cpu()
-    assert max_abs(streamed, stream_vec["wav"]) <= 5e-2
-    assert (streamed - stream_vec["wav"]).pow(2).mean().sqrt().item() <= 1e-2
+    report = []
+    for enabled in (False, True):
+        with tf32(enabled):
+            wav = Token2Wav(flow, hift).synthesize(v["token"], v["prompt_token"],
+                                                   v["prompt_feat"], v["embedding"])
+            streams = [run_stream(Token2Wav(flow, hift, schedule=schedule, dit_cache=cached),
+                                  s)[0] for cached in (True, False)]
+        assert wav.device.type == "cuda"
+        assert all(torch.equal(a, b) for a, b in zip(*streams, strict=True))
+        streamed = torch.cat(streams[0], dim=1).cpu()
+        errors = [max_abs(wav.cpu(), nonstream_vec["wav"]),
+                  (wav.cpu() - nonstream_vec["wav"]).pow(2).mean().sqrt().item(),
+                  max_abs(streamed, stream_vec["wav"]),
+                  (streamed - stream_vec["wav"]).pow(2).mean().sqrt().item()]
+        report.append(errors)
+        print(f"\nCUDA token2wav, TF32 {enabled}: whole max {errors[0]:.2e} RMS {errors[1]:.2e}; "
+              f"streamed max {errors[2]:.2e} RMS {errors[3]:.2e}")
+    strict, loose = report
+    assert max(strict[0], strict[2]) <= 5e-2 and max(strict[1], strict[3]) <= 1e-2, strict
+    assert max(loose[0], loose[2]) <= 0.5 and max(loose[1], loose[3]) <= 0.05, loose

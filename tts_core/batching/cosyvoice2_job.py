@@ -39,9 +39,14 @@ from tts_core.cosyvoice2.token2wav import (
 )
 
 from .lm_batch import BackboneLM
-from .scheduler import BatchScheduler
+from .scheduler import MAX_OUTPUT_BATCH, BatchScheduler
 
 _END = object()
+# Positions of one request's slot in the KV slab of a wide scheduler: prompt text, text,
+# prompt speech and speech tokens of one segment (a minute of speech is 1500 tokens). A longer
+# request moves to storage of its own and its batch steps one request at a time until it ends.
+# 25 MB per slot at the official size in bfloat16.
+SLAB_POSITIONS = 2048
 log = logging.getLogger(__name__)
 
 
@@ -78,19 +83,23 @@ class CosyVoice2Job:
                  stream: bool, speed: float = 1.0,
                  forced_tokens: Sequence[Sequence[int]] | None = None,
                  token_filter: Callable[[], Callable[[int], bool]] | None = None,
-                 prompt_cache: Any = None) -> None:
+                 prompt_cache: Any = None,
+                 new_cache: Callable[[], KVCache] | None = None) -> None:
         """``segments``: text ids per segment; ``forced_tokens`` instead gives the speech tokens
         of each segment directly (voice conversion: no LM at all). ``token_filter`` makes, per
         segment, a predicate saying which LM tokens go on to the vocoder (CosyVoice 3 thins
         long silences; the LM and its sampler still see every token). ``prompt_cache``: the
         flow's cache of a stored speaker's prompt (``Token2Wav.prompt_cache``), shared by every
-        segment's stream so the prompt's share of the flow is not computed again."""
+        segment's stream so the prompt's share of the flow is not computed again.
+        ``new_cache``: makes each segment's empty KV cache (the scheduler's
+        ``BackboneLM.new_cache``, which may hand out slab slots); default the backbone's."""
         self.lm, self.token2wav, self.voice = lm, token2wav, voice
         self._make_sampler = make_sampler
         self._token_filter = token_filter
         self._keep: Callable[[int], bool] | None = None
         self._generator = vocoder_generator
         self._prompt_cache = prompt_cache
+        self._new_cache = new_cache or lm.llm.model.model.new_cache
         self._cancel = cancel
         self._streaming = stream and speed == 1.0
         self._speed = speed
@@ -181,7 +190,7 @@ class CosyVoice2Job:
             parts.append(lm.embed_speech(self.voice.lm_prompt_tokens)[0])
         dtype = parts[0].dtype
         self._rows = torch.cat([p.to(dtype) for p in parts], dim=0)
-        self._cache = lm.llm.model.model.new_cache()
+        self._cache = self._new_cache()
         self._decoded = []
         self._sampler = self._make_sampler()
         self._keep = self._token_filter() if self._token_filter is not None else None
@@ -347,8 +356,15 @@ def run_outputs(jobs: Sequence[CosyVoice2Job]) -> list[BaseException | None]:
     return errors
 
 
-def make_scheduler(lm: CosyVoice2LM, max_batch: int) -> BatchScheduler:
-    """The scheduler of a CosyVoice 2 engine: its Qwen2 backbone with the speech head."""
+def make_scheduler(lm: CosyVoice2LM, max_batch: int, wide: bool = False) -> BatchScheduler:
+    """The scheduler of a CosyVoice 2 engine: its Qwen2 backbone with the speech head.
+
+    ``wide`` (a GPU, where a call costs about the same at any batch): the requests' KV caches
+    are slots of one slab, so a decode step covers them all with a few calls per layer
+    (``lm_batch``), and an output round solves every due stream's flow chunk together."""
     head = lm.llm_decoder
-    return BatchScheduler(BackboneLM(lm.llm.model.model, head, head.weight.dtype), max_batch,
-                          name="cosyvoice2-batch", run_outputs=run_outputs)
+    backbone = lm.llm.model.model
+    slab = backbone.new_slab(max_batch, SLAB_POSITIONS) if wide else None
+    return BatchScheduler(BackboneLM(backbone, head, head.weight.dtype, slab), max_batch,
+                          name="cosyvoice2-batch", run_outputs=run_outputs,
+                          max_output_batch=max_batch if wide else MAX_OUTPUT_BATCH)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tts_core.cosyvoice2.native_decode import native_decoder
-from tts_core.cosyvoice2.qwen2 import KVCache, Qwen2Model, rotary_cos_sin
+from tts_core.cosyvoice2.qwen2 import KVCache, KVSlab, Qwen2Model, rotary_cos_sin
 
 
 def batched_decode(backbone: Qwen2Model, rows: torch.Tensor,
@@ -70,6 +70,9 @@ def packed_forward(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
     native = native_decoder(backbone, x.shape[0]) if x.shape[0] == len(segments) else None
     if native is not None:  # decode rows of an int8 stack: one native call per layer
         return backbone.norm(native.forward(x, cos, sin, caches).to(dtype))
+    slab = _shared_slab(caches) if x.shape[0] == len(segments) >= SLAB_MIN_ROWS else None
+    if slab is not None:
+        return backbone.norm(_slab_decode(backbone, slab, x, cos, sin, caches, pasts))
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(hd)
@@ -108,6 +111,55 @@ def packed_forward(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
     return backbone.norm(x)
 
 
+# Decode rows from which a step over slab caches runs as one batch (_slab_decode); fewer go
+# through each request's slot one at a time, as other caches do. Measured on an H200 (bf16, full
+# size, scripts/bench_cuda.sh): the batched step won at 16 and 32 streams (throughput x1.65 and
+# x1.97) and lost at 1 and 4 (0.85x): its fixed calls (gathers, a masked attention) cost more
+# than a few rows' own calls.
+SLAB_MIN_ROWS = 8
+
+
+def _shared_slab(caches: Sequence[KVCache]) -> KVSlab | None:
+    """The slab holding every cache, each with room for one more position; else None."""
+    slab = caches[0].slab
+    if slab is None or any(c.slab is not slab or len(c) >= slab.capacity for c in caches):
+        return None
+    return slab
+
+
+def _slab_decode(backbone: Qwen2Model, slab: KVSlab, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, caches: Sequence[KVCache], pasts: list[int]
+                 ) -> torch.Tensor:
+    """One decode row per request, all of whose caches are slots of ``slab``: per layer, one
+    call writes every row's new key (and one its value) into its slot, one gathers the rows'
+    slots up to the longest request, and one attention call covers them all, each row masked
+    to its own length. Returns the hidden states [B, D] before the final norm."""
+    cfg = backbone.config
+    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rows, device = x.shape[0], x.device
+    for cache in caches:
+        cache.advance()
+    slots = torch.tensor([c.slot for c in caches], device=device)
+    written = torch.tensor(pasts, device=device)
+    span = max(pasts) + 1
+    visible = (torch.arange(span, device=device)[None, :] <= written[:, None])[:, None, None]
+    scale = 1.0 / math.sqrt(hd)
+    for layer in backbone.layers:
+        attn = layer.self_attn
+        qkv = attn.project_qkv(layer.input_layernorm(x)).view(rows, -1, hd)
+        q, k, v = attn.rotate_qkv(qkv, cos, sin)  # [B, heads | kv_heads, hd]
+        keys, values = slab.keys[attn.layer_index], slab.values[attn.layer_index]
+        keys[slots, :, written] = k.to(keys.dtype)
+        values[slots, :, written] = v.to(values.dtype)
+        # the group's query heads as query rows of their key/value head, as Qwen2Attention
+        out = F.scaled_dot_product_attention(
+            q.reshape(rows, kv_heads, heads // kv_heads, hd), keys[slots, :, :span],
+            values[slots, :, :span], attn_mask=visible, scale=scale)
+        x = x + attn.o_proj(out.reshape(rows, heads * hd))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x
+
+
 @dataclass
 class BackboneLM:
     """A speech LM as the scheduler sees it: a Qwen2 backbone plus an output head.
@@ -119,13 +171,16 @@ class BackboneLM:
     backbone: Qwen2Model
     head: Callable[[torch.Tensor], torch.Tensor]
     head_dtype: torch.dtype = torch.float32
+    # Where new caches take their storage (:meth:`new_cache`): None, each its own.
+    slab: KVSlab | None = None
 
     @property
     def max_positions(self) -> int:
         return self.backbone.config.max_position_embeddings
 
     def new_cache(self) -> KVCache:
-        return self.backbone.new_cache()
+        """A request's empty cache: a slot of :attr:`slab` while one is free."""
+        return self.backbone.new_cache(self.slab)
 
     @torch.inference_mode()
     def decode(self, rows: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:

@@ -55,9 +55,11 @@ URGENT_LEAD_SECONDS = 0.6
 # by then, so their flow chunks are solved together (streams that started a few steps apart
 # would otherwise never be due in the same step): at most ~0.25 s of audio worth of tokens.
 GATHER_STEPS = 6
-# At most this many jobs' output steps in one round: packing more wins little (the flow's
-# packed run is 1.37x faster than one stream at a time at 4 streams, 1.53x at 8, float32) while
-# a round holds every stream's decoding and grows that many flow caches at once.
+# At most this many jobs' output steps in one round on a CPU: packing more wins little there
+# (the flow's packed run is 1.37x faster than one stream at a time at 4 streams, 1.53x at 8,
+# float32) while a round holds every stream's decoding and grows that many flow caches at once.
+# On a GPU a round costs about its calls' launches whatever its width: there the engine lets
+# every due stream in (``max_output_batch``).
 MAX_OUTPUT_BATCH = 4
 
 
@@ -148,14 +150,19 @@ class BatchScheduler:
 
     def __init__(self, lm: BackboneLM, max_batch: int,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, name: str = "batch-scheduler",
-                 run_outputs: OutputBatch | None = None):
+                 run_outputs: OutputBatch | None = None,
+                 max_output_batch: int = MAX_OUTPUT_BATCH):
         """``run_outputs``: runs one output step of each of several jobs together, returning
         each job's error or None (CosyVoice 2 solves their flow chunks in one estimator call
-        per step); without it each job's ``run_output`` runs in turn."""
+        per step); without it each job's ``run_output`` runs in turn. ``max_output_batch``:
+        the most jobs in one output round (see MAX_OUTPUT_BATCH)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if max_output_batch < 1:
+            raise ValueError(f"max_output_batch must be >= 1, got {max_output_batch}")
+        self.max_output_batch = max_output_batch
         self.lm = lm
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -287,7 +294,7 @@ class BatchScheduler:
         # While a newcomer waits for its first audio, streams with audio buffered wait a step.
         chosen = [entry for rank, _, entry in due
                   if not waiting_first or rank[0] == 0 or rank[1] < URGENT_LEAD_SECONDS]
-        chosen = chosen[:MAX_OUTPUT_BATCH]  # the most urgent; the rest go next step
+        chosen = chosen[:self.max_output_batch]  # the most urgent; the rest go next step
         if not chosen:
             return
         if self.run_outputs is not None and self._held < GATHER_STEPS \

@@ -284,7 +284,9 @@ class CosyVoice2Engine:
         if max_batch > 1:
             from ..batching.cosyvoice2_job import make_scheduler
 
-            self.scheduler = make_scheduler(models.lm, max_batch)
+            # A GPU step costs its calls' launches more than their width: batch wide there.
+            self.scheduler = make_scheduler(models.lm, max_batch,
+                                            wide=models.device.type == "cuda")
         # Streaming: the LM decodes in a thread of its own while the request's thread runs the
         # flow and the vocoder on the tokens it has (see _pipelined).
         self.pipeline = pipeline
@@ -827,7 +829,8 @@ class CosyVoice2Engine:
         job = CosyVoice2Job(self.models.lm, self.token2wav, voice, segments,
                             lambda: self._sampler(randomness), randomness.vocoder, cancel,
                             stream=request.stream, speed=request.speed, forced_tokens=tokens,
-                            token_filter=self._vocoder_token_filter, prompt_cache=prompt_cache)
+                            token_filter=self._vocoder_token_filter, prompt_cache=prompt_cache,
+                            new_cache=self.scheduler.lm.new_cache)
         self.scheduler.submit(job)
         yield from job.chunks()
 

@@ -12,6 +12,8 @@ no per-request state, so one model can serve several requests from several threa
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -133,17 +135,63 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
+class KVSlab:
+    """Key/value storage for up to ``slots`` requests: per layer one tensor [slots, kv_heads,
+    capacity, head_dim], so that a decode step of many requests writes all their new keys with
+    one call per layer and reads all their caches with another (see
+    ``tts_core.batching.lm_batch``), where per-request caches take a few calls per request and
+    layer. On a GPU, where each call costs its launch whatever its size, that is most of a
+    batched decode step's time.
+
+    A :class:`KVCache` made with a slab takes a free slot (none free: it keeps storage of its
+    own) and gives it back when it is garbage; a request outgrowing ``capacity`` positions
+    moves its rows to storage of its own. Zero-filled, so that rows past a request's length,
+    which a batched step masks out, are always finite (a NaN there would survive the mask).
+    """
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, capacity: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_layers, slots, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self._free = list(range(slots - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give_back(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
 class KVCache:
     """Keys and values of every layer for one request, grown in place.
 
     Storage is over-allocated (doubling) so a decode step writes into a slice instead of
-    concatenating the whole history again.
+    concatenating the whole history again; or, made with a :class:`KVSlab`, it is the request's
+    slot of the slab until it outgrows it.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, slab: KVSlab | None = None) -> None:
         self._keys: list[torch.Tensor | None] = [None] * num_layers
         self._values: list[torch.Tensor | None] = [None] * num_layers
         self._lengths = [0] * num_layers
+        self.slab: KVSlab | None = None
+        self.slot = -1
+        if slab is not None:
+            slot = slab.take()
+            if slot is not None:
+                self.slab, self.slot = slab, slot
+                self._keys = [slab.keys[layer, slot:slot + 1] for layer in range(num_layers)]
+                self._values = [slab.values[layer, slot:slot + 1] for layer in range(num_layers)]
+                self._release = weakref.finalize(self, slab.give_back, slot)
 
     def __len__(self) -> int:
         """Number of cached positions (the position index of the next input)."""
@@ -151,7 +199,8 @@ class KVCache:
 
     def clone(self) -> KVCache:
         """An independent copy with the same storage layout (capacity included), so a request
-        continuing from the copy computes exactly what it would from the original."""
+        continuing from the copy computes exactly what it would from the original. (A copy of
+        a slab cache has storage of its own, of the slot's shape.)"""
         copy = KVCache(len(self._keys))
         copy._keys = [None if k is None else k.clone() for k in self._keys]
         copy._values = [None if v is None else v.clone() for v in self._values]
@@ -162,10 +211,28 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values)
                    if t is not None)
 
+    def _leave_slab(self) -> None:
+        """Move every layer's rows to storage of its own and give the slot back."""
+        self._keys = [k.clone() for k in self._keys]  # type: ignore[union-attr]
+        self._values = [v.clone() for v in self._values]  # type: ignore[union-attr]
+        self.slab, self.slot = None, -1
+        self._release()
+
+    def advance(self) -> list[int]:
+        """Count one more position on every layer of a slab cache (a batched decode step writes
+        its keys and values into the slab itself); returns the index it takes on each layer.
+        The caller checks first that the slot has room (``len(cache) < slab.capacity``)."""
+        assert self.slab is not None and len(self) < self.slab.capacity
+        starts = list(self._lengths)
+        self._lengths = [n + 1 for n in starts]
+        return starts
+
     def _reserve(self, layer: int, end: int, like: torch.Tensor, shape: tuple[int, int, int]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's key and value storage with room for ``end`` positions (grown by
         doubling, the cached ones copied over); ``shape``: (batch, kv heads, head_dim)."""
+        if self.slab is not None and end > self.slab.capacity:
+            self._leave_slab()
         keys, values = self._keys[layer], self._values[layer]
         if keys is None or values is None or end > keys.shape[2]:
             capacity = max(end, 2 * (keys.shape[2] if keys is not None else 0), 64)
@@ -306,8 +373,14 @@ class Qwen2Model(nn.Module):
             Qwen2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
+    def new_cache(self, slab: KVSlab | None = None) -> KVCache:
+        return KVCache(self.config.num_hidden_layers, slab)
+
+    def new_slab(self, slots: int, capacity: int) -> KVSlab:
+        """A :class:`KVSlab` for this stack's keys/values (its weights' dtype and device)."""
+        cfg, weight = self.config, self.embed_tokens.weight
+        return KVSlab(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, capacity,
+                      cfg.head_dim, weight.dtype, weight.device)
 
     def forward(self, inputs_embeds: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Run the stack on embeddings [B, L, D] placed after the cached positions.
