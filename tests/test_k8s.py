@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from gateway.k8s import ENGINE, GRPC_PORT, K8sOptions, engine_address, manifests, render
+from service import limits
 from service.options import parse_server_options
 from tests.replicas import REPO_ROOT
 
@@ -56,6 +57,10 @@ def _file_objects(name: str) -> list[dict]:
     return list(yaml.safe_load_all((K8S_DIR / name).read_text()))
 
 
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
 def test_engine_probes_gpu_secret_and_scrape_annotations() -> None:
     deployment, service = _file_objects("engine.yaml")
     pod = deployment["spec"]["template"]
@@ -78,6 +83,12 @@ def test_engine_probes_gpu_secret_and_scrape_annotations() -> None:
     gpu = _objects(K8sOptions(gpus=1))[1]["spec"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "cuda" in gpu["command"]
+    # a GPU pod batches (the wide scheduler); the CPU pod and an embedded GPU pod do not
+    assert _flag(gpu["command"], "--max-batch") == str(limits.GPU_MAX_BATCH)
+    assert _flag(container["command"], "--max-batch") == "1"
+    embedded = _objects(K8sOptions(gpus=1, model_subdir=None))[1]
+    assert _flag(embedded["spec"]["template"]["spec"]["containers"][0]["command"],
+                 "--max-batch") == "1"
 
 
 def test_gateway_resolves_the_headless_service_through_gateway_only_mode() -> None:
