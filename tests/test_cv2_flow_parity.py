@@ -277,6 +277,7 @@ def test_cuda(nonstream: dict[str, torch.Tensor]) -> None:
     solver steps, 3.8e-3 measured there, so 1e-2. float16: within the reduced-precision bound."""
     v = nonstream
     model = load_model_dir(parity_dir(), device="cuda", require_frontend=False).flow
+    assert not torch.backends.cudnn.allow_tf32  # the loader turns it off (model_dir.py)
     errors = {}
     for enabled in (False, True):
         with tf32(enabled):

@@ -258,6 +258,12 @@ def _assemble(models_class: type[_Models], root: Path, cfg: dict[str, Any],
     # The vocoder is built in float32 and stays so (CosyVoice 3's f0 predictor in float64: a
     # dtype cast here would round its folded weights).
     hift.to(device=device).eval()
+    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        # torch runs cuDNN convolutions in TF32 (10-bit products) unless told otherwise, and
+        # the vocoder is mostly convolutions: on an H200 that moved the CosyVoice 3 parity wave
+        # by up to 0.059, past the reference's 0.05 (float32 proper: 9.8e-4). Process-wide.
+        torch.backends.cudnn.allow_tf32 = False
+        log.info("cuDNN TF32 convolutions turned off: the vocoder runs in float32 proper")
 
     spk2info = {}
     if (root / "spk2info.pt").is_file():
