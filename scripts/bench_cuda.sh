@@ -7,12 +7,14 @@
 # and ../shared as CI has it (or $SHARED_DIR: audio/ and the parity directories). In order, so that a broken CUDA path costs seconds, not minutes:
 #   1. a smoke run of the concurrency benchmark on a tiny random directory (1 and 4 streams);
 #   2. the full-size random directory made in MODEL_DIR (default /tmp/cv2-full) if missing;
-#   3. the CUDA tests (flow parity of CosyVoice 2, token2wav parity of CosyVoice 3; their
-#      errors printed, with TF32 off and on);
+#   3. the CUDA tests (flow parity of CosyVoice 2, token2wav parity of CosyVoice 3, their
+#      errors printed with TF32 off and on; the decode step's CUDA graphs against the eager
+#      per-request step);
 #   4. scripts/bench_cv2_concurrency.py on it through the real gRPC server at 1, 4, 16 and 32
-#      streams in the default CUDA precision (bfloat16), 100 forced tokens (4 s) per stream,
-#      the scheduler as it runs on a CPU ("narrow") and as it runs on a GPU ("wide") side by
-#      side; FLOAT32=1 adds the wide one in float32 at 1 and 32 streams.
+#      streams in the default CUDA precision (bfloat16), 100 forced tokens (4 s) per stream:
+#      the wide scheduler and the wide scheduler with CUDA graphs (TTS_CUDA_GRAPHS=1) side by
+#      side (NARROW=1 adds the scheduler as it runs on a CPU); FLOAT32=1 adds the wide one in
+#      float32 at 1 and 32 streams.
 # Every log goes to OUT_DIR (default /tmp/cuda-bench).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -55,9 +57,12 @@ from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir
 make_model_dir(Path('$model'), 'full', seed=0)" || exit 1
 fi
 step cuda_tests 150 $py -m pytest -q -s -p no:cacheprovider \
-    tests/test_cv2_flow_parity.py::test_cuda tests/test_cv3_token2wav_parity.py::test_cuda
-step bench_auto 400 $py "${bench[@]}" --model-dir "$model" --precision auto \
-    --streams 1,4,16,32 --tokens 100 --rounds 2 --compare-narrow
+    tests/test_cv2_flow_parity.py::test_cuda tests/test_cv3_token2wav_parity.py::test_cuda \
+    tests/test_cv2_kv_slab.py::test_cuda_graph_replay_equals_each_request_alone
+compare=(--compare-graphs)
+[ "${NARROW:-0}" = 1 ] && compare+=(--compare-narrow)
+step bench_auto 450 $py "${bench[@]}" --model-dir "$model" --precision auto \
+    --streams 1,4,16,32 --tokens 100 --rounds 2 "${compare[@]}"
 if [ "${FLOAT32:-0}" = 1 ]; then
     step bench_float32 200 $py "${bench[@]}" --model-dir "$model" --precision float32 \
         --streams 1,32 --tokens 100 --rounds 1

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from service.gen.cosyvoice.v1 import tts_pb2, tts_pb2_grpc  # noqa: E402
 from service.server import start_server  # noqa: E402
 from tts_core.allocator import tune_allocator  # noqa: E402
+from tts_core.batching.cuda_graphs import ENV_SWITCH  # noqa: E402
 from tts_core.batching.scheduler import MAX_OUTPUT_BATCH  # noqa: E402
 from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E402
 from tts_core.cosyvoice2.model_dir import load_model_dir  # noqa: E402
@@ -250,6 +251,9 @@ def main() -> int:
                         help="on a GPU, also measure the scheduler as it runs on a CPU (each "
                              "request's own KV cache, at most MAX_OUTPUT_BATCH streams per "
                              "output round): the wide scheduler's gain, side by side")
+    parser.add_argument("--compare-graphs", action="store_true",
+                        help="on a GPU, also measure the wide scheduler with its decode step "
+                             "replayed as CUDA graphs (TTS_CUDA_GRAPHS=1)")
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     torch.set_num_threads(args.threads)
@@ -282,18 +286,26 @@ def main() -> int:
     wide = " (wide: KV slab, every due stream per output round)" if models.device.type == \
         "cuda" else ""
     settings = [(f"batch scheduler, max_batch {most}, flow batched across streams{wide}", most,
-                 True, False)]
+                 True, False, False)]
+    if args.compare_graphs:
+        settings.append((f"batch scheduler, max_batch {most}, wide, decode step as CUDA graphs",
+                         most, True, False, True))
     if args.compare_narrow:
         settings.insert(0, (f"batch scheduler, max_batch {most}, narrow (per-request KV caches, "
                             f"at most {MAX_OUTPUT_BATCH} streams per output round)", most, True,
-                            True))
+                            True, False))
     if args.compare_flow:
         settings.insert(0, (f"batch scheduler, max_batch {most}, flow one stream at a time",
-                            most, False, False))
+                            most, False, False, False))
     if args.baseline:
-        settings.insert(0, ("thread per request, max_concurrent 2 (before)", 1, False, False))
-    for label, max_batch, batch_flow, narrow in settings:
+        settings.insert(0, ("thread per request, max_concurrent 2 (before)", 1, False, False,
+                            False))
+    for label, max_batch, batch_flow, narrow, graphs in settings:
+        os.environ[ENV_SWITCH] = "1" if graphs else "0"
         engine = BenchEngine(models, seed=1, max_batch=max_batch)
+        if graphs and (engine.scheduler is None or engine.scheduler.lm.graphs is None):
+            print(f"\n{label}: no graphs were made (see the log); skipped")
+            continue
         if engine.scheduler is not None and not batch_flow:
             engine.scheduler.run_outputs = None
         if engine.scheduler is not None and narrow:

@@ -35,6 +35,7 @@ from tests.test_cv2_batching import (
 )
 from tts_core.batching import lm_batch
 from tts_core.batching.cosyvoice2_job import make_scheduler
+from tts_core.batching.cuda_graphs import DecodeGraphs, buckets
 from tts_core.batching.lm_batch import BackboneLM, batched_decode
 from tts_core.batching.scheduler import BatchScheduler
 from tts_core.cosyvoice2.llm import CosyVoice2LM
@@ -127,12 +128,14 @@ def test_no_free_slot_gives_a_cache_of_its_own() -> None:
     assert slab.free_slots() == 1
 
 
-def run_wide(model: CosyVoice2LM, jobs: list[TeacherJob], capacity: int) -> BatchScheduler:
-    """The teacher jobs on a scheduler whose BackboneLM hands out slab slots."""
+def run_wide(model: CosyVoice2LM, jobs: list[TeacherJob], capacity: int,
+             graphs: DecodeGraphs | None = None) -> BatchScheduler:
+    """The teacher jobs on a scheduler whose BackboneLM hands out slab slots (``graphs``'s
+    slab and fixed-shape steps, if given)."""
     backbone = model.llm.model.model
-    slab = backbone.new_slab(len(jobs), capacity)
-    scheduler = BatchScheduler(BackboneLM(backbone, model.llm_decoder, slab=slab), len(jobs),
-                               prefill_chunk=64)
+    slab = graphs.slab if graphs is not None else backbone.new_slab(len(jobs), capacity)
+    lm_ = graphs.lm if graphs is not None else BackboneLM(backbone, model.llm_decoder, slab=slab)
+    scheduler = BatchScheduler(lm_, len(jobs), prefill_chunk=64)
     for job in jobs:
         job.cache = scheduler.lm.new_cache()
     try:
@@ -200,3 +203,108 @@ def test_wide_engine_gives_the_audio_of_each_request_alone(engines, prompt: Audi
     finally:
         batched.scheduler.close()
         batched.scheduler = narrow
+
+
+# ------------------------------------------------------------ the fixed-shape (CUDA graph) step
+
+
+def test_buckets() -> None:
+    assert buckets(1) == [1] and buckets(5) == [1, 2, 4, 5] and buckets(8) == [1, 2, 4, 8]
+
+
+@torch.no_grad()
+def test_fixed_shape_step_equals_each_request_alone(lm: CosyVoice2LM) -> None:  # noqa: F811
+    """The step a CUDA graph records (here run eagerly): 3 requests in the 4-row bucket (one
+    padding row on the scratch slot), every row over the slot's whole capacity, masked: the
+    per-request path's log-probabilities within BATCH_LOGP_ATOL, and the slab keys it wrote."""
+    backbone = lm.llm.model.model
+    plain = BackboneLM(backbone, lm.llm_decoder)
+    slab = backbone.new_slab(5, 96)
+    fixed = BackboneLM(backbone, lm.llm_decoder, slab=slab)
+    fixed.graphs = DecodeGraphs(fixed, slab, 5)
+    assert not fixed.graphs.captured and fixed.graphs.buckets == [1, 2, 4, 5]
+    gen = torch.Generator().manual_seed(3)
+    d = backbone.config.hidden_size
+    alone, in_slab = [], []
+    for n in (3, 17, 40):
+        p = torch.randn(1, n, d, generator=gen)
+        for caches, model in ((alone, plain), (in_slab, fixed)):
+            cache = model.new_cache()
+            backbone(p, cache)
+            caches.append(cache)
+    calls = []
+    step = fixed.graphs._step
+    fixed.graphs._step = lambda rows: calls.append(rows) or step(rows)
+    diffs = []
+    for i in range(6):
+        count = 3 if i % 2 == 0 else 2  # the 4-row and the 2-row bucket
+        rows = torch.randn(count, d, generator=gen)
+        got = fixed.decode(rows, in_slab[:count])
+        want = plain.decode(rows, alone[:count])
+        diffs.append(float((got - want).abs().max()))
+    assert calls == [4, 2] * 3
+    assert max(diffs) <= BATCH_LOGP_ATOL, diffs
+    assert [len(c) for c in in_slab] == [len(c) for c in alone] == [9, 23, 43]
+    for a, b in zip(alone, in_slab, strict=True):
+        for layer in range(len(a._keys)):
+            torch.testing.assert_close(b._keys[layer][:, :, :len(b)],
+                                       a._keys[layer][:, :, :len(a)],
+                                       atol=BATCH_LOGP_ATOL, rtol=0)
+
+
+def test_scheduler_with_fixed_shape_steps_teacher_forced(lm: CosyVoice2LM,  # noqa: F811
+                                                         requests,  # noqa: F811
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """make_scheduler with TTS_CUDA_GRAPHS=1 (on a CPU: the fixed-shape step run eagerly):
+    teacher-forced jobs with interleaved starts give the sequential path's numbers."""
+    monkeypatch.setenv("TTS_CUDA_GRAPHS", "1")
+    scheduler = make_scheduler(lm, len(requests), wide=True)
+    scheduler.close()
+    graphs = scheduler.lm.graphs
+    assert graphs is not None and not graphs.captured
+    jobs = [TeacherJob(lm, prompt_rows(lm, t, pt, ps), f, start_step=3 * i)
+            for i, (t, pt, ps, f) in enumerate(requests)]
+    sizes = []
+    step = graphs._step
+    monkeypatch.setattr(graphs, "_step", lambda rows: sizes.append(rows) or step(rows))
+    scheduler = run_wide(lm, jobs, 2048, graphs=graphs)
+    assert scheduler.stats.peak_batch == len(jobs) and len(sizes) >= scheduler.stats.steps // 2
+    for job, (t, pt, ps, f) in zip(jobs, requests, strict=True):
+        assert job.error is None and job.out == f
+        assert max_diff(job.logps, sequential_logps(lm, t, pt, ps, f)) <= BATCH_LOGP_ATOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_graph_replay_equals_each_request_alone() -> None:
+    """On a GPU: the captured graphs (float32, TF32 off) against the eager per-request path on
+    the same GPU, 3 requests in the 4-row bucket then 2 in the 2-row one, a few steps each."""
+    import copy
+
+    model = copy.deepcopy(parity_models().lm).cuda()
+    backbone = model.llm.model.model
+    plain = BackboneLM(backbone, model.llm_decoder)
+    slab = backbone.new_slab(4, 128)
+    fixed = BackboneLM(backbone, model.llm_decoder, slab=slab)
+    fixed.graphs = DecodeGraphs(fixed, slab, 4)
+    assert fixed.graphs.captured
+    gen = torch.Generator().manual_seed(4)
+    d = backbone.config.hidden_size
+    alone, in_slab = [], []
+    for n in (3, 17, 40):
+        p = torch.randn(1, n, d, generator=gen).cuda()
+        for caches, lm_ in ((alone, plain), (in_slab, fixed)):
+            cache = lm_.new_cache()
+            backbone(p, cache)
+            caches.append(cache)
+    diffs = []
+    for i in range(8):
+        count = 3 if i < 4 else 2
+        rows = torch.randn(count, d, generator=gen).cuda()
+        got = fixed.decode(rows, in_slab[:count])
+        want = plain.decode(rows, alone[:count])
+        diffs.append(float((got - want).abs().max()))
+    print(f"\nCUDA graph decode, max log-prob difference per step: {max(diffs):.2e}")
+    assert max(diffs) <= 1e-3, diffs  # float32 kernels of other shapes (padded, masked)
+    assert [len(c) for c in in_slab] == [len(c) for c in alone] == [7, 25, 48]

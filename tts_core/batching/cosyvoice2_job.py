@@ -38,6 +38,7 @@ from tts_core.cosyvoice2.token2wav import (
     solve_chunks,
 )
 
+from .cuda_graphs import DecodeGraphs, graphs_requested
 from .lm_batch import BackboneLM
 from .scheduler import MAX_OUTPUT_BATCH, BatchScheduler
 
@@ -365,6 +366,12 @@ def make_scheduler(lm: CosyVoice2LM, max_batch: int, wide: bool = False) -> Batc
     head = lm.llm_decoder
     backbone = lm.llm.model.model
     slab = backbone.new_slab(max_batch, SLAB_POSITIONS) if wide else None
-    return BatchScheduler(BackboneLM(backbone, head, head.weight.dtype, slab), max_batch,
-                          name="cosyvoice2-batch", run_outputs=run_outputs,
+    backbone_lm = BackboneLM(backbone, head, head.weight.dtype, slab)
+    if slab is not None and graphs_requested():
+        try:
+            backbone_lm.graphs = DecodeGraphs(backbone_lm, slab, max_batch)
+        except Exception:  # noqa: BLE001 - an opt-in speed-up: the eager step still works
+            log.exception("CUDA graphs of the decode step failed; decoding eagerly")
+    return BatchScheduler(backbone_lm, max_batch, name="cosyvoice2-batch",
+                          run_outputs=run_outputs,
                           max_output_batch=max_batch if wide else MAX_OUTPUT_BATCH)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,15 +135,25 @@ def _slab_decode(backbone: Qwen2Model, slab: KVSlab, x: torch.Tensor, cos: torch
     call writes every row's new key (and one its value) into its slot, one gathers the rows'
     slots up to the longest request, and one attention call covers them all, each row masked
     to its own length. Returns the hidden states [B, D] before the final norm."""
-    cfg = backbone.config
-    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    rows, device = x.shape[0], x.device
+    device = x.device
     for cache in caches:
         cache.advance()
     slots = torch.tensor([c.slot for c in caches], device=device)
     written = torch.tensor(pasts, device=device)
-    span = max(pasts) + 1
-    visible = (torch.arange(span, device=device)[None, :] <= written[:, None])[:, None, None]
+    return slab_layers(backbone, slab, x, cos, sin, slots, written, max(pasts) + 1)
+
+
+def slab_layers(backbone: Qwen2Model, slab: KVSlab, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, slots: torch.Tensor, written: torch.Tensor, span: int
+                ) -> torch.Tensor:
+    """The decoder layers for one row per slot: row i's key and value go to position
+    ``written[i]`` of slot ``slots[i]``, and it attends over that slot's first ``span``
+    positions, masked to ``0..written[i]``. Tensor operations only, on shapes fixed by the row
+    count and ``span``: a CUDA graph can replay it. Returns hidden states [B, D] (no norm)."""
+    cfg = backbone.config
+    heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rows = x.shape[0]
+    visible = (torch.arange(span, device=x.device)[None, :] <= written[:, None])[:, None, None]
     scale = 1.0 / math.sqrt(hd)
     for layer in backbone.layers:
         attn = layer.self_attn
@@ -173,6 +184,8 @@ class BackboneLM:
     head_dtype: torch.dtype = torch.float32
     # Where new caches take their storage (:meth:`new_cache`): None, each its own.
     slab: KVSlab | None = None
+    # Decode steps of slab caches through fixed buffers (cuda_graphs.DecodeGraphs), or None.
+    graphs: Any = None
 
     @property
     def max_positions(self) -> int:
@@ -185,6 +198,8 @@ class BackboneLM:
     @torch.inference_mode()
     def decode(self, rows: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """One row per request -> float32 log-probabilities [B, V]."""
+        if self.graphs is not None and self.graphs.fits(caches):
+            return self.graphs.decode(rows, caches)
         hidden = batched_decode(self.backbone, rows, caches)
         return self.head(hidden.to(self.head_dtype)).float().log_softmax(dim=-1)
 
