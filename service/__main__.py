@@ -43,12 +43,13 @@ async def serve(args: ServerOptions) -> None:
     log.info("loading engine %s", args.engine_name)
     load_started = time.perf_counter()
     # With a batch scheduler, admission follows its capacity: max_batch running, then the queue.
-    max_concurrent = args.max_batch if args.max_batch > 1 else args.max_concurrent
+    max_batch = args.resolved_max_batch()
+    max_concurrent = max_batch if max_batch > 1 else args.max_concurrent
     engine = await asyncio.to_thread(create_engine, args.engine_name, model_dir=args.model_dir,
                                      threads=args.threads, device=args.device,
                                      state_dir=state_dir,
                                      first_chunk_tokens=args.first_chunk_tokens,
-                                     precision=args.precision, max_batch=args.max_batch,
+                                     precision=args.precision, max_batch=max_batch,
                                      flow_cache_memory=args.flow_cache_memory,
                                      # the syntheses that share the flow cache memory
                                      concurrent_streams=max_concurrent)
@@ -62,7 +63,7 @@ async def serve(args: ServerOptions) -> None:
     log.info("serving engine %s (%d Hz, modes: %s) on %s:%d, max_concurrent=%d max_queue=%d "
              "max_batch=%d", caps.engine, caps.sample_rate,
              ", ".join(sorted(m.value for m in caps.modes)), args.grpc_host, running.port,
-             max_concurrent, args.max_queue, args.max_batch)
+             max_concurrent, args.max_queue, max_batch)
     METRICS.watch_queue(lambda: running.synthesizer.counters.queued)
     occupancy = getattr(engine, "batch_occupancy", None)
     if occupancy is not None:

@@ -18,7 +18,7 @@ from service import limits
 from service.auth import ENV_KEYS
 from service.logs import LOG_FORMATS
 from tts_core.memory import parse_size
-from tts_core.registry import ENGINE_NAMES, PRECISIONS
+from tts_core.registry import ENGINE_NAMES, PRECISIONS, runs_on_gpu
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ServerOptions:
     grpc_port: int = 50051
     max_concurrent: int = limits.DEFAULT_MAX_CONCURRENT
     max_queue: int = limits.DEFAULT_MAX_QUEUE
-    max_batch: int = limits.DEFAULT_MAX_BATCH
+    max_batch: int | None = None  # None: see resolved_max_batch
     flow_cache_memory: int | None = None  # bytes; None: the engine's default
     api_key_file: Path | None = None
     state_dir: Path | None = None
@@ -51,6 +51,16 @@ class ServerOptions:
         """The engine to run: ``engine``, else ``auto`` (CosyVoice 2 or 3, from the directory)
         when a model directory is given, else ``embedded``."""
         return self.engine or ("auto" if self.model_dir is not None else "embedded")
+
+    def resolved_max_batch(self) -> int:
+        """``max_batch``, else the default for where the engine runs: GPU_MAX_BATCH for a
+        CosyVoice engine on a GPU (a GPU serves many streams only through the batch
+        scheduler), DEFAULT_MAX_BATCH (no scheduler) elsewhere."""
+        if self.max_batch is not None:
+            return self.max_batch
+        if runs_on_gpu(self.engine_name, self.model_dir, self.device):
+            return limits.GPU_MAX_BATCH
+        return limits.DEFAULT_MAX_BATCH
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ServerOptions:
@@ -102,7 +112,9 @@ _OPTIONS = (
             "RESOURCE_EXHAUSTED (HTTP 503)", int),
     _Option("max_batch", ("--max-batch",), "cosyvoice2/3 engines: requests one batch scheduler "
             "steps together (1: none, each synthesis on its own thread); above 1 it replaces "
-            "--max-concurrent as the number of syntheses running at once", int),
+            "--max-concurrent as the number of syntheses running at once (default: "
+            f"{limits.GPU_MAX_BATCH} for a CosyVoice engine on a GPU, else "
+            f"{limits.DEFAULT_MAX_BATCH})", int),
     _Option("flow_cache_memory", ("--flow-cache-memory",), "cosyvoice2/3 engines: memory the "
             "flow stream caches of all syntheses running at once may hold together, e.g. 8G, "
             "512M or bytes; each of the --max-batch (else --max-concurrent) streams gets an equal "

@@ -36,6 +36,18 @@ def detect_engine(model_dir: Path) -> str:
                      "cosyvoice2.yaml (CosyVoice 2, e.g. CosyVoice2-0.5B)")
 
 
+def runs_on_gpu(name: str, model_dir: Path | None, device: str) -> bool:
+    """Whether engine ``name`` would run on a GPU for ``device`` ("auto": when torch sees one;
+    only the CosyVoice engines use one, and torch is imported only for them)."""
+    if name == "embedded" or (name == "auto" and model_dir is None):
+        return False
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
+
+
 def create_engine(name: str, *, model_dir: Path | None = None, threads: int | None = None,
                   device: str = "auto", state_dir: Path | None = None,
                   first_chunk_tokens: int | None = None, precision: str = "auto",

@@ -4,7 +4,10 @@ Decoding one token is memory-bound: each step reads every weight once, whatever 
 rows multiplied by it. So the row-wise work of all decoding requests (norms, q/k/v projections,
 attention output projection, MLP, speech head) runs as one [B, D] matrix, and only attention,
 the one part that depends on each request's history, runs per request against that request's
-own :class:`KVCache` (each of its own length, no padding).
+own :class:`KVCache` (each of its own length, no padding). On a GPU, where each of those
+per-request calls costs a kernel launch, the caches are slots of one :class:`KVSlab` and a step
+of ``SLAB_MIN_ROWS`` or more requests attends for all of them in one call, each row masked to its
+own length (:func:`slab_layers`; ``cuda_graphs`` replays it as a CUDA graph).
 
 The step reads the weights through the backbone's own modules (``layer.self_attn.project_qkv`` ...)
 and calls them, so it keeps working when those Linear layers are cast to bfloat16 or replaced by
