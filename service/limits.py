@@ -39,7 +39,8 @@ DEFAULT_MAX_QUEUE = 4
 # Requests the cosyvoice2 engine's batch scheduler decodes together (1: no scheduler, each
 # synthesis on its own thread). Above 1 it is also the number of syntheses running at once.
 DEFAULT_MAX_BATCH = 1
-# What generated GPU deployments (gateway/k8s.py --gpus) give a CosyVoice engine: on an H200,
+# --max-batch of a CosyVoice engine on a GPU unless given (ServerOptions.resolved_max_batch;
+# generated GPU deployments, gateway/k8s.py --gpus, write it out): on an H200,
 # bfloat16, the wide scheduler made 5.4 audio seconds a second at 16 streams and 7.3 at 32, but
 # 32 streams each waited 4-4.5 s for first audio against 2.0-2.3 s at 16 (README, cosyvoice2).
 GPU_MAX_BATCH = 16
