@@ -131,19 +131,34 @@ def _shared_slab(caches: Sequence[KVCache]) -> KVSlab | None:
     return slab
 
 
+# A batched slab step's shapes are padded to few distinct ones: rows to a power of two (the
+# padding rows write into the slab's scratch slot) and the attended span to a multiple of
+# SLAB_SPAN_STEP positions (masked). A GPU library may prepare work per new shape (attention
+# backends choose kernels, some build plans), and a step whose shapes change with every token
+# would pay that on every step: on an H200 the first run of this step took ~5x as long at one
+# stream as the per-request path, whose shapes its warm-up had already seen.
+SLAB_SPAN_STEP = 128
+
+
 def _slab_decode(backbone: Qwen2Model, slab: KVSlab, x: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, caches: Sequence[KVCache], pasts: list[int]
                  ) -> torch.Tensor:
     """One decode row per request, all of whose caches are slots of ``slab``: per layer, one
     call writes every row's new key (and one its value) into its slot, one gathers the rows'
-    slots up to the longest request, and one attention call covers them all, each row masked
-    to its own length. Returns the hidden states [B, D] before the final norm."""
-    device = x.device
+    slots, and one attention call covers them all, each row masked to its own length (shapes
+    padded, see SLAB_SPAN_STEP). Returns the hidden states [B, D] before the final norm."""
+    count, device = x.shape[0], x.device
     for cache in caches:
         cache.advance()
-    slots = torch.tensor([c.slot for c in caches], device=device)
-    written = torch.tensor(pasts, device=device)
-    return slab_layers(backbone, slab, x, cos, sin, slots, written, max(pasts) + 1)
+    pad = (1 << (count - 1).bit_length()) - count
+    slots = torch.tensor([c.slot for c in caches] + [slab.scratch] * pad, device=device)
+    written = torch.tensor(pasts + [0] * pad, device=device)
+    if pad:
+        x = torch.cat((x, x.new_zeros(pad, x.shape[1])))
+        cos = torch.cat((cos, cos[:1].expand(pad, *cos.shape[1:])))
+        sin = torch.cat((sin, sin[:1].expand(pad, *sin.shape[1:])))
+    span = min(slab.capacity, -(-(max(pasts) + 1) // SLAB_SPAN_STEP) * SLAB_SPAN_STEP)
+    return slab_layers(backbone, slab, x, cos, sin, slots, written, span)[:count]
 
 
 def slab_layers(backbone: Qwen2Model, slab: KVSlab, x: torch.Tensor, cos: torch.Tensor,
