@@ -45,6 +45,7 @@ from service.auth import (
 from service.options import ServerOptions, add_server_arguments
 from service.protogen import REPO_ROOT, build_descriptor_set
 from service.state_dir import StateDirError, prepare_state_dir
+from tts_core.memory import DEFAULT_FLOW_CACHE_SHARE
 
 ENGINE_START_TIMEOUT = 600.0  # the CosyVoice 2 engine can take minutes to load on a CPU
 ENVOY_START_TIMEOUT = 60.0
@@ -169,7 +170,21 @@ def replica_options(server: ServerOptions, replicas: int,
                 _connect_host(server.grpc_host)),
             metrics_port=server.metrics_port + i if server.metrics_port else 0,
             device=devices[i % len(devices)] if devices else server.device))
-    return out
+    return [_share_memory(options, out) for options in out]
+
+
+def _share_memory(options: ServerOptions, replicas: list[ServerOptions]) -> ServerOptions:
+    """A CosyVoice replica's default flow cache budget divided by the replicas that find the
+    same memory free (those on its device; on a CPU, all of them): each takes its share of
+    what it sees after loading, so together they stay within the one default share, where
+    each alone would take half of what it saw."""
+    if options.engine_name == "embedded" or options.flow_cache_memory is not None:
+        return options
+    sharing = sum(other.device == options.device for other in replicas)
+    if sharing == 1:
+        return options
+    share = options.flow_cache_share or DEFAULT_FLOW_CACHE_SHARE
+    return dataclasses.replace(options, flow_cache_share=share / sharing)
 
 
 def _stop_envoy(envoy: subprocess.Popen | None) -> None:

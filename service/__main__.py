@@ -51,6 +51,7 @@ async def serve(args: ServerOptions) -> None:
                                      first_chunk_tokens=args.first_chunk_tokens,
                                      precision=args.precision, max_batch=max_batch,
                                      flow_cache_memory=args.flow_cache_memory,
+                                     flow_cache_share=args.flow_cache_share,
                                      # the syntheses that share the flow cache memory
                                      concurrent_streams=max_concurrent)
     device, precision = engine_description(engine, args.device, args.precision)

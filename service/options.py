@@ -37,6 +37,7 @@ class ServerOptions:
     max_queue: int = limits.DEFAULT_MAX_QUEUE
     max_batch: int | None = None  # None: see resolved_max_batch
     flow_cache_memory: int | None = None  # bytes; None: the engine's default
+    flow_cache_share: float | None = None  # of the free memory; None: the engine's default
     api_key_file: Path | None = None
     state_dir: Path | None = None
     port_file: Path | None = None
@@ -120,6 +121,10 @@ _OPTIONS = (
             "512M or bytes; each of the --max-batch (else --max-concurrent) streams gets an equal "
             "share, and a stream past its share recomputes instead (same audio, slower). "
             "Default: half the memory free once the models are loaded", _size),
+    _Option("flow_cache_share", ("--flow-cache-share",), "cosyvoice2/3 engines without "
+            "--flow-cache-memory: the share of the memory free once the models are loaded that "
+            "the flow stream caches may hold (default 0.5); replicas sharing a machine or a GPU "
+            "get their part of it from the launcher", float),
     _Option("api_key_file", ("--api-key-file",), f"API keys, one per line (else ${ENV_KEYS}, "
             "else a key generated into the state directory)", Path),
     _Option("state_dir", ("--state-dir",), "where a generated key, registered speakers and the "

@@ -68,8 +68,13 @@ def test_server_flag(capsys: pytest.CaptureFixture[str]) -> None:
 def test_registry_refuses_budgets_it_cannot_use(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--flow-cache-memory must be >= 0"):
         create_engine("cosyvoice2", model_dir=tmp_path, flow_cache_memory=-1)
-    with pytest.raises(ValueError, match="--flow-cache-memory applies to the cosyvoice2"):
+    with pytest.raises(ValueError, match="--flow-cache-memory and --flow-cache-share apply"):
         create_engine("embedded", flow_cache_memory=1 << 30)
+    with pytest.raises(ValueError, match="--flow-cache-memory and --flow-cache-share apply"):
+        create_engine("embedded", flow_cache_share=0.25)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"--flow-cache-share must be in \(0, 1\]"):
+            create_engine("cosyvoice2", model_dir=tmp_path, flow_cache_share=bad)
 
 
 # ----------------------------------------------------------------------------- free memory
@@ -192,6 +197,9 @@ def test_default_total_is_half_the_free_memory(cv2_dir: Path,
     assert cv2(cv2_dir, max_batch=1, concurrent_streams=8).flow_cache_bytes \
         == (6 << 30) // 8
     assert seen == ["cpu"]
+    # a replica sharing the machine with two others takes a third of the share
+    assert cv2(cv2_dir, max_batch=1, concurrent_streams=8, flow_cache_share=0.5 / 3
+               ).flow_cache_bytes == int((12 << 30) * (0.5 / 3)) // 8
     monkeypatch.setattr(cv2_engine, "available_memory", lambda device: None)
     assert cv2(cv2_dir, concurrent_streams=8).flow_cache_bytes == FLOW_STREAM_CACHE_BYTES
 

@@ -342,6 +342,28 @@ def test_replica_options_spread_ports_and_devices() -> None:
         parse_options(["--log-format", "xml"])
 
 
+def test_replicas_sharing_a_memory_divide_the_flow_cache_share() -> None:
+    """Each CosyVoice replica would take half the memory it finds free for its flow caches:
+    the launcher gives the replicas on one device (all of them on a CPU) their part of it."""
+    from gateway.launch import parse_options, replica_options, service_command
+    from service.options import parse_server_options
+
+    def shares(*argv: str) -> list[float | None]:
+        options = parse_options(["--model-dir", "/models/cv2", *argv])
+        replicas = replica_options(options.server, options.replicas, options.devices)
+        # what each replica process is told, through its command line
+        return [parse_server_options(service_command(r, Path("/state"))[3:]).flow_cache_share
+                for r in replicas]
+
+    assert shares("--replicas", "3", "--device", "cpu") == [0.5 / 3] * 3
+    assert shares("--replicas", "3", "--devices", "cuda:0,cuda:1") == [0.25, None, 0.25]
+    assert shares("--replicas", "2", "--flow-cache-share", "0.3") == [0.15, 0.15]
+    assert shares("--replicas", "2", "--flow-cache-memory", "8G") == [None, None]
+    assert shares("--replicas", "1") == [None]
+    embedded = parse_options(["--replicas", "2"])
+    assert {r.flow_cache_share for r in replica_options(embedded.server, 2)} == {None}
+
+
 def test_server_alone_cuts_at_its_drain_deadline_and_exits_in_time(tmp_path: Path) -> None:
     key = secrets.token_urlsafe(24)
     port_file = tmp_path / "port"

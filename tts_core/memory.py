@@ -14,6 +14,16 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 
 
+# The flow caches of all streams that may run at once (max_batch, or the server's
+# max_concurrent) share one budget: N streams each at the per-stream limit would take N x 3.5
+# GiB, more than a 24 GiB machine has at --max-batch 8. Without an explicit budget it is this
+# share of the memory free where the caches live once the models are loaded (the rest is for
+# the LM's KV caches, activations and the machine); each stream gets an equal part. Processes
+# sharing one memory (replicas on one machine or one GPU) divide it between them
+# (``--flow-cache-share``, which the replica launcher sets).
+DEFAULT_FLOW_CACHE_SHARE = 0.5
+
+
 def parse_size(text: str) -> int:
     """Bytes in a size such as ``8G``, ``512M``, ``1.5GiB`` or ``1073741824`` (K, M, G and T
     are powers of 1024, with or without a trailing ``B`` / ``iB``); ValueError otherwise."""

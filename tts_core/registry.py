@@ -52,7 +52,8 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
                   device: str = "auto", state_dir: Path | None = None,
                   first_chunk_tokens: int | None = None, precision: str = "auto",
                   max_batch: int = 1, flow_cache_memory: int | None = None,
-                  concurrent_streams: int | None = None) -> Engine:
+                  concurrent_streams: int | None = None,
+                  flow_cache_share: float | None = None) -> Engine:
     """Return a ready engine.
 
     ``threads`` bounds the engine's compute threads (None: its default); ``state_dir`` is where an
@@ -62,8 +63,8 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
     cosyvoice3 from it. ``max_batch`` > 1 gives the cosyvoice2 / cosyvoice3 engine a batch
     scheduler stepping that many requests together (tts_core.batching). ``flow_cache_memory``:
     bytes the cosyvoice2 / cosyvoice3 flow stream caches of all ``concurrent_streams`` requests
-    running at once (None: max_batch) may hold together (None: half the memory free after
-    loading).
+    running at once (None: max_batch) may hold together (None: ``flow_cache_share`` of the
+    memory free after loading; None: DEFAULT_FLOW_CACHE_SHARE, half).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -71,6 +72,8 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
         raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
     if flow_cache_memory is not None and flow_cache_memory < 0:
         raise ValueError(f"--flow-cache-memory must be >= 0 bytes, got {flow_cache_memory}")
+    if flow_cache_share is not None and not 0 < flow_cache_share <= 1:
+        raise ValueError(f"--flow-cache-share must be in (0, 1], got {flow_cache_share}")
     if name == "auto":
         if model_dir is None:
             raise ValueError("--engine auto needs --model-dir (a CosyVoice 2 or 3 model "
@@ -83,9 +86,9 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
         if max_batch != 1:
             raise ValueError("--max-batch applies to the cosyvoice2 and cosyvoice3 engines "
                              "only")
-        if flow_cache_memory is not None:
-            raise ValueError("--flow-cache-memory applies to the cosyvoice2 and cosyvoice3 "
-                             "engines only")
+        if flow_cache_memory is not None or flow_cache_share is not None:
+            raise ValueError("--flow-cache-memory and --flow-cache-share apply to the "
+                             "cosyvoice2 and cosyvoice3 engines only")
         from tts_core.embedded.engine import EmbeddedEngine
 
         return EmbeddedEngine(threads=threads)
@@ -104,5 +107,7 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
                                            first_chunk_tokens=first_chunk_tokens,
                                            precision=precision, max_batch=max_batch,
                                            flow_cache_memory=flow_cache_memory,
-                                           concurrent_streams=concurrent_streams)
+                                           concurrent_streams=concurrent_streams,
+                                           **({} if flow_cache_share is None else
+                                              {"flow_cache_share": flow_cache_share}))
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

@@ -68,7 +68,7 @@ from ..engine import (
     UnsupportedMode,
 )
 from ..lru import LruCache
-from ..memory import available_memory, format_gib
+from ..memory import DEFAULT_FLOW_CACHE_SHARE, available_memory, format_gib
 from ..short_thread import on_short_thread
 from .flow import CausalFlow
 from .llm import PrefixCache
@@ -176,12 +176,6 @@ STREAM_ALIGN_FLOW_PROMPT = True
 # growing it.
 FLOW_STREAM_CACHE_BYTES = 7 << 29
 
-# The flow caches of all streams that may run at once (max_batch, or the server's
-# max_concurrent) share one budget: N streams each at the limit above would take N x 3.5 GiB,
-# more than a 24 GiB machine has at --max-batch 8. Without an explicit budget it is this share
-# of the memory free where the caches live once the models are loaded (the rest is for the
-# LM's KV caches, activations and the machine); each stream gets an equal part.
-DEFAULT_FLOW_CACHE_SHARE = 0.5
 
 # Streamed text is normalised (and tokenised) up to its last word or clause boundary; text
 # without one (CJK without punctuation) is flushed once it is this long.
@@ -254,7 +248,8 @@ class CosyVoice2Engine:
                  seed: int | None = None, schedule: StreamSchedule | None = None,
                  max_batch: int = 1, pipeline: bool = False,
                  prefix_cache_size: int = 32, flow_cache_memory: int | None = None,
-                 concurrent_streams: int | None = None) -> None:
+                 concurrent_streams: int | None = None,
+                 flow_cache_share: float = DEFAULT_FLOW_CACHE_SHARE) -> None:
         if models.tokenizer is None or models.onnx is None:
             raise ValueError("the engine needs the tokenizer and the ONNX front end "
                              "(load the model directory with require_frontend=True)")
@@ -267,7 +262,8 @@ class CosyVoice2Engine:
         # Requests streaming at once: the batch, or the caller's admission (the server's
         # --max-concurrent without a scheduler); each holds one flow stream cache.
         streams = max(1, max_batch, concurrent_streams or 1)
-        self.flow_cache_bytes = self._flow_cache_budget(flow_cache_memory, streams)
+        self.flow_cache_bytes = self._flow_cache_budget(flow_cache_memory, streams,
+                                                        flow_cache_share)
         self.token2wav = self._make_token2wav(schedule or default_schedule(models.chunk_size),
                                               self.flow_cache_bytes)
         presets = {}
@@ -325,12 +321,15 @@ class CosyVoice2Engine:
         """The most one stream's flow cache may count, bytes (whatever the total)."""
         return FLOW_STREAM_CACHE_BYTES
 
-    def _flow_cache_budget(self, total: int | None, streams: int) -> int:
+    def _flow_cache_budget(self, total: int | None, streams: int,
+                           share: float = DEFAULT_FLOW_CACHE_SHARE) -> int:
         """One stream's flow cache budget (bytes its frames may count) such that ``streams``
-        streams at once hold at most ``total`` bytes (None: DEFAULT_FLOW_CACHE_SHARE of the
-        memory free now, or the per-stream limit when that cannot be read); logged once."""
+        streams at once hold at most ``total`` bytes (None: ``share`` of the memory free now,
+        or the per-stream limit when that cannot be read); logged once."""
         if total is not None and total < 0:
             raise ValueError(f"flow_cache_memory must be >= 0 bytes, got {total}")
+        if not 0 < share <= 1:
+            raise ValueError(f"flow_cache_share must be in (0, 1], got {share}")
         frame_bytes = self._flow_cache_frame_bytes()
         if frame_bytes is None:  # nothing to share
             return FLOW_STREAM_CACHE_BYTES
@@ -339,9 +338,9 @@ class CosyVoice2Engine:
         source = "--flow-cache-memory"
         if total is None:
             free = available_memory(str(self.models.device))
-            total = ceiling if free is None else int(free * DEFAULT_FLOW_CACHE_SHARE)
+            total = ceiling if free is None else int(free * share)
             source = ("free memory unknown: the per-stream limit" if free is None else
-                      f"default: {DEFAULT_FLOW_CACHE_SHARE:.0%} of the {format_gib(free)} free "
+                      f"default: {share:.0%} of the {format_gib(free)} free "
                       f"on {self.models.device} at start")
         budget = min(limit, int(total // streams / self._flow_cache_slack))
         mel = self.models.mel_config
@@ -358,7 +357,8 @@ class CosyVoice2Engine:
                        seed: int | None = None, first_chunk_tokens: int | None = None,
                        precision: str = "auto", max_batch: int = 1, pipeline: bool = False,
                        prefix_cache_size: int = 32, flow_cache_memory: int | None = None,
-                       concurrent_streams: int | None = None) -> Self:
+                       concurrent_streams: int | None = None,
+                       flow_cache_share: float = DEFAULT_FLOW_CACHE_SHARE) -> Self:
         """Load ``path`` (an official CosyVoice2-0.5B directory or one in the same layout).
 
         threads: torch intra-op threads (None: torch's default); device: "auto" (CUDA when
@@ -370,9 +370,9 @@ class CosyVoice2Engine:
         decoded together by the batch scheduler (1: no scheduler); pipeline: decode in a thread
         of its own while streamed chunks are vocoded; prefix_cache_size: stored speakers whose
         LM prefix KV is kept (0: none); flow_cache_memory: bytes the flow stream caches of all
-        concurrent streams may hold together (None: DEFAULT_FLOW_CACHE_SHARE of the memory free
-        after loading); concurrent_streams: requests the caller lets run at once (None:
-        max_batch), which share it.
+        concurrent streams may hold together (None: ``flow_cache_share`` of the memory free
+        after loading, default DEFAULT_FLOW_CACHE_SHARE); concurrent_streams: requests the
+        caller lets run at once (None: max_batch), which share it.
         """
         device = _resolve_device(device)
         name = _precision_name(precision, dtype)
@@ -395,7 +395,8 @@ class CosyVoice2Engine:
             schedule = default_schedule(models.chunk_size, first_chunk_tokens)
         return cls(models, state_dir=state_dir, seed=seed, schedule=schedule,
                    max_batch=max_batch, pipeline=pipeline, prefix_cache_size=prefix_cache_size,
-                   flow_cache_memory=flow_cache_memory, concurrent_streams=concurrent_streams)
+                   flow_cache_memory=flow_cache_memory, concurrent_streams=concurrent_streams,
+                   flow_cache_share=flow_cache_share)
 
     # ------------------------------------------------------------------ Engine protocol
 
