@@ -176,7 +176,6 @@ STREAM_ALIGN_FLOW_PROMPT = True
 # growing it.
 FLOW_STREAM_CACHE_BYTES = 7 << 29
 
-
 # Streamed text is normalised (and tokenised) up to its last word or clause boundary; text
 # without one (CJK without punctuation) is flushed once it is this long.
 _STREAM_BOUNDARY = re.compile(r".*[\s，。！？；：、,.!?;:…]", re.S)

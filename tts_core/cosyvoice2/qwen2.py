@@ -151,8 +151,8 @@ class KVSlab:
 
     def __init__(self, num_layers: int, slots: int, kv_heads: int, capacity: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        # One slot more than handed out: ``scratch``, where padding rows of a fixed-size step
-        # (a CUDA graph's, see tts_core.batching.cuda_graphs) write what nobody reads.
+        # One slot more than handed out: ``scratch``, where the padding rows of a batched step
+        # (lm_batch pads the row count; a CUDA graph has a fixed one) write what nobody reads.
         shape = (num_layers, slots + 1, kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
