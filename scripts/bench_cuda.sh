@@ -16,6 +16,14 @@
 #      side (NARROW=1 adds the scheduler as it runs on a CPU); FLOAT32=1 adds the wide one in
 #      float32 at 1 and 32 streams.
 # Every log goes to OUT_DIR (default /tmp/cuda-bench).
+#
+# On the lent H200 (2026-12, python3 3.12 with torch 2.11 + CUDA 13) the image lacked these,
+# carried as cp312 manylinux wheels and installed with --target into PYTHONPATH: soundfile cffi
+# pycparser soxr grpcio grpcio-health-checking grpcio-reflection grpcio-tools protobuf
+# googleapis-common-protos python-multipart wetext kaldifst contractions textsearch anyascii
+# pyahocorasick kaldi-native-fbank prometheus-client (versions as in .venv). av (PyAV) is only
+# used by the compressed encoders: an empty `av` package stood in for it. The shared audio and
+# parity vectors travelled in a carried folder (SHARED_DIR). The whole run took ~5 minutes.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/cuda-bench}
