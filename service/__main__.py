@@ -17,6 +17,7 @@ from service.options import ServerOptions, parse_server_options
 from service.state_dir import prepare_state_dir
 from tts_core.allocator import tune_allocator
 from tts_core.registry import create_engine
+from tts_core.short_thread import on_short_thread
 
 log = logging.getLogger("service")
 EXIT_THREAD_WAIT = 1.0  # seconds the exit waits for engine threads after a drain
@@ -57,6 +58,10 @@ async def serve(args: ServerOptions) -> None:
     device, precision = engine_description(engine, args.device, args.precision)
     METRICS.engine_loaded(engine=engine.name, model_dir=args.model_dir, device=device,
                           precision=precision, seconds=time.perf_counter() - load_started)
+    warm_up = getattr(engine, "warm_up", None)
+    if warm_up is not None and args.warm_up == "on":
+        # on a thread of its own that ends: a live thread keeps an OpenMP pool (short_thread.py)
+        await asyncio.to_thread(on_short_thread, warm_up)
     running = await start_server(engine, host=_listen_host(args.grpc_host), port=args.grpc_port,
                                  api_keys=list(keys.keys), max_concurrent=max_concurrent,
                                  max_queue=args.max_queue)

@@ -46,6 +46,7 @@ class ServerOptions:
     log_level: str = "INFO"
     log_format: str = "text"
     drain_seconds: float = 30.0
+    warm_up: str = "on"
 
     @property
     def engine_name(self) -> str:
@@ -138,6 +139,9 @@ _OPTIONS = (
     _Option("log_format", ("--log-format",), "log lines as text, or json (one object per line, "
             "with one line per synthesis call: request id, surface, mode, status, times, "
             "audio seconds; never text or keys)", choices=LOG_FORMATS),
+    _Option("warm_up", ("--warm-up",), "CosyVoice engines: before serving, stream 10 s of "
+            "audio through the flow and the vocoder once, so that the first request does not "
+            "pay for building their kernels (seconds on a CPU)", choices=("on", "off")),
     _Option("drain_seconds", ("--drain-seconds",), "on SIGTERM: stop taking new syntheses "
             "(503 / UNAVAILABLE) and give running ones this long to finish before they are cut "
             "off (a second SIGTERM cuts them at once); then exit 0", float),

@@ -235,6 +235,19 @@ def test_same_seed_same_audio_and_concurrency(engine: CosyVoice2Engine, zh_promp
         np.testing.assert_allclose(wav, sequential[index % 2], atol=1e-5)
 
 
+def test_warm_up_changes_no_output(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
+    """The service's warm-up stream (its own generator, no prompt) leaves every request's audio
+    as it was, streamed or not."""
+    requests = [SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", prompt=zh_prompt,
+                                 prompt_text=PROMPT_TEXT),
+                SynthesisRequest(Mode.ZERO_SHOT, text="今天天气很好。", prompt=zh_prompt,
+                                 prompt_text=PROMPT_TEXT, stream=False)]
+    before = [np.concatenate(collect(engine, r)) for r in requests]
+    assert engine.warm_up(60) > 0
+    for request, wav in zip(requests, before, strict=True):
+        np.testing.assert_array_equal(np.concatenate(collect(engine, request)), wav)
+
+
 def test_cancel_stops_between_chunks(engine: CosyVoice2Engine, zh_prompt: Audio) -> None:
     text = "我们今天学习了第3课，内容非常有趣。" * 4
     request = SynthesisRequest(Mode.ZERO_SHOT, text=text, prompt=zh_prompt,

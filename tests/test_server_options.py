@@ -29,3 +29,9 @@ def test_max_batch_default_follows_the_device() -> None:
     assert explicit.resolved_max_batch() == 4
     assert "--max-batch" not in gpu.argv()
     assert parse_server_options(gpu.argv()).resolved_max_batch() == limits.GPU_MAX_BATCH
+
+
+def test_warm_up_option() -> None:
+    assert parse_server_options([]).warm_up == "on"
+    off = parse_server_options(["--warm-up", "off"])
+    assert off.warm_up == "off" and parse_server_options(off.argv()).warm_up == "off"
