@@ -37,7 +37,7 @@ from tts_core.batching import lm_batch
 from tts_core.batching.cosyvoice2_job import make_scheduler
 from tts_core.batching.cuda_graphs import DecodeGraphs, buckets
 from tts_core.batching.lm_batch import BackboneLM, batched_decode
-from tts_core.batching.scheduler import BatchScheduler
+from tts_core.batching.scheduler import MAX_OUTPUT_BATCH, BatchScheduler
 from tts_core.cosyvoice2.llm import CosyVoice2LM
 from tts_core.engine import Audio
 
@@ -174,6 +174,9 @@ def test_wide_engine_gives_the_audio_of_each_request_alone(engines, prompt: Audi
     """The engine as it runs on a GPU (slab slots, every due stream in one output round), here
     on the CPU in float32: each request's audio is its audio alone."""
     alone, batched = engines
+    # on a CPU the engine's own scheduler is narrow: per-request caches, MAX_OUTPUT_BATCH
+    assert batched.scheduler.lm.slab is None and batched.scheduler.lm.graphs is None
+    assert batched.scheduler.max_output_batch == MAX_OUTPUT_BATCH
     rows = []
     slab_decode = lm_batch._slab_decode
     monkeypatch.setattr(lm_batch, "_slab_decode",
