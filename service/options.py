@@ -121,7 +121,7 @@ _OPTIONS = (
             "flow stream caches of all syntheses running at once may hold together, e.g. 8G, "
             "512M or bytes; each of the --max-batch (else --max-concurrent) streams gets an equal "
             "share, and a stream past its share recomputes instead (same audio, slower). "
-            "Default: half the memory free once the models are loaded", _size),
+            "Default: --flow-cache-share of the memory free once the models are loaded", _size),
     _Option("flow_cache_share", ("--flow-cache-share",), "cosyvoice2/3 engines without "
             "--flow-cache-memory: the share of the memory free once the models are loaded that "
             "the flow stream caches may hold (default 0.5); replicas sharing a machine or a GPU "
