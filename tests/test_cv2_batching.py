@@ -140,11 +140,12 @@ def sequential_logps(lm: CosyVoice2LM, text: list[int], prompt_text: list[int],
 
 
 def run_jobs(lm: CosyVoice2LM, jobs: list[TeacherJob], max_batch: int | None = None,
-             prefill_chunk: int = 64, together: bool = False) -> BatchScheduler:
-    """``together``: no step is taken before every job is in (see held_until)."""
-    head = lm.llm_decoder
-    scheduler = BatchScheduler(BackboneLM(lm.llm.model.model, head), max_batch or len(jobs),
-                               prefill_chunk=prefill_chunk)
+             prefill_chunk: int = 64, together: bool = False,
+             backbone_lm: BackboneLM | None = None) -> BatchScheduler:
+    """``together``: no step is taken before every job is in (see held_until);
+    ``backbone_lm``: the scheduler's LM (default: the backbone with the speech head)."""
+    backbone_lm = backbone_lm or BackboneLM(lm.llm.model.model, lm.llm_decoder)
+    scheduler = BatchScheduler(backbone_lm, max_batch or len(jobs), prefill_chunk=prefill_chunk)
     try:
         with held_until(scheduler, len(jobs) if together else 0):
             for job in jobs:

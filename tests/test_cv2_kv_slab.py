@@ -31,6 +31,7 @@ from tests.test_cv2_batching import (
     model_dir,  # noqa: F401 - fixture
     prompt_rows,
     requests,  # noqa: F401 - fixture
+    run_jobs,
     sequential_logps,
 )
 from tts_core.batching import lm_batch
@@ -136,20 +137,9 @@ def run_wide(model: CosyVoice2LM, jobs: list[TeacherJob], capacity: int,
     backbone = model.llm.model.model
     slab = graphs.slab if graphs is not None else backbone.new_slab(len(jobs), capacity)
     lm_ = graphs.lm if graphs is not None else BackboneLM(backbone, model.llm_decoder, slab=slab)
-    scheduler = BatchScheduler(lm_, len(jobs), prefill_chunk=64)
     for job in jobs:
-        job.cache = scheduler.lm.new_cache()
-    try:
-        for job in jobs:
-            job.scheduler = scheduler
-            scheduler.submit(job)
-        deadline = time.monotonic() + 60
-        while not all(job.done() or job.error is not None for job in jobs):
-            assert time.monotonic() < deadline, "jobs did not finish"
-            time.sleep(0.002)
-    finally:
-        scheduler.close()
-    return scheduler
+        job.cache = lm_.new_cache()
+    return run_jobs(model, jobs, backbone_lm=lm_)
 
 
 @pytest.mark.parametrize("capacity", [2048, 60])

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from tts_core.engine import Engine
+from tts_core.memory import DEFAULT_FLOW_CACHE_SHARE
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,6 @@ def create_engine(name: str, *, model_dir: Path | None = None, threads: int | No
                                            precision=precision, max_batch=max_batch,
                                            flow_cache_memory=flow_cache_memory,
                                            concurrent_streams=concurrent_streams,
-                                           **({} if flow_cache_share is None else
-                                              {"flow_cache_share": flow_cache_share}))
+                                           flow_cache_share=flow_cache_share
+                                           or DEFAULT_FLOW_CACHE_SHARE)
     raise ValueError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}")

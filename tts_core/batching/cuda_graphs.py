@@ -26,7 +26,7 @@ import torch
 
 from tts_core.cosyvoice2.qwen2 import KVCache, KVSlab, rotary_cos_sin
 
-from .lm_batch import BackboneLM, slab_layers
+from .lm_batch import BackboneLM, shared_slab, slab_layers
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ class DecodeGraphs:
 
     def fits(self, caches: Sequence[KVCache]) -> bool:
         """Whether a step of these caches can run here: all slots of the slab, with room."""
-        return 0 < len(caches) <= self.buckets[-1] and all(
-            c.slab is self.slab and len(c) < self.slab.capacity for c in caches)
+        return 0 < len(caches) <= self.buckets[-1] and shared_slab(caches) is self.slab
 
     @torch.inference_mode()
     def decode(self, rows: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:

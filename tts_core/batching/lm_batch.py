@@ -74,7 +74,7 @@ def packed_forward(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
     native = native_decoder(backbone, x.shape[0]) if x.shape[0] == len(segments) else None
     if native is not None:  # decode rows of an int8 stack: one native call per layer
         return backbone.norm(native.forward(x, cos, sin, caches).to(dtype))
-    slab = _shared_slab(caches) if x.shape[0] == len(segments) >= SLAB_MIN_ROWS else None
+    slab = shared_slab(caches) if x.shape[0] == len(segments) >= SLAB_MIN_ROWS else None
     if slab is not None:
         return backbone.norm(_slab_decode(backbone, slab, x, cos, sin, caches, pasts))
     heads, kv_heads, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -123,7 +123,7 @@ def packed_forward(backbone: Qwen2Model, segments: Sequence[torch.Tensor],
 SLAB_MIN_ROWS = 8
 
 
-def _shared_slab(caches: Sequence[KVCache]) -> KVSlab | None:
+def shared_slab(caches: Sequence[KVCache]) -> KVSlab | None:
     """The slab holding every cache, each with room for one more position; else None."""
     slab = caches[0].slab
     if slab is None or any(c.slab is not slab or len(c) >= slab.capacity for c in caches):

@@ -221,14 +221,12 @@ class KVCache:
         self.slab, self.slot = None, -1
         self._release()
 
-    def advance(self) -> list[int]:
+    def advance(self) -> None:
         """Count one more position on every layer of a slab cache (a batched decode step writes
-        its keys and values into the slab itself); returns the index it takes on each layer.
-        The caller checks first that the slot has room (``len(cache) < slab.capacity``)."""
+        its keys and values into the slab itself, at ``len(cache)`` before this call). The
+        caller checks first that the slot has room (``len(cache) < slab.capacity``)."""
         assert self.slab is not None and len(self) < self.slab.capacity
-        starts = list(self._lengths)
-        self._lengths = [n + 1 for n in starts]
-        return starts
+        self._lengths = [n + 1 for n in self._lengths]
 
     def _reserve(self, layer: int, end: int, like: torch.Tensor, shape: tuple[int, int, int]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
