@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from gateway.gateway_only import UPSTREAM_FLAG
-from service import limits
 from service.auth import ENV_KEYS
 from service.options import ServerOptions
 
@@ -94,11 +93,11 @@ def engine_command(o: K8sOptions) -> list[str]:
     server = ServerOptions(
         model_dir=Path(MODELS_MOUNT) / o.model_subdir if o.model_subdir else None,
         device="cuda" if o.gpus else "cpu", threads=o.threads,
-        # a GPU serves many streams at once only through the batch scheduler (CosyVoice only)
-        max_batch=limits.GPU_MAX_BATCH if o.gpus and o.model_subdir else
-        limits.DEFAULT_MAX_BATCH,
         grpc_host="0.0.0.0", grpc_port=GRPC_PORT, state_dir=Path("/var/lib/cosyvoice"),
         metrics_host="0.0.0.0", metrics_port=METRICS_PORT)
+    # The server's default --max-batch for this engine and device, written out so that the
+    # manifest shows how many streams a pod runs at once.
+    server = replace(server, max_batch=server.resolved_max_batch())
     return ["python", "-m", "service", *server.argv()]
 
 

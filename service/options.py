@@ -18,7 +18,7 @@ from service import limits
 from service.auth import ENV_KEYS
 from service.logs import LOG_FORMATS
 from tts_core.memory import parse_size
-from tts_core.registry import ENGINE_NAMES, PRECISIONS, runs_on_gpu
+from tts_core.registry import ENGINE_NAMES, PRECISIONS, is_cosyvoice, runs_on_gpu
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,16 @@ class ServerOptions:
         return self.engine or ("auto" if self.model_dir is not None else "embedded")
 
     def resolved_max_batch(self) -> int:
-        """``max_batch``, else the default for where the engine runs: GPU_MAX_BATCH for a
-        CosyVoice engine on a GPU (a GPU serves many streams only through the batch
-        scheduler), DEFAULT_MAX_BATCH (no scheduler) elsewhere."""
+        """``max_batch``, else the default for the engine and where it runs: a CosyVoice engine
+        gets the batch scheduler, GPU_MAX_BATCH on a GPU and CPU_MAX_BATCH on a CPU; the
+        embedded engine DEFAULT_MAX_BATCH (it has no scheduler)."""
         if self.max_batch is not None:
             return self.max_batch
+        if not is_cosyvoice(self.engine_name, self.model_dir):
+            return limits.DEFAULT_MAX_BATCH
         if runs_on_gpu(self.engine_name, self.model_dir, self.device):
             return limits.GPU_MAX_BATCH
-        return limits.DEFAULT_MAX_BATCH
+        return limits.CPU_MAX_BATCH
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ServerOptions:
@@ -109,14 +111,15 @@ _OPTIONS = (
     # The server alone calls its gRPC address --host/--port; the launcher's are for REST.
     _Option("grpc_host", ("--grpc-host", "--host"), "gRPC listen address (it checks keys too)"),
     _Option("grpc_port", ("--grpc-port", "--port"), "gRPC port (0: any free one)", int),
-    _Option("max_concurrent", ("--max-concurrent",), "syntheses running at once", int),
+    _Option("max_concurrent", ("--max-concurrent",), "syntheses running at once without a "
+            "batch scheduler (the embedded engine, or --max-batch 1)", int),
     _Option("max_queue", ("--max-queue",), "syntheses waiting for a slot; beyond, new ones get "
             "RESOURCE_EXHAUSTED (HTTP 503)", int),
     _Option("max_batch", ("--max-batch",), "cosyvoice2/3 engines: requests one batch scheduler "
             "steps together (1: none, each synthesis on its own thread); above 1 it replaces "
-            "--max-concurrent as the number of syntheses running at once (default: "
-            f"{limits.GPU_MAX_BATCH} for a CosyVoice engine on a GPU, else "
-            f"{limits.DEFAULT_MAX_BATCH})", int),
+            "--max-concurrent as the number of syntheses running at once (default for a "
+            f"CosyVoice engine: {limits.GPU_MAX_BATCH} on a GPU, {limits.CPU_MAX_BATCH} on a "
+            f"CPU; the embedded engine: {limits.DEFAULT_MAX_BATCH})", int),
     _Option("flow_cache_memory", ("--flow-cache-memory",), "cosyvoice2/3 engines: memory the "
             "flow stream caches of all syntheses running at once may hold together, e.g. 8G, "
             "512M or bytes; each of the --max-batch (else --max-concurrent) streams gets an equal "

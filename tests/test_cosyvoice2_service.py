@@ -418,18 +418,21 @@ def test_text_stream_can_be_cancelled(cv2, stub):
 
 
 def test_text_streams_share_the_synthesis_limits(cv2, stub):
-    cv2.wait_idle()
+    # A CosyVoice engine batches by default, so the server runs --max-batch syntheses at once
+    # (not the stack's --max-concurrent): its status says how many.
+    running = int(cv2.wait_idle()["max_concurrent"])
+    assert running == int(cv2.status()["max_batch"]) > 1
     release = threading.Event()
     held = [stub.SynthesizeTextStream(text_stream(sft_config(), ["Hello "], wait=release,
                                                   later=["world, ", "how are you?"]),
                                       metadata=cv2.metadata, timeout=120)
-            for _ in range(cv2.max_concurrent + cv2.max_queue)]
+            for _ in range(running + cv2.max_queue)]
     try:
         # Engines waiting for text hold their slots; the next stream waits in the queue.
         deadline = time.monotonic() + 60
         while True:
             status = cv2.status()
-            if (status["active_syntheses"], status["queued_syntheses"]) == (cv2.max_concurrent,
+            if (status["active_syntheses"], status["queued_syntheses"]) == (running,
                                                                              cv2.max_queue):
                 break
             assert time.monotonic() < deadline, status

@@ -83,9 +83,9 @@ def test_engine_probes_gpu_secret_and_scrape_annotations() -> None:
     gpu = _objects(K8sOptions(gpus=1))[1]["spec"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "cuda" in gpu["command"]
-    # a GPU pod batches (the wide scheduler); the CPU pod and an embedded GPU pod do not
+    # CosyVoice pods batch (a GPU's wide scheduler, or a CPU's), an embedded pod does not
     assert _flag(gpu["command"], "--max-batch") == str(limits.GPU_MAX_BATCH)
-    assert _flag(container["command"], "--max-batch") == "1"
+    assert _flag(container["command"], "--max-batch") == str(limits.CPU_MAX_BATCH)
     embedded = _objects(K8sOptions(gpus=1, model_subdir=None))[1]
     assert _flag(embedded["spec"]["template"]["spec"]["containers"][0]["command"],
                  "--max-batch") == "1"

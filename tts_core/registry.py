@@ -37,10 +37,16 @@ def detect_engine(model_dir: Path) -> str:
                      "cosyvoice2.yaml (CosyVoice 2, e.g. CosyVoice2-0.5B)")
 
 
+def is_cosyvoice(name: str, model_dir: Path | None) -> bool:
+    """Whether engine ``name`` (``auto``: with ``model_dir``) is a CosyVoice engine, the ones
+    with a batch scheduler and a GPU path."""
+    return name != "embedded" and not (name == "auto" and model_dir is None)
+
+
 def runs_on_gpu(name: str, model_dir: Path | None, device: str) -> bool:
     """Whether engine ``name`` would run on a GPU for ``device`` ("auto": when torch sees one;
     only the CosyVoice engines use one, and torch is imported only for them)."""
-    if name == "embedded" or (name == "auto" and model_dir is None):
+    if not is_cosyvoice(name, model_dir):
         return False
     if device == "auto":
         import torch
