@@ -18,8 +18,13 @@ stream), p50/p95 time to first audio over all streams of all rounds, stalls per 
 arriving after the audio before it would have finished playing, playback starting at the first
 chunk), seconds stalled per stream, the longest gap between two chunks of a stream, and the mean
 decode batch of the scheduler, the mean number of streams per output round (their flow chunks
-are solved together) and the share of its time spent in LM steps (the rest is flow + vocoder
-chunks). ``--compare-flow`` also runs the scheduler with every flow chunk solved alone, side by
+are solved together), the share of its time spent in LM steps (the rest is flow + vocoder
+chunks) and the "LM-free bound": the ratio to one stream this level could reach if every LM
+step cost nothing, i.e. one stream's wall seconds per audio second over this level's flow +
+vocoder seconds per audio second. On a CPU those are compute on cores one stream already keeps
+busy, so no faster LM step beats that bound; only flow and vocoder work that costs less per
+stream (packed better, or faster kernels that do not speed one stream up as much) moves it.
+``--compare-flow`` also runs the scheduler with every flow chunk solved alone, side by
 side in the same process. ``uptime`` load is printed before and after: the figures depend
 on what else runs on the machine.
 """
@@ -171,7 +176,7 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
         run_level(target, key, request, warmup)
         print(f"\n{label}  ({load()})")
         print("streams  audio s/s  x1-stream  first audio p50 / p95 (s)  stalls/stream  "
-              "stalled s/stream  max gap s  mean batch  flow batch  LM share")
+              "stalled s/stream  max gap s  mean batch  flow batch  LM share  LM-free bound")
         base = None
         for streams in levels:
             rates, firsts, stalls, stalled, gaps = [], [], [], [], []
@@ -204,18 +209,23 @@ def bench_server(engine: CosyVoice2Engine, label: str, max_concurrent: int,
                     gaps.append(gap)
             rate = statistics.median(rates)
             base = base or rate
-            batch = share = flow = "-"
+            batch = share = flow = bound = "-"
             if scheduler:
                 output_rounds = max(scheduler.stats.output_batches - rounds0, 1)
                 flow = f"{(scheduler.stats.outputs - outputs0) / output_rounds:.2f}"
                 steps = scheduler.stats.steps - steps0
                 batch = f"{(scheduler.stats.decoded_rows - rows0) / max(steps, 1):.2f}"
                 lm = scheduler.stats.lm_seconds - lm0
-                share = f"{lm / max(lm + scheduler.stats.output_seconds - out0, 1e-9):.0%}"
+                output = scheduler.stats.output_seconds - out0
+                share = f"{lm / max(lm + output, 1e-9):.0%}"
+                # What this level could reach over one stream if its LM steps cost nothing.
+                audio = rounds * streams * expected_audio
+                bound = f"{(1 / base) / max(output / audio, 1e-9):.2f}"
             print(f"{streams:7d}  {rate:9.3f}  {rate / base:9.2f}  "
                   f"{percentile(firsts, 50):12.2f} / {percentile(firsts, 95):5.2f}  "
                   f"{statistics.mean(stalls):13.2f}  {statistics.mean(stalled):16.2f}  "
-                  f"{max(gaps):9.2f}  {batch:>10s}  {flow:>10s}  {share:>8s}", flush=True)
+                  f"{max(gaps):9.2f}  {batch:>10s}  {flow:>10s}  {share:>8s}  {bound:>13s}",
+                  flush=True)
         print(f"({load()})")
     finally:
         asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result()

@@ -42,15 +42,19 @@ DEFAULT_MAX_QUEUE = 4
 DEFAULT_MAX_BATCH = 1
 # --max-batch of a CosyVoice engine on a CPU unless given (ServerOptions.resolved_max_batch).
 # One scheduler thread owns the cores; threads per request (two at a time, each asking for all
-# the cores, each keeping its own OpenMP pool) lost at every level. Same run, full-size
-# directory, 2 cores, bench_cv2_concurrency.py --baseline: 1 / 2 / 4 / 8 streams made 0.50 /
-# 0.79 / 0.78 / 0.83 audio s/s on threads, first audio p95 1.55 / 1.92 / 12.2 / 31.5 s; the
-# scheduler 0.81 / 1.09 / 1.35 / 1.47 audio s/s, p95 0.83 / 1.26 / 1.96 / 3.62 s. 2 and not
-# more: each running stream gets 1/N of the flow cache memory (half of what is free by
-# default) whether or not the others use theirs, and a segment longer than its share
-# recomputes the flow on every chunk. With 24 GB a stream holds 43 s of prompt + speech at 2
-# (as under the threads' --max-concurrent 2), 21.6 s at 4, 10.8 s at 8, while one segment of
-# the text frontend (80 text tokens) can be 20-25 s of speech. Where memory allows, --max-batch
-# 4 or 8 serve more listeners at once (README, "Many listeners at once").
+# the cores) lost from two streams on. Same run, full-size directory, 2 cores,
+# bench_cv2_concurrency.py --baseline: 1 / 2 / 4 streams made 0.78 / 0.79 / 0.79 audio s/s on
+# threads, first audio p95 0.86 / 1.81 / 12.0 s; the scheduler 0.81 / 1.09 / 1.28 audio s/s,
+# p95 0.85 / 1.25 / 2.02 s. 2 and not more: each running stream gets 1/N of the flow cache
+# memory (half of what is free by default) whether or not the others use theirs, and a segment
+# longer than its share recomputes the flow on every chunk. With 24 GB a stream holds 43 s of
+# prompt + speech at 2 (as under the threads' --max-concurrent 2), 21.6 s at 4, 10.8 s at 8,
+# while one segment of the text frontend (80 text tokens) can be 20-25 s of speech. Where
+# memory allows, --max-batch 4 or 8 serve more listeners at once (README, "Many listeners at
+# once").
 CPU_MAX_BATCH = 2
+# --max-batch of a CosyVoice engine on a GPU unless given (ServerOptions.resolved_max_batch;
+# generated GPU deployments, gateway/k8s.py --gpus, write it out): on an H200,
+# bfloat16, the wide scheduler made 5.4 audio seconds a second at 16 streams and 7.3 at 32, but
+# 32 streams each waited 4-4.5 s for first audio against 2.0-2.3 s at 16 (README, cosyvoice2).
 GPU_MAX_BATCH = 16

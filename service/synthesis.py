@@ -1,6 +1,11 @@
 """Runs engine syntheses off the event loop, with bounded concurrency and prompt cancellation.
 
-The engine's generator is iterated in a worker thread. Chunks cross to the event loop through
+The engine's generator is iterated in a worker thread of its own, which ends with the
+synthesis: libgomp (torch's OpenMP runtime on CPU) keeps a pool of worker threads for every live
+thread that ever ran a parallel region, and while pools outnumber the cores every parallel
+region pays a wake-up (tts_core/short_thread.py). Pooled worker threads kept theirs after a
+burst of requests, so later requests ran slower than the first (one stream through threads per
+request, after a round of 8: 1.48 s to first audio). Chunks cross to the event loop through
 an asyncio queue, and the worker may run at most ``LOOKAHEAD`` chunks ahead of the client, so
 a client that goes away stops engine work within about one chunk: the cancel Event is set, the
 engine checks it, and the worker stops asking for more.
@@ -19,7 +24,6 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -140,8 +144,6 @@ class Synthesizer:
         self.max_queue = max_queue
         self.counters = Counters()
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._workers = ThreadPoolExecutor(max_workers=max_concurrent,
-                                           thread_name_prefix="synthesis")
         # Shutdown: once ``_refusal`` is set new work and waiting work get it (``drain``);
         # ``_streams`` are the running ones, which ``cut`` ends.
         self._refusal: errors.ServiceError | None = None
@@ -219,8 +221,7 @@ class Synthesizer:
         the slot is freed when ``fn`` has returned, even if the caller went away before.
         """
         await self._admit()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._workers, functools.partial(fn, *args, **kwargs))
+        future = _on_own_thread(functools.partial(fn, *args, **kwargs))
         future.add_done_callback(lambda done: self._release(
             "completed" if not done.cancelled() and done.exception() is None else "failed"))
         return await asyncio.shield(future)
@@ -295,7 +296,7 @@ class Synthesizer:
             else:
                 self._release("cancelled")
 
-        future = loop.run_in_executor(self._workers, work)
+        future = _on_own_thread(work)
         future.add_done_callback(done)
         running = (queue, cancel)
         self._streams.add(running)
@@ -320,7 +321,38 @@ class Synthesizer:
             cancel.set()
 
     def shutdown(self) -> None:
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        """Nothing to stop: work waiting for a slot was refused by ``drain`` and running work
+        ended by ``cut``; each worker thread ends with its synthesis (daemon threads)."""
+
+
+def _on_own_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run ``fn`` on a new thread that ends with it; a future of the running loop for its
+    result (see the module docstring for why no pool)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if future.cancelled():
+            return
+        if ok:
+            future.set_result(value)  # type: ignore[arg-type]
+        else:
+            future.set_exception(value)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            outcome = (True, fn())
+        except StopIteration as error:  # a future cannot hold one (asyncio refuses it)
+            outcome = (False, RuntimeError(f"engine work raised StopIteration: {error!r}"))
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (False, error)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop closed first (server gone): nobody is waiting
+            pass
+
+    threading.Thread(target=run, name="synthesis", daemon=True).start()
+    return future
 
 
 def _to_service_error(error: BaseException) -> errors.ServiceError:

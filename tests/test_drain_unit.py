@@ -104,3 +104,33 @@ def test_a_waiter_that_gives_up_leaves_the_slot_free() -> None:
         synth.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_each_synthesis_runs_on_a_thread_that_ends_with_it() -> None:
+    """No pooled workers: a thread that ran torch keeps an OpenMP pool while it lives, and
+    later requests paid for those pools (service/synthesis.py)."""
+    seen: list[threading.Thread] = []
+
+    class RecordingEngine(GatedEngine):
+        def synthesize(self, request: SynthesisRequest, cancel: threading.Event
+                       ) -> Iterator[np.ndarray]:
+            seen.append(threading.current_thread())
+            yield np.zeros(240, np.float32)
+
+    async def scenario() -> None:
+        synth = Synthesizer(RecordingEngine(), max_concurrent=1, max_queue=0)
+        assert await _drain_all(synth.stream(REQUEST)) == 1
+        assert await _drain_all(synth.stream(REQUEST)) == 1
+        registered = await synth.run(lambda: threading.current_thread())
+        seen.append(registered)
+        failing = synth.run(lambda: next(iter(())))  # StopIteration cannot cross a future
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await failing
+        assert synth.counters.active == 0 and synth.counters.failed_total == 1
+
+    asyncio.run(scenario())
+    assert len(seen) == 3 and len({id(t) for t in seen}) == 3
+    assert all(t is not threading.main_thread() for t in seen)
+    for thread in seen:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
