@@ -4,7 +4,8 @@
     scripts/bench_cv2_concurrency.py (--model-dir DIR | --preset tiny) [--streams 1,2,4,8]
         [--tokens 100] [--rounds 2] [--threads 2] [--max-batch 8] [--baseline]
 
-The model directory is loaded once; for each server setting (the batch scheduler with
+A CosyVoice 3 directory (``cosyvoice3.yaml``) runs the CosyVoice 3 engine, which shares the
+scheduler. The model directory is loaded once; for each server setting (the batch scheduler with
 ``--max-batch``, and with ``--baseline`` also today's thread-per-request server at
 ``--max-concurrent 2``) an in-process gRPC server is started on a real socket and 1, 2, 4, 8
 concurrent streaming Synthesize calls are sent from client threads. Every request speaks
@@ -55,9 +56,10 @@ from tts_core.allocator import tune_allocator  # noqa: E402
 from tts_core.batching.cuda_graphs import ENV_SWITCH  # noqa: E402
 from tts_core.batching.scheduler import MAX_OUTPUT_BATCH  # noqa: E402
 from tts_core.cosyvoice2.engine import CosyVoice2Engine, _Randomness  # noqa: E402
-from tts_core.cosyvoice2.model_dir import load_model_dir  # noqa: E402
 from tts_core.cosyvoice2.testing.make_model_dir import make_model_dir  # noqa: E402
+from tts_core.cosyvoice3.engine import CosyVoice3Engine  # noqa: E402
 from tts_core.engine import Audio  # noqa: E402
+from tts_core.registry import detect_engine  # noqa: E402
 from tts_core.short_thread import on_short_thread  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -77,12 +79,17 @@ class ForcedLength:
         return self.inner(logp, decoded, True)
 
 
-class BenchEngine(CosyVoice2Engine):
-    forced_tokens = 100
+def bench_engine(base: type[CosyVoice2Engine]) -> type[CosyVoice2Engine]:
+    """``base`` (the CosyVoice 2 or 3 engine) with every request forced to ``forced_tokens``."""
 
-    def _sampler(self, randomness: _Randomness):  # noqa: ANN202
-        return ForcedLength(super()._sampler(randomness), self.forced_tokens,
-                            self.models.lm.config.eos_token)
+    class BenchEngine(base):  # type: ignore[valid-type,misc]
+        forced_tokens = 100
+
+        def _sampler(self, randomness: _Randomness):  # noqa: ANN202
+            return ForcedLength(super()._sampler(randomness), self.forced_tokens,
+                                self.models.lm.config.eos_token)
+
+    return BenchEngine
 
 
 @dataclass
@@ -278,11 +285,14 @@ def main() -> int:
     print(f"uptime: {load()}; {os.cpu_count()} cores, torch threads {args.threads}")
     started = time.perf_counter()
     # as the engine's from_model_dir does: no OpenMP pool left on this thread (short_thread.py)
-    models = on_short_thread(load_model_dir, model_dir, device=args.device, onnx_threads=1,
-                             precision=args.precision)
+    engine_class = bench_engine(CosyVoice3Engine if detect_engine(model_dir) == "cosyvoice3"
+                                else CosyVoice2Engine)
+    models = on_short_thread(engine_class.load_models, model_dir, device=args.device,
+                             onnx_threads=1, precision=args.precision)
     plan = models.precision
     described = f"LM {plan.lm_description}, flow {plan.flow_dtype}" if plan else models.dtype
-    print(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s ({described})")
+    print(f"loaded {model_dir} in {time.perf_counter() - started:.1f} s "
+          f"({engine_class.__mro__[1].__name__}; {described})")
     samples, rate = soundfile.read(args.prompt, dtype="float32")
     request = tts_pb2.SynthesizeRequest(text=TEXT, zero_shot=tts_pb2.ZeroShotMode(
         speaker_id="bench"))
@@ -312,7 +322,7 @@ def main() -> int:
                             False))
     for label, max_batch, batch_flow, narrow, graphs in settings:
         os.environ[ENV_SWITCH] = "1" if graphs else "0"
-        engine = BenchEngine(models, seed=1, max_batch=max_batch)
+        engine = engine_class(models, seed=1, max_batch=max_batch)
         if graphs and (engine.scheduler is None or engine.scheduler.lm.graphs is None):
             print(f"\n{label}: no graphs were made (see the log); skipped")
             continue
