@@ -83,7 +83,9 @@ def derived(module: nn.Module, build: Callable[[], torch.Tensor], *weights: torc
             ) -> Weight:
     """``prepare(build(), native=True)`` computed once per version of ``weights`` and kept on
     ``module`` (a cast or a reload of the weights makes a new one)."""
-    key = tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
+    # (inference tensors, made under torch.inference_mode, keep no version)
+    key = tuple((w.data_ptr(), w.dtype, 0 if w.is_inference() else w._version)
+                for w in weights)
     memo = module.__dict__.get("_derived_weight")
     if memo is None or memo[0] != key:
         memo = (key, prepare(build(), native=True))

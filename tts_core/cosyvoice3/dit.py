@@ -21,6 +21,8 @@ including the stored rotary buffer ``rotary_embed.inv_freq``.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tts_core.cosyvoice2.flow_decoder import sinusoidal_time_embedding
+from tts_core.cosyvoice2.packed_linear import linear, linear_gelu, module_linear, module_weight
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal time embedding (hard-coded in the reference)
 CONV_POS_KERNEL = 31
@@ -205,9 +208,11 @@ class Attention(nn.Module):
         """x [B, T, D] -> q, k, v [B, heads, T, dim_head]; rotary on the unsplit q and k, as
         trained (so only head 0 is rotated)."""
         cos, sin = rope
-        q = apply_rotary(self.to_q(x), cos, sin)
-        k = apply_rotary(self.to_k(x), cos, sin)
-        v = self.to_v(x)
+        # module_linear: on a CPU, bfloat16 weights laid out once for the matrix kernels (the
+        # plain F.linear reorders them on every call; packed_linear); float32 is unchanged.
+        q = apply_rotary(module_linear(self.to_q, x), cos, sin)
+        k = apply_rotary(module_linear(self.to_k, x), cos, sin)
+        v = module_linear(self.to_v, x)
         b, t, _ = x.shape
         return tuple(h.view(b, t, self.heads, self.dim_head).transpose(1, 2) for h in (q, k, v))
 
@@ -216,7 +221,8 @@ class Attention(nn.Module):
         """q [B, H, Tq, d], k/v [B, H, Tk, d], bool mask [B, 1, Tq, Tk] -> [B, Tq, D]."""
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, _, t, _ = out.shape
-        return self.to_out[0](out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
+        return module_linear(self.to_out[0],
+                             out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
 
 
 class FeedForward(nn.Module):
@@ -228,7 +234,10 @@ class FeedForward(nn.Module):
                                 nn.Identity(), nn.Linear(inner, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ff(x)
+        up, down = self.ff[0][0], self.ff[2]
+        # the GELU on the product's float32 sums where the weight is packed (one rounding)
+        hidden = linear_gelu(x, module_weight(up), up.bias, "tanh")
+        return linear(hidden, module_weight(down), down.bias)
 
 
 class AdaLayerNormZero(nn.Module):
@@ -248,9 +257,15 @@ class AdaLayerNormZeroFinal(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    def modulation(self, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each [B, 1, D]."""
         scale, shift = self.linear(F.silu(t_emb)).chunk(2, dim=1)  # scale first, then shift
-        return _layer_norm(x) * (1 + scale)[:, None] + shift[:, None]
+        return scale[:, None], shift[:, None]
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None,
+                modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        scale, shift = modulation or self.modulation(t_emb)
+        return _layer_norm(x) * (1 + scale) + shift
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -264,20 +279,55 @@ class DiTBlock(nn.Module):
         self.attn = Attention(config)
         self.ff = FeedForward(config.dim, config.ff_mult)
 
-    def forward(self, x: torch.Tensor, t_emb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                modulation: tuple[torch.Tensor, ...] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> (x, keys, values [B, heads, frames, dim_head]).
 
         ``past``: keys/values of earlier frames that x's frames also attend to; the returned
-        keys/values are ``past``'s followed by x's frames'."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.attn_norm(t_emb)
+        keys/values are ``past``'s followed by x's frames'. ``modulation``: ``attn_norm(t_emb)``
+        when the caller has it already (see DiT._modulations)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation or self.attn_norm(t_emb)
         q, k, v = self.attn.project(_layer_norm(x) * (1 + scale1) + shift1, rope)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2),
                                                     torch.cat([past[1], v], dim=2))
         x = x + gate1 * self.attn.attend(q, keys, values, mask)
         return x + gate2 * self.ff(_layer_norm(x) * (1 + scale2) + shift2), keys, values
+
+
+Modulations = tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ModulationCache:
+    """The DiT's modulations per timestep (DiT._modulations), the most recently used
+    ``MODULATION_CACHE_SIZE`` of them. A copied or pickled model starts with an empty one."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple, Modulations] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple:
+        return (ModulationCache, ())
+
+    def get(self, key: tuple) -> Modulations | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple, value: Modulations) -> None:
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > MODULATION_CACHE_SIZE:
+                self._entries.popitem(last=False)
+
+
+# (timestep, rows) pairs a DiT keeps modulations for: the solver's 10 steps at the few row
+# counts of packed runs (2 per stream). 2.2 MB an entry at 8 rows, full size, bfloat16.
+MODULATION_CACHE_SIZE = 48
 
 
 @dataclass
@@ -315,6 +365,31 @@ class DiT(nn.Module):
         self.transformer_blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.norm_out = AdaLayerNormZeroFinal(config.dim)
         self.proj_out = nn.Linear(config.dim, config.mel_dim)
+        self.modulation_cache = ModulationCache()
+
+    def _modulations(self, t: torch.Tensor) -> Modulations:
+        """Every block's ``attn_norm`` modulation and the final norm's, for timesteps t [B].
+
+        They depend on t alone. On a CPU, where every row has the same t (every call of the
+        solver), they are kept per value and number of rows: every chunk of every stream
+        repeats the solver's few timesteps, and these 23 products read 280 MB of bfloat16
+        weights (full size) for a few rows (1.3 of 7 s of a CosyVoice 3 stream on 2 cores).
+        They are computed as without the cache, so it changes no output."""
+        one = t.device.type == "cpu" and bool((t == t[:1]).all())
+        weight = self.norm_out.linear.weight
+        # (an in-place reload of the weights bumps their version; inference tensors keep none)
+        version = 0 if weight.is_inference() else weight._version
+        key = (float(t[0]), t.shape[0], t.dtype, weight.dtype, weight.data_ptr(), version) \
+            if one else None
+        found = self.modulation_cache.get(key) if one else None
+        if found is not None:
+            return found
+        t_emb = self.time_embed(t)
+        made = ([block.attn_norm(t_emb) for block in self.transformer_blocks],
+                self.norm_out.modulation(t_emb))
+        if one:
+            self.modulation_cache.put(key, made)
+        return made
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                 spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False,
@@ -330,14 +405,14 @@ class DiT(nn.Module):
             t = t.expand(x.shape[0])
         if streaming:
             return self._forward_chunks(x, mu, t, spks, cond, cache or DiTCache())
-        t_emb = self.time_embed(t)
+        blocks, final = self._modulations(t)
         h, _, _ = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2),
                                    spks)
         rope = self.rotary_embed(torch.arange(h.shape[1], device=h.device))
         attn_mask = mask.bool()[:, :, None, :].expand(-1, -1, h.shape[1], -1)  # [B, 1, T, T]
-        for block in self.transformer_blocks:
-            h, _, _ = block(h, t_emb, rope, attn_mask)
-        return self.proj_out(self.norm_out(h, t_emb)).transpose(1, 2)
+        for block, modulation in zip(self.transformer_blocks, blocks, strict=True):
+            h, _, _ = block(h, None, rope, attn_mask, modulation=modulation)
+        return self.proj_out(self.norm_out(h, None, final)).transpose(1, 2)
 
     def _forward_chunks(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor,
                         spks: torch.Tensor, cond: torch.Tensor, cache: DiTCache) -> torch.Tensor:
@@ -345,7 +420,7 @@ class DiT(nn.Module):
         start, total = cache.frames, cache.frames + x.shape[2]
         if start % chunk:
             raise ValueError(f"dit: a stream cache must end on a chunk boundary, got {start}")
-        t_emb = self.time_embed(t)
+        blocks, final = self._modulations(t)
         x, mu, cond = x.transpose(1, 2), mu.transpose(1, 2), cond.transpose(1, 2)
         # what the chunks so far leave to the next one: the cache's, then this call's
         done = DiTCache(cache.frames, cache.keys, cache.values, cache.context or ConvContext(
@@ -361,9 +436,9 @@ class DiT(nn.Module):
             fresh = []
             for i, block in enumerate(self.transformer_blocks):
                 past = (done.keys[i], done.values[i]) if done.frames else None
-                h, keys, values = block(h, t_emb, rope, past=past)
+                h, keys, values = block(h, None, rope, past=past, modulation=blocks[i])
                 fresh.append((keys, values))
-            outputs.append(self.proj_out(self.norm_out(h, t_emb)))
+            outputs.append(self.proj_out(self.norm_out(h, None, final)))
             if c1 - c0 == chunk:  # complete: later chunks (and calls) attend to it
                 done = DiTCache(c1, [k for k, _ in fresh], [v for _, v in fresh],
                                 done.context.extend(proj, mid))
