@@ -97,3 +97,12 @@ def test_bfloat16_products_run_on_packed_weights() -> None:
                   block.ff.ff[0][0], block.ff.ff[2]):
         prepared = layer.__dict__["_derived_weight"][1]
         assert isinstance(prepared, NativeWeight) or prepared.is_mkldnn
+
+
+def test_nothing_is_kept_where_autograd_records() -> None:
+    dit = _dit(torch.float32)
+    x, mask, mu, spks, cond = _inputs(torch.float32, frames=8)
+    out = dit(x, mask, mu, torch.tensor(0.5).expand(2), spks, cond)
+    out.square().mean().backward()
+    assert len(dit.modulation_cache._entries) == 0
+    assert dit.transformer_blocks[0].attn_norm.linear.weight.grad.abs().sum() > 0

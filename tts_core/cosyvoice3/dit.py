@@ -374,8 +374,10 @@ class DiT(nn.Module):
         solver), they are kept per value and number of rows: every chunk of every stream
         repeats the solver's few timesteps, and these 23 products read 280 MB of bfloat16
         weights (full size) for a few rows (1.3 of 7 s of a CosyVoice 3 stream on 2 cores).
-        They are computed as without the cache, so it changes no output."""
-        one = t.device.type == "cpu" and bool((t == t[:1]).all())
+        They are computed as without the cache, so it changes no output. Not kept where
+        autograd records (a kept one would cut the adaLN weights out of the graph)."""
+        one = t.device.type == "cpu" and not torch.is_grad_enabled() \
+            and bool((t == t[:1]).all())
         weight = self.norm_out.linear.weight
         # (an in-place reload of the weights bumps their version; inference tensors keep none)
         version = 0 if weight.is_inference() else weight._version
