@@ -402,6 +402,24 @@ def audio(engine: CosyVoice2Engine, request: SynthesisRequest,
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
+def audio_with_interleaved_starts(engine: CosyVoice2Engine, requests: list[SynthesisRequest],
+                                  gap: float) -> list[np.ndarray | None]:
+    """Each request's audio, request i started ``gap * i`` seconds after the first, all on
+    threads of their own (None where one did not finish in time)."""
+    got: list[np.ndarray | None] = [None] * len(requests)
+
+    def run(i: int) -> None:
+        time.sleep(gap * i)
+        got[i] = audio(engine, requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    return got
+
+
 def test_engine_batch_gives_the_audio_of_each_request_alone(engines, prompt: Audio,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
@@ -415,17 +433,7 @@ def test_engine_batch_gives_the_audio_of_each_request_alone(engines, prompt: Aud
         return start_stream(*args, **kwargs)
 
     monkeypatch.setattr(batched.token2wav, "start_stream", spy)
-    got: list[np.ndarray | None] = [None] * len(requests)
-
-    def run(i: int) -> None:
-        time.sleep(0.15 * i)  # interleaved starts
-        got[i] = audio(batched, requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
+    got = audio_with_interleaved_starts(batched, requests, 0.15)
     assert batched.scheduler is not None and batched.scheduler.stats.peak_batch >= 2
     for w, g in zip(want, got, strict=True):
         assert g is not None and len(g) == len(w) > 0

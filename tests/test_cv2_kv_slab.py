@@ -12,8 +12,6 @@ a GPU the same code only takes fewer launches (scripts/bench_cuda.sh measures th
 from __future__ import annotations
 
 import gc
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from tests.test_cv2_batching import (
     BATCH_LOGP_ATOL,
     TeacherJob,
     audio,
+    audio_with_interleaved_starts,
     engine_requests,
     engines,  # noqa: F401 - fixture
     lm,  # noqa: F401 - fixture
@@ -177,17 +176,7 @@ def test_wide_engine_gives_the_audio_of_each_request_alone(engines, prompt: Audi
         assert batched.scheduler.max_output_batch == 4 and batched.scheduler.lm.slab is not None
         requests_ = engine_requests(prompt)
         want = [audio(alone, r) for r in requests_]
-        got: list[np.ndarray | None] = [None] * len(requests_)
-
-        def run(i: int) -> None:
-            time.sleep(0.1 * i)
-            got[i] = audio(batched, requests_[i])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests_))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
+        got = audio_with_interleaved_starts(batched, requests_, 0.1)
         assert batched.scheduler.stats.peak_batch >= 2 and max(rows) >= 2
         for w, g in zip(want, got, strict=True):
             assert g is not None and len(g) == len(w) > 0
