@@ -322,7 +322,10 @@ class Synthesizer:
 
     def shutdown(self) -> None:
         """Nothing to stop: work waiting for a slot was refused by ``drain`` and running work
-        ended by ``cut``; each worker thread ends with its synthesis (daemon threads)."""
+        ended by ``cut``; each worker thread ends with its synthesis. They are not daemon
+        threads: the interpreter waits for them at exit (as it did for the pool it replaced),
+        since one stopped inside a native model call while the runtime is torn down aborts the
+        process (SIGABRT after a drain that had to cut streams)."""
 
 
 def _on_own_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
@@ -351,7 +354,7 @@ def _on_own_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
         except RuntimeError:  # the loop closed first (server gone): nobody is waiting
             pass
 
-    threading.Thread(target=run, name="synthesis", daemon=True).start()
+    threading.Thread(target=run, name="synthesis").start()
     return future
 
 
